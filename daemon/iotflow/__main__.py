@@ -1,0 +1,3 @@
+from iotflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Connection alarms: low uplink rate during scheduled windows."""

@@ -1,0 +1,1 @@
+"""The HTTP listener: REST API, health, readiness and Prometheus metrics."""

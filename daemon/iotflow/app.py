@@ -1,0 +1,277 @@
+"""The daemon's lifecycle, in one place: start registry → spool → workers → API → source,
+stop in reverse. Signals set events; tasks do the work."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from iotflow.api.server import create_app
+from iotflow.config import Settings, load_settings
+from iotflow.delivery.manager import Deliveries
+from iotflow.errors import ConfigError, Rejection
+from iotflow.events import EventLog
+from iotflow.formats import actility_document, decode
+from iotflow.registry import Store, open_store
+from iotflow.routing import RoutingIndex
+from iotflow.sources.mqtt import Incoming, MqttSource
+from iotflow.spool import Spool
+from iotflow.telemetry import logging as logs
+from iotflow.telemetry.metrics import Metrics
+
+log = logs.get_logger("iotflow")
+
+_LOGGED_PAYLOAD = 200  # bytes of a rejected message shown in its log line
+_REJECT_LINES = 100  # rejected messages logged per minute at most
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.store: Store | None = None
+        self.spool: Spool | None = None
+        self.deliveries: Deliveries | None = None
+        self.index = RoutingIndex([], {})
+        self.source: MqttSource | None = None
+        self.events: EventLog | None = None
+        self._runner: web.AppRunner | None = None
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._reject_window = (0.0, 0)  # (minute start, lines logged in it)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        config = self.settings.config
+        logs.configure(config.log.level, config.log.format)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        try:
+            await self.start()
+            log.info("iotflow running", config=self.settings.path)
+            await self._serve()
+        finally:
+            await self.shutdown()
+        return 0
+
+    async def start(self) -> None:
+        config = self.settings.config
+        self.store = await open_store(config.registry.url)
+        version = await self.store.migrate()
+        log.info("Registry ready", schema_version=version)
+        await self._reconcile(self.settings)
+        self.events = EventLog(self.store)
+        self.events.start()
+        self.spool = await Spool.open(config.spool.path)
+        self.deliveries = Deliveries(
+            spool=self.spool, metrics=self.metrics, settings=config.delivery, record=self.events
+        )
+        await self.refresh()
+        self._tasks.append(asyncio.create_task(self._follow_changes(), name="registry-changes"))
+        self._runner = web.AppRunner(create_app(self), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, config.api.host, config.api.port)
+        await site.start()
+        log.info("API listening", listen=config.api.listen)
+        self.source = MqttSource(config.mqtt, self.handle, self.metrics)
+        self._tasks.append(asyncio.create_task(self.source.run(), name="source"))
+
+    async def _serve(self) -> None:
+        stop = asyncio.create_task(self._stop.wait())
+        while not self._stop.is_set():
+            reload = asyncio.create_task(self._reload.wait())
+            await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            if self._reload.is_set():
+                self._reload.clear()
+                await self.reload()
+            reload.cancel()
+
+    async def shutdown(self) -> None:
+        """Stop consuming, let in-flight sends finish, commit, close."""
+        log.info("Stopping")
+        if self.source is not None:
+            self.source.stop()
+        for task in self._tasks:
+            if task.get_name() == "source":
+                await asyncio.gather(task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.deliveries is not None:
+            await self.deliveries.stop(self.settings.config.delivery.drain_timeout.total_seconds())
+        if self.spool is not None:
+            await self.spool.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.events is not None:
+            await self.events.close()
+        if self.store is not None:
+            await self.store.close()
+        log.info("Stopped")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # -- registry and routing --------------------------------------------------------------
+
+    async def _reconcile(self, settings: Settings) -> None:
+        assert self.store is not None
+        result = await self.store.reconcile_provisioned(list(settings.connections))
+        if result.added or result.changed or result.removed:
+            log.info(
+                "Provisioned connections reconciled",
+                added=result.added,
+                changed=result.changed,
+                removed=result.removed,
+            )
+
+    async def refresh(self) -> None:
+        """Rebuild the routing index from the registry and bring the workers in line."""
+        assert self.store is not None
+        assert self.deliveries is not None
+        connections = await self.store.list_connections()
+        bindings = await self.store.bindings()
+        self.index = RoutingIndex(connections, bindings)
+        await self.deliveries.apply(connections, self.settings.config.delivery)
+
+    async def _follow_changes(self) -> None:
+        assert self.store is not None
+        async for _ in self.store.changes():
+            try:
+                await self.refresh()
+            except Exception as exc:
+                log.exception("Routing refresh failed", error=str(exc))
+
+    # -- reload ----------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """Validate → diff → swap. A config that does not validate changes nothing."""
+        try:
+            settings = load_settings(self.settings.path)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("failure").inc()
+            log.exception(
+                "Reload refused; keeping the running config",
+                error=str(exc),
+                problems=[str(p) for p in exc.problems],
+            )
+            return
+        old = self.settings.config
+        new = settings.config
+        restart_needed = [
+            name
+            for name in ("mqtt", "registry", "spool", "api", "alarms")
+            if getattr(old, name) != getattr(new, name)
+        ]
+        if restart_needed:
+            log.warning(
+                "Changes that need a restart are ignored until then", sections=restart_needed
+            )
+            # Keep the running values of what cannot change live.
+            new = new.model_copy(update={name: getattr(old, name) for name in restart_needed})
+        self.settings = Settings(settings.path, new, settings.connections)
+        logs.configure(new.log.level, new.log.format)
+        try:
+            await self._reconcile(settings)
+            await self.refresh()
+        except Exception as exc:
+            self.metrics.config_reloads.labels("failure").inc()
+            log.exception("Reload failed while applying", error=str(exc))
+            return
+        self.metrics.config_reloads.labels("success").inc()
+        log.info("Config reloaded", config=settings.path)
+
+    # -- ingest ----------------------------------------------------------------------------
+
+    def handle(self, incoming: Incoming) -> Awaitable[None] | None:
+        """One MQTT message: decode, route, and commit its deliveries to the spool.
+
+        Returns None when the message can be acknowledged at once (rejected, unrouted),
+        else the commit to wait for before acknowledging it.
+        """
+        received_at = time.time()
+        subscription = incoming.subscription
+        if subscription is None:
+            self._reject(incoming, Rejection("no_subscription", "topic matches no subscription"))
+            return None
+        self.metrics.uplinks_received.labels(subscription.format).inc()
+        try:
+            uplink = decode(subscription.format, incoming.payload)
+        except Rejection as rejection:
+            self._reject(incoming, rejection)
+            return None
+        targets = self.index.route(uplink.dev_eui)
+        if not targets:
+            self.metrics.uplinks_unrouted.inc()
+            log.debug("Uplink of an unbound device", devEUI=uplink.dev_eui, topic=incoming.topic)
+            return None
+        document = orjson.dumps(actility_document(uplink))
+        return self._commit(document, uplink.dev_eui, uplink.time.timestamp(), received_at, targets)
+
+    async def _commit(
+        self,
+        document: bytes,
+        dev_eui: str,
+        uplink_time: float,
+        received_at: float,
+        targets: tuple[str, ...],
+    ) -> None:
+        assert self.spool is not None
+        assert self.deliveries is not None
+        deliveries = await self.spool.append(
+            document,
+            dev_eui=dev_eui,
+            uplink_time=uplink_time,
+            received_at=received_at,
+            connection_ids=targets,
+        )
+        self.deliveries.dispatch(deliveries)
+
+    def _reject(self, incoming: Incoming, rejection: Rejection) -> None:
+        self.metrics.uplinks_rejected.labels(rejection.reason).inc()
+        # One line per message, but a flood of garbage must not drown the log: at most
+        # _REJECT_LINES a minute, the rest only counted (iotflow_uplinks_rejected_total).
+        now = time.monotonic()
+        start, lines = self._reject_window
+        if now - start >= 60:
+            start, lines = now, 0
+        self._reject_window = (start, lines + 1)
+        if lines == _REJECT_LINES:
+            log.warning("Too many rejected uplinks; logging paused for a minute")
+        if lines >= _REJECT_LINES:
+            return
+        log.warning(
+            "Uplink rejected",
+            topic=incoming.topic,
+            reason=rejection.reason,
+            error=rejection.message,
+            payload=incoming.payload[:_LOGGED_PAYLOAD].decode("utf-8", "replace"),
+            size=len(incoming.payload),
+        )
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, bool]:
+        registry = False
+        if self.store is not None:
+            try:
+                registry = await self.store.ping()
+            except Exception:
+                registry = False
+        broker = self.source is not None and self.source.connected.is_set()
+        return {"broker": broker, "registry": registry}
+
+
+async def run(settings: Settings) -> int:
+    return await Daemon(settings).run()

@@ -1,0 +1,71 @@
+"""Command line: `iotflow run | check | migrate [-c PATH]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from iotflow import __version__
+from iotflow.config import Settings, default_path, load_settings
+from iotflow.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iotflow", description="Route LoRaWAN uplinks from MQTT to cloud platforms."
+    )
+    parser.add_argument("--version", action="version", version=f"iotflow {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "run in the foreground until SIGTERM; SIGHUP reloads the config"),
+        ("check", "validate the config file and its provisioned connections"),
+        ("migrate", "apply the registry's migrations"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument(
+            "-c",
+            "--config",
+            default=None,
+            help="config file (default: $IOTFLOW_CONFIG, else /etc/iotflow/iotflow.toml)",
+        )
+    return parser
+
+
+def _load(path: str) -> Settings | None:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid configuration", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+async def _migrate(settings: Settings) -> int:
+    from iotflow.registry import open_store
+
+    store = await open_store(settings.config.registry.url)
+    try:
+        version = await store.migrate()
+    finally:
+        await store.close()
+    print(f"registry at schema version {version}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    path = args.config or default_path()
+    settings = _load(path)
+    if settings is None:
+        return 1
+    if args.command == "check":
+        print(f"{path}: OK ({len(settings.connections)} provisioned connections)")
+        return 0
+    if args.command == "migrate":
+        return asyncio.run(_migrate(settings))
+    from iotflow.app import run
+
+    return asyncio.run(run(settings))

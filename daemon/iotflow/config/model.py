@@ -1,0 +1,179 @@
+"""The config file, as typed and validated models (TOML, see DESIGN.md "Config file")."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from iotflow.config.types import Duration, Secret
+from iotflow.formats import FORMATS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Subscription(Section):
+    topic: Annotated[str, Field(min_length=1)]
+    format: str
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"unknown format {value!r}; expected one of {sorted(FORMATS)}")
+        return value
+
+    @field_validator("topic")
+    @classmethod
+    def _valid_filter(cls, value: str) -> str:
+        levels = value.split("/")
+        for i, level in enumerate(levels):
+            if "#" in level and (level != "#" or i != len(levels) - 1):
+                raise ValueError("'#' must be a whole level and the last one")
+            if "+" in level and level != "+":
+                raise ValueError("'+' must be a whole level")
+        return value
+
+
+class MqttSettings(Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    client_id: Annotated[str, Field(min_length=1, max_length=64)] = "iotflow"
+    username: str | None = None
+    password: Secret | None = None
+    ca_file: str | None = None  # for mqtts:// with a private CA
+    session_expiry: Duration = timedelta(days=1)
+    keepalive: Duration = timedelta(seconds=30)
+    shared_group: str = ""
+    # How many unacknowledged uplinks the broker may have in flight to us (MQTT 5 Receive
+    # Maximum): the window that group commits to the spool are filled from.
+    receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 1000
+    reconnect_initial: Duration = timedelta(seconds=1)
+    reconnect_max: Duration = timedelta(seconds=60)
+    subscriptions: list[Subscription] = Field(default_factory=list)
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError("expected mqtt://host:port or mqtts://host:port")
+        if not parts.hostname:
+            raise ValueError("the URL has no host")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return value
+
+    @field_validator("shared_group")
+    @classmethod
+    def _valid_group(cls, value: str) -> str:
+        if any(c in value for c in "/+#"):
+            raise ValueError("a share group name may not contain '/', '+' or '#'")
+        return value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme in ("mqtts", "ssl")
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """User and password, from the dedicated keys or else from the URL."""
+        parts = urlsplit(self.url)
+        user = self.username if self.username is not None else parts.username
+        if self.password is not None:
+            return user, self.password.get_secret_value()
+        return user, parts.password
+
+
+class RegistrySettings(Section):
+    url: str = "sqlite:///var/registry.db"
+
+    @field_validator("url")
+    @classmethod
+    def _supported(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError(
+                "expected sqlite:///relative.db, sqlite:////absolute.db or postgresql://"
+            )
+        return value
+
+
+class SpoolSettings(Section):
+    path: str = "var/spool.db"
+
+
+class ApiSettings(Section):
+    listen: str = "127.0.0.1:8080"
+    tokens: list[SecretStr] = Field(default_factory=list)
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        _host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected host:port, e.g. 127.0.0.1:8080")
+        return value
+
+    @field_validator("tokens")
+    @classmethod
+    def _drop_empty(cls, value: list[SecretStr]) -> list[SecretStr]:
+        # `${IOTFLOW_API_TOKEN:-}` left unset is no token, not an empty token that matches.
+        return [token for token in value if token.get_secret_value()]
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class LogSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class DeliverySettings(Section):
+    timeout: Duration = timedelta(seconds=10)
+    max_in_flight: Annotated[int, Field(ge=1, le=1024)] = 32
+    retry_initial: Duration = timedelta(milliseconds=500)
+    retry_max: Duration = timedelta(seconds=60)
+    # Used when a connection sets no uplinkTimeValidity: nothing waits in the spool forever.
+    default_time_validity: Duration = timedelta(days=1)
+    # Deliveries a connection keeps in memory; the rest wait in the spool and are read back.
+    memory_queue: Annotated[int, Field(ge=16)] = 10_000
+    # SIGTERM: how long in-flight sends may take to finish before the daemon exits.
+    drain_timeout: Duration = timedelta(seconds=10)
+    # Consecutive failures after which a connection is CLOSED (probe deliveries only).
+    circuit_failures: Annotated[int, Field(ge=1)] = 5
+
+
+class AlarmSettings(Section):
+    notify_topic: str = ""
+
+
+class Config(Section):
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    alarms: AlarmSettings = Field(default_factory=AlarmSettings)
+    # Validated one by one against the connector catalog by the loader, so that each
+    # problem is reported with its connector's own key paths.
+    connections: list[dict[str, Any]] = Field(default_factory=list)

@@ -1,0 +1,166 @@
+"""`actility-http-iot`: an HTTPS POST per uplink, and its brands as data."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+from urllib.parse import parse_qs, urlsplit
+
+from pydantic import Field, SerializationInfo, field_serializer, field_validator
+
+from iotflow.config.types import MASK, reveal
+from iotflow.connectors.common import CommonConfig
+from iotflow.errors import Problem
+from iotflow.formats import Template
+
+# Header names whose values are credentials: masked on output, never logged.
+_CREDENTIAL_HEADER = re.compile(r"(?i)auth|token|key|secret|password|signature|signing|cookie")
+
+
+def is_credential_header(name: str) -> bool:
+    return bool(_CREDENTIAL_HEADER.search(name))
+
+
+class HttpConfig(CommonConfig):
+    destinationURL: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
+    headers: dict[str, Annotated[str, Field(max_length=8192)]] = Field(
+        default_factory=dict,
+        json_schema_extra={
+            "description": "Header values may use {DevEUI}-style templates. Values of "
+            "credential headers (Authorization, *key*, *token*, ...) are write-only.",
+        },
+    )
+
+    @field_validator("destinationURL")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an absolute http:// or https:// URL")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _valid_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if "\r" in text or "\n" in text:
+                raise ValueError(f"header {name!r}: line breaks are not allowed")
+            try:
+                Template(text)
+            except ValueError as exc:
+                raise ValueError(f"header {name!r}: {exc}") from None
+        return value
+
+    @field_serializer("headers")
+    def _mask_credentials(self, value: dict[str, str], info: SerializationInfo) -> dict[str, str]:
+        if reveal(info):
+            return value
+        return {k: MASK if is_credential_header(k) else v for k, v in value.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """A header or query parameter a brand's cloud needs, and what its value looks like."""
+
+    name: str
+    pattern: str = r".+"
+    hint: str = "must be set"
+    where: str = "header"  # header | query
+
+
+@dataclass(frozen=True, slots=True)
+class Brand:
+    id: str
+    description: str
+    url: str | None  # None: no public default endpoint, destinationURL is required
+    requires: tuple[Requirement, ...] = field(default_factory=tuple)
+
+
+BRANDS: dict[str, Brand] = {
+    brand.id: brand
+    for brand in (
+        Brand(
+            "DATACAKE",
+            "Datacake",
+            "https://api.datacake.co/integrations/lorawan/actility",
+            (Requirement("Authorization", r"Token \S+", "must be 'Token <your access token>'"),),
+        ),
+        Brand(
+            "CAYENNE", "myDevices Cayenne", "https://lora.mydevices.com/v1/networks/actility/uplink"
+        ),
+        Brand(
+            "QUBITRO",
+            "Qubitro",
+            "https://webhook.qubitro.com/integrations/actility",
+            (
+                Requirement("projectId", r"\S+", "must be your Qubitro project id"),
+                Requirement("webhookSigningKey", r"\S+", "must be your webhook signing key"),
+            ),
+        ),
+        Brand(
+            "TAGO",
+            "TagoIO",
+            "https://actility.middleware.tago.io/uplink",
+            (
+                Requirement(
+                    "authorization",
+                    r"\S+",
+                    "destinationURL must carry ?authorization=<your TagoIO authorization>",
+                    where="query",
+                ),
+            ),
+        ),
+        Brand("UNABIZ", "UnaBiz", None),
+        Brand("WIDGELIX", "Widgelix", None),
+        Brand("NOMOSENSE", "Nomosense", None),
+        Brand("GEAR_STUDIO", "Gear Studio", None),
+    )
+}
+
+
+def apply_brand(brand_id: str | None, config: HttpConfig) -> tuple[HttpConfig, list[Problem]]:
+    """Fill the brand's default URL and check what the brand's cloud requires."""
+    problems: list[Problem] = []
+    brand = BRANDS.get(brand_id) if brand_id else None
+    if brand_id and brand is None:
+        problems.append(Problem("brand", f"unknown brand {brand_id!r}; known: {sorted(BRANDS)}"))
+        return config, problems
+    if config.destinationURL is None:
+        if brand is None or brand.url is None:
+            hint = f" (brand {brand.id} has no default endpoint)" if brand else ""
+            problems.append(Problem("configuration.destinationURL", f"is required{hint}"))
+            return config, problems
+        config = config.model_copy(update={"destinationURL": brand.url})
+    if brand is None:
+        return config, problems
+    query = parse_qs(urlsplit(config.destinationURL or "").query)
+    headers = {name.lower(): value for name, value in config.headers.items()}
+    for req in brand.requires:
+        if req.where == "query":
+            values = query.get(req.name)
+            value = values[0] if values else None
+            path = "configuration.destinationURL"
+        else:
+            value = headers.get(req.name.lower())
+            path = f"configuration.headers.{req.name}"
+        if value is None or not re.fullmatch(req.pattern, value):
+            problems.append(Problem(path, f"{brand.id}: {req.hint}"))
+    return config, problems
+
+
+def brand_documents() -> list[dict[str, Any]]:
+    """The brands as the catalog shows them."""
+    return [
+        {
+            "id": b.id,
+            "description": b.description,
+            "destinationURL": b.url,
+            "requires": [{"name": r.name, "in": r.where, "pattern": r.pattern} for r in b.requires],
+        }
+        for b in BRANDS.values()
+    ]

@@ -1,0 +1,89 @@
+"""The circuit of one connection: after repeated failures, only probe deliveries go out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+
+
+class Expired(Exception):
+    """The delivery's validity ran out while it waited."""
+
+
+class Circuit:
+    """Closed-for-business after `threshold` consecutive failures (state CLOSED).
+
+    While open, one probe at a time is let through, spaced by an exponential backoff with
+    full jitter capped by the connection's reconnectStrategy; the first success closes it.
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold: int,
+        initial: float,
+        cap: float,
+        clock: Callable[[], float],
+        on_change: Callable[[bool], None],
+    ) -> None:
+        self.threshold = threshold
+        self._initial = initial
+        self._cap = cap
+        self._clock = clock
+        self._on_change = on_change
+        self._failures = 0
+        self.healthy = True
+        self._backoff = initial
+        self._next_probe = 0.0
+        self._probing = False
+        self._changed = asyncio.Condition()
+
+    async def acquire(self, deadline: float) -> bool:
+        """Wait for the right to send; True when the caller is the probe. Raises Expired."""
+        async with self._changed:
+            while True:
+                if self.healthy:
+                    return False
+                now = self._clock()
+                if not self._probing and now >= self._next_probe:
+                    self._probing = True
+                    return True
+                if now >= deadline:
+                    raise Expired
+                until = deadline if self._probing else min(deadline, self._next_probe)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=max(0.0, until - now))
+
+    async def success(self, probe: bool) -> None:
+        async with self._changed:
+            self._failures = 0
+            if probe:
+                self._probing = False
+            if not self.healthy:
+                self.healthy = True
+                self._backoff = self._initial
+                self._on_change(True)
+            self._changed.notify_all()
+
+    async def failure(self, probe: bool) -> None:
+        async with self._changed:
+            self._failures += 1
+            if probe:
+                self._probing = False
+                self._backoff = min(self._backoff * 2, self._cap)
+            if self.healthy and self._failures >= self.threshold:
+                self.healthy = False
+                self._backoff = self._initial
+                self._on_change(False)
+            if not self.healthy:
+                self._next_probe = self._clock() + random.uniform(0, self._backoff)
+            self._changed.notify_all()
+
+    async def release(self, probe: bool) -> None:
+        """A probe that ended without an answer (expired, cancelled) frees its slot."""
+        if probe:
+            async with self._changed:
+                self._probing = False
+                self._changed.notify_all()

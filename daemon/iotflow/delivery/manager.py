@@ -1,0 +1,144 @@
+"""All connection workers: started, replaced and stopped as the registry changes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from iotflow.config.model import DeliverySettings
+from iotflow.connectors.connection import Connection
+from iotflow.delivery.worker import ConnectionWorker, EventRecorder
+from iotflow.sinks import Sink, create_sink
+from iotflow.spool import Delivery, Spool
+from iotflow.telemetry.logging import get_logger
+from iotflow.telemetry.metrics import Metrics
+
+log = get_logger("iotflow.delivery")
+
+SinkFactory = Callable[[Connection, DeliverySettings], Sink]
+
+
+def default_sink_factory(connection: Connection, settings: DeliverySettings) -> Sink:
+    return create_sink(
+        connection,
+        timeout=settings.timeout.total_seconds(),
+        max_in_flight=settings.max_in_flight,
+    )
+
+
+class Deliveries:
+    """The set of running connection workers, kept equal to the registry's connections."""
+
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        metrics: Metrics,
+        settings: DeliverySettings,
+        record: EventRecorder,
+        sink_factory: SinkFactory = default_sink_factory,
+    ) -> None:
+        self._spool = spool
+        self._metrics = metrics
+        self._settings = settings
+        self._record = record
+        self._sink_factory = sink_factory
+        self.workers: dict[str, ConnectionWorker] = {}
+        self._lock = asyncio.Lock()  # one apply at a time: a reload and an API change may race
+
+    def worker(self, connection_id: str) -> ConnectionWorker | None:
+        return self.workers.get(connection_id)
+
+    def dispatch(self, deliveries: Iterable[Delivery]) -> None:
+        """Hand committed deliveries to their connections' workers."""
+        for delivery in deliveries:
+            worker = self.workers.get(delivery.connection_id)
+            if worker is not None:
+                worker.offer(delivery)
+            else:
+                # Deleted between routing and commit: nobody will ever send it.
+                self._spool.complete(delivery.id)
+                self._metrics.deliveries.labels(delivery.connection_id, "dropped").inc()
+
+    async def apply(
+        self, connections: Sequence[Connection], settings: DeliverySettings | None = None
+    ) -> None:
+        """Start, replace and stop workers so that exactly `connections` run.
+
+        A replaced worker finishes its in-flight sends first; its successor reads what is
+        left from the spool, so an edit never drops or duplicates a pending delivery.
+        """
+        async with self._lock:
+            settings_changed = settings is not None and settings != self._settings
+            if settings is not None:
+                self._settings = settings
+            wanted = {c.id: c for c in connections}
+            pending = await self._spool.pending_counts()
+            for connection_id in list(self.workers):
+                if connection_id not in wanted:
+                    await self._remove(connection_id)
+            for connection in connections:
+                old = self.workers.get(connection.id)
+                if old is None:
+                    worker = self._make(connection)
+                    worker.stats.pending = pending.get(connection.id, 0)
+                    self.workers[connection.id] = worker
+                    await self._start(worker)
+                elif old.connection != connection or settings_changed:
+                    await self._replace(old, connection)
+            # Deliveries of connections that no longer exist (deleted while we were down).
+            for connection_id, count in pending.items():
+                if connection_id not in wanted:
+                    dropped = await self._spool.drop_connection(connection_id)
+                    self._metrics.deliveries.labels(connection_id, "dropped").inc(dropped)
+                    log.warning(
+                        "Dropped deliveries of a deleted connection",
+                        connection=connection_id,
+                        count=count,
+                    )
+
+    def _make(
+        self, connection: Connection, old: ConnectionWorker | None = None
+    ) -> ConnectionWorker:
+        return ConnectionWorker(
+            connection,
+            self._sink_factory(connection, self._settings),
+            spool=self._spool,
+            metrics=self._metrics,
+            settings=self._settings,
+            record=self._record,
+            stats=old.stats if old is not None else None,
+        )
+
+    async def _start(self, worker: ConnectionWorker) -> None:
+        try:
+            await worker.start()
+        except Exception as exc:
+            # A sink that cannot even start (bad TLS material, say) must not stop the others.
+            log.exception("Connection could not start", connection=worker.id, error=str(exc))
+            self._record(worker.id, "start_failed", {"error": str(exc)})
+
+    async def _replace(self, old: ConnectionWorker, connection: Connection) -> None:
+        new = self._make(connection, old)
+        new.startup_time = old.startup_time
+        # New offers go to the successor (it holds them in the spool until it starts).
+        self.workers[connection.id] = new
+        await old.stop(time.monotonic() + self._settings.drain_timeout.total_seconds())
+        await self._spool.flush()  # what the old worker finished is gone before we reload
+        await self._start(new)
+        log.info("Connection reconfigured", connection=connection.id)
+
+    async def _remove(self, connection_id: str) -> None:
+        worker = self.workers.pop(connection_id)
+        await worker.stop(time.monotonic())
+        dropped = await self._spool.drop_connection(connection_id)
+        worker.drop_all()
+        self._metrics.forget_connection(connection_id)
+        log.info("Connection removed", connection=connection_id, dropped=dropped)
+
+    async def stop(self, drain: float) -> None:
+        """SIGTERM: every worker finishes its in-flight sends within `drain` seconds."""
+        deadline = time.monotonic() + drain
+        async with self._lock:
+            await asyncio.gather(*(w.stop(deadline) for w in self.workers.values()))

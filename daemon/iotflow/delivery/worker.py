@@ -1,0 +1,378 @@
+"""One connection's deliveries: queue, workers, retries, expiry, order and circuit."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from iotflow.config.model import DeliverySettings
+from iotflow.connectors.common import PROBE_BACKOFF_CAP_SECONDS
+from iotflow.connectors.connection import Connection
+from iotflow.delivery.circuit import Circuit, Expired
+from iotflow.errors import (
+    AuthenticationSinkError,
+    PermanentSinkError,
+    RetryableSinkError,
+    SinkError,
+)
+from iotflow.sinks import Sink
+from iotflow.spool import Delivery, Spool
+from iotflow.telemetry.logging import get_logger
+from iotflow.telemetry.metrics import Metrics
+
+log = get_logger("iotflow.delivery")
+
+
+class EventRecorder(Protocol):
+    """Where a worker reports what an operator should see in the connection's event log."""
+
+    def __call__(self, connection_id: str, kind: str, data: dict[str, Any]) -> None: ...
+
+
+def iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(slots=True)
+class Statistics:
+    received: int = 0
+    delivered: int = 0
+    retried: int = 0
+    expired: int = 0
+    failed: int = 0
+    dropped: int = 0
+    pending: int = 0
+    lastError: str | None = None
+    lastDeliveryTime: float | None = None
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "delivered": self.delivered,
+            "retried": self.retried,
+            "expired": self.expired,
+            "failed": self.failed,
+            "dropped": self.dropped,
+            "pending": self.pending,
+            "lastError": self.lastError,
+            "lastDeliveryTime": None
+            if self.lastDeliveryTime is None
+            else iso(self.lastDeliveryTime),
+        }
+
+
+@dataclass(slots=True)
+class _Backlog:
+    """Deliveries held in memory, one FIFO per device so that a device's order is kept.
+
+    A device is in `ready` at most once, and only while no worker holds it: that is what
+    serialises one device's deliveries while other devices go out in parallel.
+    """
+
+    devices: dict[str, deque[Delivery]] = field(default_factory=dict)
+    ready: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    size: int = 0
+
+    def push(self, delivery: Delivery) -> None:
+        queue = self.devices.get(delivery.dev_eui)
+        if queue is None:
+            self.devices[delivery.dev_eui] = deque((delivery,))
+            self.ready.put_nowait(delivery.dev_eui)
+        else:
+            queue.append(delivery)
+        self.size += 1
+
+    def release(self, dev_eui: str) -> None:
+        """A worker is done with one delivery of `dev_eui`: let the device's next one go."""
+        if self.devices[dev_eui]:
+            self.ready.put_nowait(dev_eui)
+        else:
+            del self.devices[dev_eui]
+
+
+class ConnectionWorker:
+    """Delivers one connection's deliveries through its sink, `max_in_flight` at a time.
+
+    Memory is bounded: past `memory_queue` deliveries the worker stops holding new ones
+    (they are in the spool anyway) and reads them back from the spool as it drains.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        sink: Sink,
+        *,
+        spool: Spool,
+        metrics: Metrics,
+        settings: DeliverySettings,
+        record: EventRecorder,
+        stats: Statistics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.connection = connection
+        self.id = connection.id
+        self._sink = sink
+        self._spool = spool
+        self._metrics = metrics
+        self._record = record
+        self._clock = clock
+        self.settings = settings
+        # A worker that replaces another (the connection was edited) carries its statistics on.
+        self.stats = stats if stats is not None else Statistics()
+        self.startup_time: float | None = None
+        self.state = "OPENING" if connection.active else "DEACTIVATED"
+        self._auth_failed = False
+        self._backlog = _Backlog()
+        self._spilled = True  # at start, what is pending is in the spool
+        self._dirty = False
+        self._last_loaded = 0
+        self._refill_wanted = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sending: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        validity = connection.validity_seconds
+        self._validity = (
+            validity if validity is not None else settings.default_time_validity.total_seconds()
+        )
+        self._circuit = Circuit(
+            threshold=settings.circuit_failures,
+            initial=settings.retry_initial.total_seconds(),
+            cap=PROBE_BACKOFF_CAP_SECONDS[connection.configuration.reconnectStrategy],
+            clock=clock,
+            on_change=self._circuit_changed,
+        )
+        self._latency = metrics.latency.labels(self.id)
+        self._pending_gauge = metrics.spool_pending.labels(self.id)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start sending what the spool holds for this connection and what is offered."""
+        self._pending_gauge.set(self.stats.pending)
+        self.startup_time = self._clock()
+        self._set_state(self.state)
+        if not self.connection.active:
+            return
+        await self._sink.start()
+        self._set_state("OPENED")
+        self._spawn(self._refill_loop())
+        for _ in range(self.settings.max_in_flight):
+            self._spawn(self._work_loop())
+        self._refill_wanted.set()
+
+    async def stop(self, deadline: float) -> None:
+        """Stop taking deliveries; sends already on the wire get until `deadline` (monotonic)."""
+        self._stopping = True
+        for task in self._tasks - self._sending:
+            task.cancel()
+        if self._sending:
+            await asyncio.wait(set(self._sending), timeout=max(0.0, deadline - time.monotonic()))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._sink.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro, name=f"worker:{self.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def offer(self, delivery: Delivery) -> None:
+        """A delivery just committed to the spool for this connection."""
+        self.stats.received += 1
+        self.stats.pending += 1
+        self._pending_gauge.inc()
+        if not self.connection.active or self._stopping:
+            return
+        if self._spilled or self._backlog.size >= self.settings.memory_queue:
+            self._spilled = True
+            self._dirty = True
+            if self._backlog.size < self.settings.memory_queue // 4:
+                self._refill_wanted.set()
+            return
+        self._last_loaded = delivery.id
+        self._backlog.push(delivery)
+
+    async def _refill_loop(self) -> None:
+        """Read back from the spool what did not fit in memory (or was there at start)."""
+        limit = max(16, self.settings.memory_queue // 2)
+        while True:
+            await self._refill_wanted.wait()
+            self._refill_wanted.clear()
+            while self._spilled:
+                room = self.settings.memory_queue - self._backlog.size
+                if room < limit // 2:
+                    break  # refilled when the backlog has drained further
+                self._dirty = False
+                rows = await self._spool.load(self.id, after_id=self._last_loaded, limit=room)
+                for row in rows:
+                    self._last_loaded = row.id
+                    self._backlog.push(row)
+                # No await between this check and the switch: an offer cannot slip between.
+                if len(rows) < room and not self._dirty:
+                    self._spilled = False
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def _work_loop(self) -> None:
+        backlog = self._backlog
+        while not self._stopping:
+            dev_eui = await backlog.ready.get()
+            delivery = backlog.devices[dev_eui].popleft()
+            backlog.size -= 1
+            if self._spilled and backlog.size < self.settings.memory_queue // 4:
+                self._refill_wanted.set()
+            task = asyncio.current_task()
+            assert task is not None
+            self._sending.add(task)
+            try:
+                await self._deliver(delivery)
+            finally:
+                self._sending.discard(task)
+                backlog.release(dev_eui)
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        deadline = delivery.uplink_time + self._validity
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(RetryableSinkError),
+            wait=lambda state: self._wait(state, deadline),
+            stop=lambda state: self._clock() >= deadline,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._attempt(delivery, deadline)
+        except Expired:
+            self._finish(delivery, "expired", "validity ran out while the connection was closed")
+        except PermanentSinkError as exc:
+            self._finish(delivery, "failed", str(exc), exc)
+        except RetryableSinkError as exc:
+            self._finish(delivery, "expired", str(exc), exc)
+        else:
+            self._finish(delivery, "delivered")
+
+    async def _attempt(self, delivery: Delivery, deadline: float) -> None:
+        if self._clock() >= deadline:
+            raise Expired
+        probe = await self._circuit.acquire(deadline)
+        delivery.attempts += 1
+        try:
+            await self._sink.send(delivery)
+        except AuthenticationSinkError as exc:
+            self._note_error(exc)
+            self._auth_failed = True
+            self._set_state("AUTHENTICATION_FAILED")
+            await self._circuit.failure(probe)
+            raise
+        except RetryableSinkError as exc:
+            self._note_error(exc)
+            await self._circuit.failure(probe)
+            raise
+        except PermanentSinkError as exc:
+            # The cloud answered: it is reachable, this one delivery is what it refuses.
+            self._note_error(exc)
+            await self._circuit.success(probe)
+            raise
+        except BaseException:
+            await self._circuit.release(probe)
+            raise
+        await self._circuit.success(probe)
+        if self._auth_failed:
+            self._auth_failed = False
+            self._set_state("OPENED")
+
+    def _wait(self, state: RetryCallState, deadline: float) -> float:
+        """Exponential backoff with full jitter, at least the cloud's Retry-After, and never
+        past the deadline (the last attempt happens as the validity runs out)."""
+        settings = self.settings
+        error = state.outcome.exception() if state.outcome else None
+        ceiling = min(
+            settings.retry_max.total_seconds(),
+            settings.retry_initial.total_seconds() * 2 ** (state.attempt_number - 1),
+        )
+        if isinstance(error, AuthenticationSinkError):
+            ceiling = settings.retry_max.total_seconds()  # credentials rarely fix themselves
+        wait = random.uniform(0, ceiling)
+        if isinstance(error, RetryableSinkError) and error.retry_after is not None:
+            wait = max(wait, error.retry_after)
+        return max(0.0, min(wait, deadline - self._clock()))
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        self.stats.retried += 1
+        self._metrics.retries.labels(self.id).inc()
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def _note_error(self, exc: SinkError) -> None:
+        self.stats.lastError = str(exc)
+
+    def _finish(
+        self, delivery: Delivery, outcome: str, reason: str = "", error: SinkError | None = None
+    ) -> None:
+        now = self._clock()
+        self._spool.complete(delivery.id)
+        self.stats.pending -= 1
+        self._pending_gauge.dec()
+        self._metrics.deliveries.labels(self.id, outcome).inc()
+        if outcome == "delivered":
+            self.stats.delivered += 1
+            self.stats.lastDeliveryTime = now
+            self._latency.observe(max(0.0, now - delivery.received_at))
+            return
+        if outcome == "expired":
+            self.stats.expired += 1
+        else:
+            self.stats.failed += 1
+        data: dict[str, Any] = {
+            "devEUI": delivery.dev_eui,
+            "uplinkTime": iso(delivery.uplink_time),
+            "attempts": delivery.attempts,
+            "reason": reason,
+        }
+        if error is not None and error.status is not None:
+            data["status"] = error.status
+            data["body"] = error.body
+        log.warning(
+            "Delivery expired" if outcome == "expired" else "Delivery failed",
+            connection=self.id,
+            devEUI=delivery.dev_eui,
+            attempts=delivery.attempts,
+            error=reason,
+        )
+        self._record(self.id, f"delivery_{outcome}", data)
+
+    def drop_all(self) -> int:
+        """The connection is deleted: what it had pending is dropped, and counted."""
+        dropped = self.stats.pending
+        if dropped:
+            self._metrics.deliveries.labels(self.id, "dropped").inc(dropped)
+            self.stats.dropped += dropped
+            self.stats.pending = 0
+        return dropped
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _circuit_changed(self, healthy: bool) -> None:
+        if healthy:
+            self._set_state("AUTHENTICATION_FAILED" if self._auth_failed else "OPENED")
+        elif not self._auth_failed:
+            self._set_state("CLOSED")
+
+    def _set_state(self, state: str) -> None:
+        previous, self.state = self.state, state
+        self._metrics.set_state(self.id, state)
+        if previous != state:
+            log.info("Connection state changed", connection=self.id, state=state, previous=previous)
+            self._record(self.id, "state_changed", {"state": state, "previous": previous})

@@ -1,0 +1,87 @@
+"""The error hierarchy: the type of an exception decides what the framework does next."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class IotflowError(Exception):
+    """Base of every error iotflow raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with an input, at a key path (`connections[0].configuration.brand`)."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(IotflowError):
+    """A configuration file or a connection definition is invalid: every problem is listed."""
+
+    def __init__(self, problems: list[Problem], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(head + "; ".join(str(p) for p in problems))
+
+
+class RegistryError(IotflowError):
+    """The registry could not be read or written."""
+
+
+class NotFoundError(RegistryError):
+    """A connection or device that does not exist."""
+
+
+class ConflictError(RegistryError):
+    """A change that contradicts the registry (duplicate id, read-only connection)."""
+
+
+class SinkError(IotflowError):
+    """A delivery to a cloud did not succeed."""
+
+    def __init__(self, message: str, *, status: int | None = None, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class RetryableSinkError(SinkError):
+    """Try again later; `retry_after` is the cloud's own hint in seconds, when it gave one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        body: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, body=body)
+        self.retry_after = retry_after
+
+
+class AuthenticationSinkError(RetryableSinkError):
+    """The cloud refused our credentials: retried slowly, state AUTHENTICATION_FAILED."""
+
+
+class PermanentSinkError(SinkError):
+    """The cloud will never accept this delivery: counted as failed, not retried."""
+
+
+class Rejection(IotflowError):
+    """An uplink message that cannot be routed: counted by `reason` and dropped.
+
+    Reasons are a small fixed set, used as a metric label: `not_json`, `too_large`,
+    `wrong_shape`, `bad_dev_eui`.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message

@@ -1,0 +1,74 @@
+"""ThingPark `{"DevEUI_uplink": {...}}` uplinks.
+
+Older ThingPark releases write every number as a string (`"FPort": "1"`,
+`"LrrRSSI": "-80.000000"`): both spellings are read. `FPort` and `FCntUp` may be absent
+(a frame without application payload has no port). The document itself is what the
+sinks send, unchanged; decoding it only extracts what routing, expiry and downlinks need.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from iotflow.formats.fields import MAX_BYTE, Fields
+from iotflow.formats.uplink import Gateway, Radio, Uplink
+
+ROOT = "DevEUI_uplink"
+
+
+def decode(document: dict[str, Any]) -> Uplink:
+    up = Fields(document).obj(ROOT, " (not a ThingPark uplink)")
+    dev_eui = up.dev_eui("DevEUI")
+    time = up.opt_time("Time")
+    if time is None:
+        raise up.missing("Time")
+    decoded = up.opt_obj("payload")
+    customer = up.opt_obj("CustomerData")
+    return Uplink(
+        format="actility",
+        dev_eui=dev_eui,
+        time=time,
+        f_port=up.opt_int("FPort", high=MAX_BYTE),
+        f_cnt=up.opt_int("FCntUp"),
+        payload=up.opt_hex("payload_hex") or b"",
+        decoded=decoded.data if decoded is not None else None,
+        radio=_radio(up),
+        device_name=customer.opt_str("name") if customer is not None else None,
+        source={},
+        document=document,
+    )
+
+
+def _radio(up: Fields) -> Radio:
+    rssi = up.opt_float("LrrRSSI")
+    snr = up.opt_float("LrrSNR")
+    lrrs = up.opt_obj("Lrrs")
+    gateways = []
+    for lrr in lrrs.objects("Lrr") if lrrs is not None else []:
+        lrr_id = lrr.opt_str("Lrrid")
+        if lrr_id is not None:  # an entry without an id says nothing usable
+            gateways.append(
+                Gateway(id=lrr_id, rssi=lrr.opt_float("LrrRSSI"), snr=lrr.opt_float("LrrSNR"))
+            )
+    best_id = up.opt_str("Lrrid")
+    if best_id is not None:
+        # ThingPark names the best Lrr and gives its position at the top level only:
+        # that gateway goes first, with its position, as in the other formats.
+        listed = next((g for g in gateways if g.id == best_id), None)
+        best = Gateway(
+            id=best_id,
+            rssi=listed.rssi if listed is not None and listed.rssi is not None else rssi,
+            snr=listed.snr if listed is not None and listed.snr is not None else snr,
+            latitude=up.opt_float("LrrLAT"),
+            longitude=up.opt_float("LrrLON"),
+        )
+        gateways = [best, *(g for g in gateways if g.id != best_id)]
+    dev_addr = up.opt_str("DevAddr")
+    return Radio(
+        rssi=rssi,
+        snr=snr,
+        spreading_factor=up.opt_int("SpFact", high=MAX_BYTE),
+        frequency_mhz=up.opt_float("Frequency"),
+        dev_addr=dev_addr.upper() if dev_addr is not None else None,
+        gateways=tuple(gateways),
+    )

@@ -1,0 +1,235 @@
+"""Typed reads from parsed JSON, with the key path in every error.
+
+The decoders never index a JSON object directly: they read through `Fields`, so a wrong
+type becomes a `wrong_shape` rejection that names the key (`rxInfo[0].rssi: expected a
+number, got "x"`) instead of a `TypeError` deep in the daemon.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from iotflow.errors import Rejection
+from iotflow.formats.uplink import Gateway
+
+# Numeric strings (older ThingPark releases, protobuf JSON 64-bit integers). A regex rather
+# than int()/float() alone: those also accept "1_000", " 7 " and non-ASCII digits, and
+# int() refuses strings longer than 4300 digits with a ValueError of its own.
+_INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
+_DECIMAL = re.compile(
+    r"[+-]?(?:[0-9]{1,40}(?:\.[0-9]{0,40})?|\.[0-9]{1,40})(?:[eE][+-]?[0-9]{1,4})?"
+)
+# TTS writes nanoseconds; datetime holds microseconds.
+_EXCESS_FRACTION = re.compile(r"(\.[0-9]{6})[0-9]+")
+_HEX16 = re.compile(r"[0-9A-Fa-f]{16}")
+_EUI_SEPARATORS = str.maketrans("", "", "-:")
+
+MAX_BYTE = 255  # FPort, spreading factor
+MAX_COUNTER = 2**32 - 1
+
+
+def normalize_dev_eui(s: str) -> str:
+    """Return `s` as 16 upper-case hex digits; lower case and `-`/`:` separators are accepted.
+
+    Raises ValueError when what is left after removing the separators is not 16 hex digits.
+    """
+    digits = s.translate(_EUI_SEPARATORS)
+    if _HEX16.fullmatch(digits) is None:
+        raise ValueError(f"expected 16 hex digits, got {describe(s)}")
+    return digits.upper()
+
+
+def gateway_id(s: str) -> str:
+    """A gateway EUI in the DevEUI spelling; other gateway ids (TTS names) as they are."""
+    try:
+        return normalize_dev_eui(s)
+    except ValueError:
+        return s
+
+
+def describe(value: Any) -> str:
+    """A short JSON spelling of a value, for error messages (never the whole payload)."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_time(text: str) -> datetime | None:
+    """An ISO 8601 time with a UTC offset, or None (naive times would be guessed, not read)."""
+    text = _EXCESS_FRACTION.sub(r"\1", text, count=1)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.utcoffset() is not None else None
+
+
+def best_first(gateways: list[Gateway]) -> tuple[Gateway, ...]:
+    """The gateways with the best reception (highest RSSI, then SNR) first, others in order."""
+    if not gateways:
+        return ()
+
+    def quality(g: Gateway) -> tuple[float, float]:
+        return (
+            g.rssi if g.rssi is not None else -math.inf,
+            g.snr if g.snr is not None else -math.inf,
+        )
+
+    best = max(range(len(gateways)), key=lambda i: quality(gateways[i]))
+    return (gateways[best], *gateways[:best], *gateways[best + 1 :])
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str) and _INTEGER.fullmatch(value):
+        return int(value)
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, str):
+        if _DECIMAL.fullmatch(value) is None:
+            return None
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+class Fields:
+    """One JSON object and its key path. A null value reads as absent."""
+
+    __slots__ = ("data", "path")
+
+    def __init__(self, data: dict[str, Any], path: str = "") -> None:
+        self.data = data
+        self.path = path
+
+    def where(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def missing(self, key: str, why: str = "") -> Rejection:
+        return Rejection("wrong_shape", f"{self.where(key)}: missing{why}")
+
+    def wrong(self, key: str, expected: str, value: Any) -> Rejection:
+        return Rejection(
+            "wrong_shape", f"{self.where(key)}: expected {expected}, got {describe(value)}"
+        )
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def obj(self, key: str, why: str = "") -> Fields:
+        found = self.opt_obj(key)
+        if found is None:
+            raise self.missing(key, why)
+        return found
+
+    def opt_obj(self, key: str) -> Fields | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.wrong(key, "an object", value)
+        return Fields(value, self.where(key))
+
+    def objects(self, key: str) -> list[Fields]:
+        """An array of objects; absent reads as empty."""
+        value = self.data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.wrong(key, "an array", value)
+        found = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise self.wrong(f"{key}[{i}]", "an object", item)
+            found.append(Fields(item, self.where(f"{key}[{i}]")))
+        return found
+
+    def opt_str(self, key: str) -> str | None:
+        value = self.data.get(key)
+        if value is None or isinstance(value, str):
+            return value
+        raise self.wrong(key, "a string", value)
+
+    def opt_int(self, key: str, *, low: int = 0, high: int = MAX_COUNTER) -> int | None:
+        """An integer, also written as a decimal string, between `low` and `high`."""
+        value = self.data.get(key)
+        if value is None:
+            return None
+        number = _as_int(value)
+        if number is None:
+            raise self.wrong(key, "an integer", value)
+        if not low <= number <= high:
+            raise self.wrong(key, f"an integer from {low} to {high}", value)
+        return number
+
+    def opt_float(self, key: str) -> float | None:
+        """A finite number, also written as a decimal string."""
+        value = self.data.get(key)
+        if value is None:
+            return None
+        number = _as_float(value)
+        if number is None:
+            raise self.wrong(key, "a number", value)
+        return number
+
+    def opt_time(self, key: str) -> datetime | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        parsed = parse_time(value) if isinstance(value, str) else None
+        if parsed is None:
+            raise self.wrong(key, "an ISO 8601 time with a UTC offset", value)
+        return parsed
+
+    def opt_base64(self, key: str) -> bytes | None:
+        text = self.opt_str(key)
+        if text is None:
+            return None
+        try:
+            return base64.b64decode(text, validate=True)
+        except ValueError:  # binascii.Error, and non-ASCII text
+            raise self.wrong(key, "base64", text) from None
+
+    def opt_hex(self, key: str) -> bytes | None:
+        text = self.opt_str(key)
+        if text is None:
+            return None
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            raise self.wrong(key, "hex digits", text) from None
+
+    def dev_eui(self, key: str) -> str:
+        """The DevEUI, normalised; anything else is a `bad_dev_eui` rejection."""
+        value = self.data.get(key)
+        if value is None:
+            raise Rejection("bad_dev_eui", f"{self.where(key)}: missing")
+        if not isinstance(value, str):
+            raise Rejection(
+                "bad_dev_eui",
+                f"{self.where(key)}: expected 16 hex digits, got {describe(value)}",
+            )
+        try:
+            return normalize_dev_eui(value)
+        except ValueError as exc:
+            raise Rejection("bad_dev_eui", f"{self.where(key)}: {exc}") from None

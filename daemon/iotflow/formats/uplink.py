@@ -1,0 +1,52 @@
+"""The internal uplink: what every input format is decoded into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """One base station that heard the uplink."""
+
+    id: str
+    rssi: float | None = None
+    snr: float | None = None
+    latitude: float | None = None
+    longitude: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Radio:
+    """Radio metadata, normalised across network servers."""
+
+    rssi: float | None = None  # best gateway
+    snr: float | None = None
+    spreading_factor: int | None = None
+    frequency_mhz: float | None = None
+    dev_addr: str | None = None  # upper-case hex
+    gateways: tuple[Gateway, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Uplink:
+    """One device uplink, whatever network server published it.
+
+    `source` holds the network server's own identifiers of the device (ChirpStack
+    `applicationId`, TTS `application_id`/`device_id`/`tenant_id`...), kept for downlinks.
+    `document` is the message as it was received (parsed JSON).
+    """
+
+    format: str  # actility | chirpstack | tts
+    dev_eui: str  # 16 upper-case hex digits
+    time: datetime  # timezone-aware: gateway reception, else the network server's
+    f_port: int | None
+    f_cnt: int | None
+    payload: bytes
+    decoded: dict[str, Any] | None
+    radio: Radio
+    device_name: str | None
+    source: dict[str, str] = field(default_factory=dict)
+    document: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,312 @@
+"""The registry's contract: one Store protocol, two implementations (SQLite, PostgreSQL).
+
+What both implementations share lives here too: the records they return, the numbered
+migrations they apply, how a stored document becomes a Connection again, and the change
+feed that tells the routing index to rebuild.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from iotflow.connectors.connection import Connection, parse_connection
+from iotflow.errors import ConfigError, RegistryError
+
+if TYPE_CHECKING:
+    # Only the shape is used; importing at run time would tie the registry to the config loader.
+    from iotflow.config.load import Provisioned
+
+__all__ = [
+    "DEFAULT_MAX_EVENTS",
+    "ChangeFeed",
+    "ChangeHub",
+    "DeviceBinding",
+    "Event",
+    "Migration",
+    "Reconciled",
+    "Store",
+    "load_connection",
+    "load_migrations",
+]
+
+DEFAULT_MAX_EVENTS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBinding:
+    """A device and every connection it is bound to (ids in order)."""
+
+    dev_eui: str
+    connections: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of a connection's event log."""
+
+    id: int
+    connection_id: str
+    time: datetime
+    kind: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    """What a reconciliation with the config file did, by connection id (each list sorted).
+
+    `replaced` are connections created through the API whose id the config file now claims:
+    they were overwritten by the file's definition, which an operator should hear about.
+    """
+
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.changed or self.removed or self.replaced)
+
+
+class Store(Protocol):
+    """Connections, device bindings and event logs, in SQLite or PostgreSQL.
+
+    Errors: NotFoundError and ConflictError as documented per method; any failure of the
+    database itself is a RegistryError. DevEUIs are expected normalised (16 upper-case hex).
+    """
+
+    async def migrate(self) -> int:
+        """Apply pending migrations; return the schema version. Idempotent, race-safe."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise RegistryError unless the database answers (readiness)."""
+        ...
+
+    async def close(self) -> None:
+        """Release the database; every change feed ends."""
+        ...
+
+    async def list_connections(self) -> list[Connection]:
+        """Every connection, ordered by id."""
+        ...
+
+    async def get_connection(self, connection_id: str) -> Connection:
+        """NotFoundError when there is no such connection."""
+        ...
+
+    async def create_connection(self, connection: Connection) -> Connection:
+        """ConflictError when the id is taken."""
+        ...
+
+    async def replace_connection(self, connection: Connection) -> Connection:
+        """Replace the connection of the same id, keeping its creation time.
+
+        NotFoundError when there is none; ConflictError when it is provisioned (read-only).
+        """
+        ...
+
+    async def delete_connection(self, connection_id: str) -> None:
+        """Delete a connection with its device bindings and events.
+
+        NotFoundError when there is none; ConflictError when it is provisioned (read-only).
+        """
+        ...
+
+    async def reconcile_provisioned(self, items: Sequence[Provisioned]) -> Reconciled:
+        """Make the provisioned connections, and their devices, those of the config file."""
+        ...
+
+    async def get_device(self, dev_eui: str) -> list[str]:
+        """The ids of the connections a device is bound to; NotFoundError if none."""
+        ...
+
+    async def set_device(self, dev_eui: str, connection_ids: Sequence[str]) -> None:
+        """Replace a device's bindings (empty: unbind); NotFoundError names an unknown id."""
+        ...
+
+    async def delete_device(self, dev_eui: str) -> None:
+        """Unbind a device; NotFoundError when it has no binding."""
+        ...
+
+    async def list_devices(
+        self, connection_id: str | None = None, offset: int = 0, limit: int = 100
+    ) -> tuple[list[DeviceBinding], int]:
+        """Bound devices by DevEUI (only those bound to `connection_id` if given), and their
+        total count. A device lists all its connections, even when filtered."""
+        ...
+
+    async def bindings(self) -> dict[str, list[str]]:
+        """Every binding: DevEUI to connection ids (for the routing index)."""
+        ...
+
+    async def add_event(self, connection_id: str, kind: str, data: Mapping[str, Any]) -> Event:
+        """Append to a connection's event log, keeping only the newest events."""
+        ...
+
+    async def list_events(
+        self, connection_id: str, offset: int = 0, limit: int = 100
+    ) -> tuple[list[Event], int]:
+        """A connection's events, newest first, and their total; NotFoundError if no such
+        connection."""
+        ...
+
+    def changes(self) -> ChangeFeed:
+        """Subscribe to changes of connections and bindings (see ChangeFeed)."""
+        ...
+
+
+class ChangeFeed:
+    """One subscriber's view of registry changes, as an async iterator of None.
+
+    Each yield means "reload connections and bindings now". The first one comes as soon as
+    the feed observes every writer (at once for SQLite; for PostgreSQL once LISTEN is in
+    place), so a consumer builds its first index inside the loop and misses nothing:
+
+        with store.changes() as feed:
+            async for _ in feed:
+                index = RoutingIndex(await store.list_connections(), await store.bindings())
+
+    Changes coalesce: any number of them while the consumer is busy give one more yield,
+    never zero. A feed subscribes when created (not at its first `__anext__`), and ends when
+    closed or when its store closes.
+    """
+
+    def __init__(self, hub: ChangeHub) -> None:
+        self._hub = hub
+        self._pending = asyncio.Event()
+        self._closed = False
+
+    def __aiter__(self) -> ChangeFeed:
+        return self
+
+    async def __anext__(self) -> None:
+        if not self._closed:
+            await self._pending.wait()
+        if self._closed:
+            raise StopAsyncIteration
+        # Cleared before the consumer reloads: a change during the reload sets it again.
+        self._pending.clear()
+
+    def close(self) -> None:
+        self._closed = True
+        self._pending.set()  # wake a waiting consumer so that its loop ends
+        self._hub.discard(self)
+
+    def __enter__(self) -> ChangeFeed:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _fire(self) -> None:
+        self._pending.set()
+
+
+class ChangeHub:
+    """The set of feeds of one store. `ready` says whether changes are being observed."""
+
+    def __init__(self, *, ready: bool) -> None:
+        self._feeds: set[ChangeFeed] = set()
+        self._ready = ready
+
+    def subscribe(self) -> ChangeFeed:
+        feed = ChangeFeed(self)
+        self._feeds.add(feed)
+        if self._ready:
+            feed._fire()
+        return feed
+
+    def discard(self, feed: ChangeFeed) -> None:
+        self._feeds.discard(feed)
+
+    def notify(self) -> None:
+        for feed in self._feeds:
+            feed._fire()
+
+    def set_ready(self, ready: bool) -> None:
+        """Observing (again): changes may have been missed meanwhile, so every feed fires."""
+        self._ready = ready
+        if ready:
+            self.notify()
+
+    def close(self) -> None:
+        for feed in list(self._feeds):
+            feed.close()
+
+
+def load_connection(document: Mapping[str, Any], provisioned: bool, connection_id: str) -> Connection:
+    """A stored document as a Connection, validated again as at the edge.
+
+    A document that the current catalog refuses (after an upgrade, say) is a RegistryError
+    naming the connection and the problems, never a ConfigError from the wrong place.
+    """
+    try:
+        connection = parse_connection(document)
+    except ConfigError as exc:
+        raise RegistryError(f"stored connection {connection_id!r} is not valid: {exc}") from None
+    return connection.model_copy(update={"provisioned": provisioned})
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    def statements(self) -> list[str]:
+        """The SQL split into statements (SQLite runs one at a time inside a transaction)."""
+        result: list[str] = []
+        current = ""
+        for line in self.sql.splitlines(keepends=True):
+            current += line
+            # complete_statement knows about quotes and triggers; a split on ";" would not.
+            if sqlite3.complete_statement(current):
+                result.append(current.strip())
+                current = ""
+        if current.strip() and not _only_comments(current):
+            raise RegistryError(f"migration {self.version} ends with an incomplete statement")
+        return result
+
+
+_MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(sqlite|postgresql)\.sql$")
+
+
+def _only_comments(sql: str) -> bool:
+    return all(not line.strip() or line.strip().startswith("--") for line in sql.splitlines())
+
+
+def load_migrations(dialect: str) -> list[Migration]:
+    """The numbered migrations of a dialect (`sqlite`, `postgresql`), in order.
+
+    They are `migrations/NNNN_name.<dialect>.sql`, package data of iotflow.
+    """
+    folder = resources.files("iotflow.registry").joinpath("migrations")
+    found: list[Migration] = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_FILE.match(entry.name)
+        if match and match.group(3) == dialect:
+            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise RegistryError(f"{dialect} migrations are not numbered 1..n: {versions}")
+    return found
+
+
+def check_page(offset: int, limit: int) -> None:
+    if offset < 0 or limit < 0:
+        raise ValueError("offset and limit must not be negative")

@@ -1,0 +1,59 @@
+"""The contract every sink keeps. Retry, expiry, order and the circuit live in delivery/."""
+
+from __future__ import annotations
+
+from email.utils import parsedate_to_datetime
+from typing import Protocol
+
+from iotflow.errors import AuthenticationSinkError, PermanentSinkError, RetryableSinkError
+from iotflow.spool import Delivery
+
+MAX_ERROR_BODY = 512  # characters of a cloud's answer kept in errors and events
+
+
+class Sink(Protocol):
+    """Transport to one cloud for one connection.
+
+    `send` returns when the cloud acknowledged the delivery and raises a SinkError subclass
+    otherwise: RetryableSinkError (try later), AuthenticationSinkError (credentials refused),
+    PermanentSinkError (never).
+    """
+
+    async def start(self) -> None: ...
+
+    async def send(self, delivery: Delivery) -> None: ...
+
+    async def healthcheck(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """`Retry-After` as seconds from now: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def classify_http(status: int, body: str, retry_after: float | None) -> None:
+    """One rule for every HTTP sink: return on success, else raise what the status means.
+
+    408, 429 and 5xx (but 501) are worth retrying; 401/403 mean our credentials are refused;
+    any other 4xx (and 501, 3xx we did not follow) will not get better by trying again.
+    """
+    if 200 <= status < 300:
+        return
+    text = body[:MAX_ERROR_BODY]
+    message = f"HTTP {status}"
+    if status in (401, 403):
+        raise AuthenticationSinkError(message, status=status, body=text, retry_after=retry_after)
+    if status in (408, 429) or (status >= 500 and status != 501):
+        raise RetryableSinkError(message, status=status, body=text, retry_after=retry_after)
+    raise PermanentSinkError(message, status=status, body=text)

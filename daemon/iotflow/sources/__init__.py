@@ -1,0 +1,1 @@
+"""Ingest: uplinks from the network server's MQTT broker."""

@@ -1,0 +1,24 @@
+"""The durable local queue of deliveries between ingest and the connection workers.
+
+See `iotflow.spool.store` for the design and the durability decision (WAL, synchronous=FULL).
+"""
+
+from iotflow.spool.store import (
+    SCHEMA_VERSION,
+    Delivery,
+    Spool,
+    SpoolClosedError,
+    SpoolError,
+    SpoolStats,
+    SpoolWriteError,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Delivery",
+    "Spool",
+    "SpoolClosedError",
+    "SpoolError",
+    "SpoolStats",
+    "SpoolWriteError",
+]

@@ -1,0 +1,1 @@
+"""Logs, metrics and the service manager's notifications."""

@@ -1,0 +1,93 @@
+"""Prometheus metrics; the names are part of the contract (DESIGN.md "Observability")."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STATES = ("DEACTIVATED", "OPENING", "OPENED", "AUTHENTICATION_FAILED", "CLOSED")
+OUTCOMES = ("delivered", "expired", "failed", "dropped")
+
+
+class Metrics:
+    """One set of metrics per daemon, on its own registry (tests run several in a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.uplinks_received = Counter(
+            "iotflow_uplinks_received",
+            "Uplink messages received, by input format",
+            ["format"],
+            registry=r,
+        )
+        self.uplinks_rejected = Counter(
+            "iotflow_uplinks_rejected",
+            "Uplink messages dropped as malformed, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.uplinks_unrouted = Counter(
+            "iotflow_uplinks_unrouted",
+            "Valid uplinks of devices bound to no active connection",
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "iotflow_deliveries",
+            "Finished deliveries, by connection and outcome",
+            ["connection", "outcome"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "iotflow_delivery_retries",
+            "Delivery attempts that will be retried",
+            ["connection"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "iotflow_delivery_latency_seconds",
+            "From receiving an uplink to the cloud's ack",
+            ["connection"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+        )
+        self.spool_pending = Gauge(
+            "iotflow_spool_pending", "Deliveries waiting in the spool", ["connection"], registry=r
+        )
+        self.connection_state = Gauge(
+            "iotflow_connection_state",
+            "1 for the connection's current state",
+            ["connection", "state"],
+            registry=r,
+        )
+        self.alarm_active = Gauge(
+            "iotflow_alarm_active",
+            "1 while a connection's alarm is raised",
+            ["connection", "alarm"],
+            registry=r,
+        )
+        self.mqtt_connected = Gauge(
+            "iotflow_mqtt_connected", "1 while connected to the source broker", registry=r
+        )
+        self.config_reloads = Counter(
+            "iotflow_config_reloads", "Config reloads, by result", ["result"], registry=r
+        )
+
+    def set_state(self, connection: str, state: str) -> None:
+        for s in STATES:
+            self.connection_state.labels(connection, s).set(1 if s == state else 0)
+
+    def forget_connection(self, connection: str) -> None:
+        """A deleted connection leaves no stale series behind."""
+        for s in STATES:
+            _remove(self.connection_state, connection, s)
+        for outcome in OUTCOMES:
+            _remove(self.deliveries, connection, outcome)
+        for metric in (self.retries, self.latency, self.spool_pending):
+            _remove(metric, connection)
+
+
+def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)

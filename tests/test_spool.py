@@ -1,0 +1,493 @@
+"""The spool on real SQLite files: order, fan-out, completion, reopen, kill -9, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from iotflow.spool import (
+    SCHEMA_VERSION,
+    Delivery,
+    Spool,
+    SpoolClosedError,
+    SpoolError,
+    SpoolWriteError,
+)
+
+DAEMON = Path(__file__).resolve().parents[1] / "daemon"
+DEV_EUI = "0018B20000000B20"
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    spool = await Spool.open(tmp_path / "spool.db")
+    yield spool
+    await spool.close()
+
+
+async def add(spool: Spool, n: int, *connection_ids: str) -> list[Delivery]:
+    return await spool.append(
+        b'{"n": %d}' % n,
+        dev_eui=DEV_EUI,
+        uplink_time=1_700_000_000.0 + n,
+        received_at=1_700_000_000.5 + n,
+        connection_ids=connection_ids,
+    )
+
+
+def count_rows(path: Path) -> tuple[int, int]:
+    """(uplinks, deliveries) as another process would see them."""
+    with sqlite3.connect(path) as db:
+        uplinks = db.execute("SELECT count(*) FROM uplinks").fetchone()[0]
+        deliveries = db.execute("SELECT count(*) FROM deliveries").fetchone()[0]
+    db.close()
+    return int(uplinks), int(deliveries)
+
+
+async def test_append_then_load_in_order(spool: Spool) -> None:
+    appended = [(await add(spool, n, "a"))[0] for n in range(20)]
+
+    loaded = await spool.load("a")
+
+    assert loaded == appended
+    assert [d.id for d in loaded] == sorted(d.id for d in loaded)
+    assert loaded[3].document == b'{"n": 3}'
+    assert loaded[3].uplink_time == 1_700_000_003.0
+    assert loaded[3].received_at == 1_700_000_003.5
+    assert await spool.load("a", after_id=appended[9].id, limit=5) == appended[10:15]
+    assert await spool.load("other") == []
+
+
+async def test_fanout_shares_one_uplink_row(spool: Spool) -> None:
+    deliveries = await add(spool, 1, "a", "b", "c")
+
+    assert [d.connection_id for d in deliveries] == ["a", "b", "c"]
+    assert len({d.id for d in deliveries}) == 3
+    assert all(d.document is deliveries[0].document for d in deliveries)
+    assert count_rows(spool.path) == (1, 3)
+    for d in deliveries:
+        assert await spool.load(d.connection_id) == [d]
+
+
+async def test_append_without_connections_writes_nothing(spool: Spool) -> None:
+    assert await add(spool, 1) == []
+    assert count_rows(spool.path) == (0, 0)
+
+
+async def test_duplicate_connection_gets_one_delivery(spool: Spool) -> None:
+    deliveries = await add(spool, 1, "a", "a", "b")
+
+    assert [d.connection_id for d in deliveries] == ["a", "b"]
+
+
+async def test_complete_and_flush_remove_rows_and_orphaned_uplinks(spool: Spool) -> None:
+    first = await add(spool, 1, "a", "b")
+    second = await add(spool, 2, "a")
+
+    spool.complete(first[0].id)
+    await spool.flush()
+    assert count_rows(spool.path) == (2, 2)  # uplink 1 still has its delivery to b
+
+    spool.complete(first[1].id)
+    spool.complete(second[0].id)
+    spool.complete(second[0].id)  # twice is harmless
+    await spool.flush()
+    assert count_rows(spool.path) == (0, 0)
+    assert await spool.pending_counts() == {}
+
+
+async def test_uncommitted_completes_are_not_pending(spool: Spool) -> None:
+    deliveries = [(await add(spool, n, "a", "b"))[0] for n in range(3)]
+
+    spool.complete(deliveries[1].id)  # no flush: still a row, but no longer pending
+
+    assert await spool.load("a") == [deliveries[0], deliveries[2]]
+    assert await spool.pending_counts() == {"a": 2, "b": 3}
+
+
+async def test_reopen_resumes_everything_and_ids_keep_increasing(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "spool.db"  # the directory does not exist yet
+    spool = await Spool.open(path)
+    before = [d for n in range(10) for d in await add(spool, n, "a", "b")]
+    await spool.close()
+
+    spool = await Spool.open(path)
+    assert await spool.load("a") + await spool.load("b") == sorted(
+        before, key=lambda d: (d.connection_id, d.id)
+    )
+    assert await spool.connection_ids() == ["a", "b"]
+    after = await add(spool, 10, "a")
+    assert after[0].id > max(d.id for d in before)
+
+    # Even once the spool is empty, ids are never reused.
+    for d in [*before, *after]:
+        spool.complete(d.id)
+    await spool.close()
+    spool = await Spool.open(path)
+    assert await spool.pending_counts() == {}
+    again = await add(spool, 11, "a")
+    assert again[0].id > after[0].id
+    await spool.close()
+
+
+async def test_schema_version_is_recorded_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    await (await Spool.open(path)).close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.execute("PRAGMA user_version = 99")
+    db.close()
+
+    with pytest.raises(SpoolError, match="schema version 99"):
+        await Spool.open(path)
+
+
+CHILD = """
+import asyncio, sys, time
+from iotflow.spool import Spool
+
+async def main(path):
+    spool = await Spool.open(path, max_batch=64)
+
+    async def one(n):
+        now = time.time()
+        deliveries = await spool.append(
+            b'{"n": %d}' % n, dev_eui="0018B20000000B20", uplink_time=now,
+            received_at=now, connection_ids=["a", "b"],
+        )
+        # One write() below PIPE_BUF is atomic: a line is whole or absent.
+        sys.stdout.write("".join(f"{d.id}\\n" for d in deliveries))
+        sys.stdout.flush()
+
+    n = 0
+    while True:
+        await asyncio.gather(*(one(n + k) for k in range(50)))
+        n += 50
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_kill_9_loses_nothing_committed(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    env = {**os.environ, "PYTHONPATH": str(DAEMON)}
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, str(path), stdout=asyncio.subprocess.PIPE, env=env
+    )
+    assert child.stdout is not None
+    printed: list[int] = []
+    try:
+        async with asyncio.timeout(60):
+            while len(printed) < 2000:
+                line = await child.stdout.readline()
+                assert line, "the child exited early"
+                printed.append(int(line))
+    finally:
+        child.send_signal(signal.SIGKILL)  # mid-stream: the child appends in a loop
+    rest = await child.stdout.read()
+    await child.wait()
+    printed += [int(line) for line in rest.split(b"\n") if line]
+
+    spool = await Spool.open(path)
+    try:
+        spooled = {d.id for c in ("a", "b") for d in await spool.load(c, limit=10**9)}
+    finally:
+        await spool.close()
+
+    assert child.returncode == -signal.SIGKILL
+    assert set(printed) <= spooled
+    assert len(spooled) >= len(printed)
+
+
+async def test_group_commit_batches_concurrent_appends(spool: Spool) -> None:
+    results = await asyncio.gather(*(add(spool, n, "a", "b") for n in range(500)))
+
+    assert spool.stats.uplinks == 500
+    assert spool.stats.deliveries == 1000
+    assert spool.stats.transactions <= 5  # one when all 500 are queued before it starts
+    ids = [d.id for deliveries in results for d in deliveries]
+    assert ids == sorted(ids)  # arrival order
+
+
+async def test_group_commit_respects_max_batch(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool.db", max_batch=100)
+    try:
+        await asyncio.gather(*(add(spool, n, "a") for n in range(500)))
+    finally:
+        await spool.close()
+
+    assert spool.stats.largest_batch <= 100
+    assert 5 <= spool.stats.transactions < 500
+
+
+async def test_pending_counts_and_drop_connection(spool: Spool) -> None:
+    for n in range(3):
+        await add(spool, n, "a", "b")
+    await add(spool, 3, "b")
+
+    assert await spool.pending_counts() == {"a": 3, "b": 4}
+    assert await spool.drop_connection("b") == 4
+    assert await spool.pending_counts() == {"a": 3}
+    assert count_rows(spool.path) == (3, 3)  # the uplink only b had is gone
+    assert await spool.drop_connection("b") == 0
+
+
+async def test_drop_connection_keeps_appends_queued_after_it(spool: Spool) -> None:
+    await add(spool, 1, "a")
+
+    dropped, later = await asyncio.gather(spool.drop_connection("a"), add(spool, 2, "a"))
+
+    assert dropped == 1
+    assert await spool.load("a") == later
+
+
+async def test_drop_connection_does_not_count_completed(spool: Spool) -> None:
+    deliveries = [(await add(spool, n, "a"))[0] for n in range(3)]
+    spool.complete(deliveries[0].id)
+
+    assert await spool.drop_connection("a") == 2
+
+
+def failing_once(monkeypatch: pytest.MonkeyPatch, error: Exception) -> list[str]:
+    """Make the next `executemany` on any aiosqlite connection raise `error`."""
+    original = aiosqlite.Connection.executemany
+    failed: list[str] = []
+
+    def executemany(
+        self: aiosqlite.Connection, sql: str, parameters: Iterable[Iterable[Any]]
+    ) -> Any:
+        if failed:
+            return original(self, sql, parameters)
+        failed.append(sql)
+
+        async def fail() -> None:
+            raise error
+
+        return fail()
+
+    monkeypatch.setattr(aiosqlite.Connection, "executemany", executemany)
+    return failed
+
+
+async def test_failed_transaction_fails_appends_and_keeps_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(path)
+    done = await add(spool, 1, "a")
+    spool.complete(done[0].id)
+    failed = failing_once(monkeypatch, sqlite3.OperationalError("disk I/O error"))
+
+    with pytest.raises(SpoolWriteError, match="disk I/O error") as raised:
+        await asyncio.gather(add(spool, 2, "a"), add(spool, 3, "a"))
+    assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+    assert failed
+    assert spool.stats.failed_transactions == 1
+
+    # The writer lives on; the next batch also carries the complete that failed.
+    later = await add(spool, 4, "a")
+    await spool.close()
+    assert count_rows(path) == (1, 1)
+    spool = await Spool.open(path)
+    try:
+        assert await spool.load("a") == later
+    finally:
+        await spool.close()
+
+
+async def test_disk_full_fails_the_batch_and_the_next_one_succeeds(spool: Spool) -> None:
+    first = await add(spool, 1, "a")
+    # A real SQLITE_FULL: cap the database at its current size.
+    async with spool._writer.execute("PRAGMA page_count") as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    await spool._writer.execute(f"PRAGMA max_page_count = {row[0]}")
+
+    with pytest.raises(SpoolWriteError, match="full"):
+        await spool.append(
+            b"x" * 200_000, dev_eui=DEV_EUI, uplink_time=0.0, received_at=0.0, connection_ids=["a"]
+        )
+
+    await spool._writer.execute("PRAGMA max_page_count = 1073741823")
+    second = await add(spool, 2, "a")
+    assert await spool.load("a") == first + second
+
+
+async def test_cancelled_append_is_written_whole(spool: Spool) -> None:
+    task = asyncio.create_task(add(spool, 1, "a", "b"))
+    await asyncio.sleep(0)  # let it queue its write
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    await spool.flush()
+    assert count_rows(spool.path) == (1, 2)
+    assert len(await spool.load("a")) == 1
+
+
+async def test_closed_spool_refuses_work(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool.db")
+    await add(spool, 1, "a")
+    await spool.close()
+    await spool.close()  # idempotent
+
+    with pytest.raises(SpoolClosedError):
+        await add(spool, 2, "a")
+    with pytest.raises(SpoolClosedError):
+        spool.complete(1)
+    with pytest.raises(SpoolClosedError):
+        await spool.load("a")
+
+
+async def test_close_commits_what_was_queued(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(path)
+    deliveries = await add(spool, 1, "a", "b")
+    spool.complete(deliveries[0].id)
+    pending = asyncio.ensure_future(add(spool, 2, "a"))
+    await spool.close()
+
+    assert len(await pending) == 1
+    assert count_rows(path) == (2, 2)
+
+
+CONNECTIONS = ("a", "b", "c")
+
+
+class SpoolMachine(RuleBasedStateMachine):
+    """Random appends, completes, drops and reopens keep `load` equal to a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = Path(self.dir.name) / "spool.db"
+        # A loop of its own: hypothesis drives the machine synchronously.
+        self.loop = asyncio.new_event_loop()
+        self.model: dict[int, Delivery] = {}
+        self.last_id = 0
+
+    def run(self, awaitable: Any) -> Any:
+        return self.loop.run_until_complete(awaitable)
+
+    @initialize()
+    def start(self) -> None:
+        self.spool: Spool = self.run(Spool.open(self.path, max_batch=3))
+
+    def record(self, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            assert d.id > self.last_id
+            self.last_id = d.id
+            self.model[d.id] = d
+
+    @rule(
+        connection_ids=st.lists(st.sampled_from(CONNECTIONS), max_size=3),
+        document=st.binary(max_size=16),
+        time=st.floats(min_value=0, max_value=4e9),
+    )
+    def append(self, connection_ids: list[str], document: bytes, time: float) -> None:
+        self.record(
+            self.run(
+                self.spool.append(
+                    document,
+                    dev_eui=DEV_EUI,
+                    uplink_time=time,
+                    received_at=time + 1,
+                    connection_ids=connection_ids,
+                )
+            )
+        )
+
+    @rule(
+        burst=st.lists(st.lists(st.sampled_from(CONNECTIONS), min_size=1, max_size=3), max_size=8)
+    )
+    def append_concurrently(self, burst: list[list[str]]) -> None:
+        results = self.run(
+            asyncio.gather(
+                *(
+                    self.spool.append(
+                        b"{}", dev_eui=DEV_EUI, uplink_time=1.0, received_at=2.0, connection_ids=c
+                    )
+                    for c in burst
+                )
+            )
+        )
+        for deliveries in results:
+            self.record(deliveries)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def complete(self, data: st.DataObject) -> None:
+        delivery_id = data.draw(st.sampled_from(sorted(self.model)))
+        self.spool.complete(delivery_id)
+        del self.model[delivery_id]
+
+    @rule(delivery_id=st.integers(min_value=0, max_value=50))
+    def complete_gone(self, delivery_id: int) -> None:
+        if delivery_id not in self.model:
+            self.spool.complete(delivery_id)
+
+    @rule(connection_id=st.sampled_from(CONNECTIONS))
+    def drop(self, connection_id: str) -> None:
+        expected = [i for i, d in self.model.items() if d.connection_id == connection_id]
+        assert self.run(self.spool.drop_connection(connection_id)) == len(expected)
+        for i in expected:
+            del self.model[i]
+
+    @rule()
+    def flush(self) -> None:
+        self.run(self.spool.flush())
+
+    @rule()
+    def reopen(self) -> None:
+        self.run(self.spool.close())
+        self.spool = self.run(Spool.open(self.path, max_batch=3))
+
+    @invariant()
+    def load_matches_model(self) -> None:
+        for c in CONNECTIONS:
+            expected = sorted(
+                (d for d in self.model.values() if d.connection_id == c), key=lambda d: d.id
+            )
+            assert self.run(self.spool.load(c)) == expected
+            after = expected[len(expected) // 2].id if expected else 0
+            assert self.run(self.spool.load(c, after_id=after, limit=2)) == [
+                d for d in expected if d.id > after
+            ][:2]
+        counts: dict[str, int] = {}
+        for d in self.model.values():
+            counts[d.connection_id] = counts.get(d.connection_id, 0) + 1
+        assert self.run(self.spool.pending_counts()) == counts
+
+    def teardown(self) -> None:
+        try:
+            if hasattr(self, "spool"):
+                self.run(self.spool.close())
+        finally:
+            self.loop.close()
+            self.dir.cleanup()
+
+
+SpoolMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=25, deadline=None
+)
+TestSpoolModel = SpoolMachine.TestCase
