@@ -243,6 +243,9 @@ class ConnectionWorker:
 
     async def _deliver(self, delivery: Delivery) -> None:
         deadline = delivery.uplink_time + self._validity
+        if self._clock() >= deadline:
+            self._finish(delivery, "expired", "older than uplinkTimeValidity on arrival")
+            return
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RetryableSinkError),
             wait=lambda state: self._wait(state, deadline),
@@ -250,12 +253,18 @@ class ConnectionWorker:
             before_sleep=self._before_sleep,
             reraise=True,
         )
+        last: SinkError | None = None
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._attempt(delivery, deadline)
+                    try:
+                        await self._attempt(delivery, deadline)
+                    except SinkError as exc:
+                        last = exc
+                        raise
         except Expired:
-            self._finish(delivery, "expired", "validity ran out while the connection was closed")
+            reason = str(last) if last else "validity ran out while the connection was closed"
+            self._finish(delivery, "expired", reason, last)
         except PermanentSinkError as exc:
             self._finish(delivery, "failed", str(exc), exc)
         except RetryableSinkError as exc:
@@ -264,8 +273,6 @@ class ConnectionWorker:
             self._finish(delivery, "delivered")
 
     async def _attempt(self, delivery: Delivery, deadline: float) -> None:
-        if self._clock() >= deadline:
-            raise Expired
         probe = await self._circuit.acquire(deadline)
         delivery.attempts += 1
         try:

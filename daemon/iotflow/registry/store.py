@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
@@ -222,12 +222,16 @@ class ChangeHub:
     def __init__(self, *, ready: bool) -> None:
         self._feeds: set[ChangeFeed] = set()
         self._ready = ready
+        self._closed = False
 
     def subscribe(self) -> ChangeFeed:
         feed = ChangeFeed(self)
-        self._feeds.add(feed)
-        if self._ready:
-            feed._fire()
+        if self._closed:
+            feed.close()
+        else:
+            self._feeds.add(feed)
+            if self._ready:
+                feed._fire()
         return feed
 
     def discard(self, feed: ChangeFeed) -> None:
@@ -244,6 +248,7 @@ class ChangeHub:
             self.notify()
 
     def close(self) -> None:
+        self._closed = True
         for feed in list(self._feeds):
             feed.close()
 
@@ -305,6 +310,70 @@ def load_migrations(dialect: str) -> list[Migration]:
     if versions != list(range(1, len(found) + 1)):
         raise RegistryError(f"{dialect} migrations are not numbered 1..n: {versions}")
     return found
+
+
+@dataclass(slots=True)
+class ReconcilePlan:
+    """The writes that make the stored provisioned connections those of the config file."""
+
+    inserts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    updates: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    rebind: dict[str, list[str]] = field(default_factory=dict)  # connection id -> devices
+    deletes: list[str] = field(default_factory=list)
+    result: Reconciled = field(default_factory=Reconciled)
+
+
+def plan_reconcile(
+    items: Sequence[Provisioned],
+    stored: Mapping[str, tuple[Mapping[str, Any], bool]],
+    bound: Mapping[str, set[str]],
+) -> ReconcilePlan:
+    """Compare the config file with what is stored, in one place for both databases.
+
+    `stored` maps every connection id to its document and provisioned flag; `bound` maps
+    each provisioned connection to its devices. Only the provisioned connections' own
+    bindings are rewritten, so a device keeps its bindings to API-created connections.
+    """
+    plan = ReconcilePlan()
+    wanted: set[str] = set()
+    for item in items:
+        connection_id = item.connection.id
+        wanted.add(connection_id)
+        document = item.connection.document(reveal=True)
+        devices = set(item.devices)
+        old = stored.get(connection_id)
+        if old is None:
+            plan.inserts.append((connection_id, document))
+            plan.result.added.append(connection_id)
+            if devices:
+                plan.rebind[connection_id] = sorted(devices)
+            continue
+        old_document, was_provisioned = old
+        if old_document != document or not was_provisioned:
+            plan.updates.append((connection_id, document))
+        old_devices = bound.get(connection_id, set()) if was_provisioned else None
+        if old_devices != devices:
+            # An API connection taken over by the file gets exactly the file's devices.
+            plan.rebind[connection_id] = sorted(devices)
+        if not was_provisioned:
+            plan.result.replaced.append(connection_id)
+        elif old_document != document or old_devices != devices:
+            plan.result.changed.append(connection_id)
+    for connection_id, (_, was_provisioned) in stored.items():
+        if was_provisioned and connection_id not in wanted:
+            plan.deletes.append(connection_id)
+            plan.result.removed.append(connection_id)
+    for ids in (plan.result.added, plan.result.changed, plan.result.removed, plan.result.replaced):
+        ids.sort()
+    return plan
+
+
+def group_bindings(rows: Iterable[Sequence[str]]) -> list[DeviceBinding]:
+    """(dev_eui, connection_id) rows ordered by dev_eui, as one DeviceBinding per device."""
+    grouped: dict[str, list[str]] = {}
+    for dev_eui, connection_id in rows:
+        grouped.setdefault(dev_eui, []).append(connection_id)
+    return [DeviceBinding(dev_eui, tuple(ids)) for dev_eui, ids in grouped.items()]
 
 
 def check_page(offset: int, limit: int) -> None:

@@ -1,0 +1,60 @@
+"""The registry: connections, device bindings and event logs, in SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from iotflow.errors import ConfigError, Problem
+from iotflow.registry.postgres import PostgresStore
+from iotflow.registry.sqlite import MEMORY, SqliteStore
+from iotflow.registry.store import (
+    ChangeFeed,
+    DeviceBinding,
+    Event,
+    Reconciled,
+    Store,
+)
+
+__all__ = [
+    "ChangeFeed",
+    "DeviceBinding",
+    "Event",
+    "PostgresStore",
+    "Reconciled",
+    "SqliteStore",
+    "Store",
+    "open_store",
+    "sqlite_path",
+]
+
+
+def sqlite_path(url: str) -> str:
+    """The file of a `sqlite:` URL, as SQLAlchemy reads it.
+
+    `sqlite:///var/registry.db` is relative to the working directory (three slashes),
+    `sqlite:////var/lib/iotflow/registry.db` is absolute (four); `sqlite://` and
+    `sqlite:///:memory:` are an in-memory database.
+    """
+    rest = url.removeprefix("sqlite://")
+    if rest in ("", "/", "/" + MEMORY):
+        return MEMORY
+    if not rest.startswith("/"):
+        raise ConfigError(
+            [Problem("registry.url", "expected sqlite:///relative/path or sqlite:////absolute/path")]
+        )
+    return rest[1:]
+
+
+def open_store(url: str, **kw: Any) -> Store:
+    """The store for a registry URL; nothing is opened until its first use (`migrate`).
+
+    Keyword arguments go to the store's constructor (`max_events_per_connection`, ...).
+    """
+    scheme = url.partition(":")[0].lower()
+    if scheme == "sqlite":
+        return SqliteStore(sqlite_path(url), **kw)
+    if scheme in ("postgresql", "postgres"):
+        return PostgresStore(url, **kw)
+    raise ConfigError(
+        [Problem("registry.url", f"unsupported scheme {scheme!r}; use sqlite: or postgresql:")]
+    )

@@ -1,0 +1,378 @@
+"""Delivery semantics of one connection, against a scripted sink and a real spool."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from iotflow.config.model import DeliverySettings
+from iotflow.connectors import parse_connection
+from iotflow.delivery.worker import ConnectionWorker
+from iotflow.errors import (
+    AuthenticationSinkError,
+    PermanentSinkError,
+    RetryableSinkError,
+    SinkError,
+)
+from iotflow.spool import Delivery, Spool
+from iotflow.telemetry.metrics import Metrics
+
+Script = Callable[["ScriptedSink", Delivery], SinkError | None]
+
+
+@dataclass
+class ScriptedSink:
+    """A sink whose every answer is decided by the test."""
+
+    script: Script = lambda sink, delivery: None
+    calls: list[tuple[float, Delivery]] = field(default_factory=list)
+    gate: asyncio.Event | None = None  # when set, sends wait for it (a hung cloud)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    jitter: float = 0.0
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def start(self) -> None:
+        pass
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10), self.changed:
+            await self.changed.wait_for(predicate)
+
+    async def send(self, delivery: Delivery) -> None:
+        self.calls.append((time.monotonic(), delivery))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        async with self.changed:
+            self.changed.notify_all()
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.jitter:
+                # Random service times shuffle completions, to expose ordering bugs.
+                await asyncio.sleep(random.uniform(0, self.jitter))
+            error = self.script(self, delivery)
+        finally:
+            self.in_flight -= 1
+        if error is not None:
+            raise error
+
+    async def healthcheck(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+class Outcomes:
+    """Watches the spool's completions and the event log: what the worker decided."""
+
+    def __init__(self) -> None:
+        self.completed: list[int] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self._changed = asyncio.Condition()
+
+    def record(self, connection_id: str, kind: str, data: dict[str, Any]) -> None:
+        self.events.append((kind, data))
+        asyncio.get_running_loop().create_task(self.notify(None))
+
+    async def completed_count(self, count: int) -> None:
+        await self.until(lambda: len(self.completed) >= count)
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(30), self._changed:
+            await self._changed.wait_for(predicate)
+
+    def kinds(self, kind: str) -> list[dict[str, Any]]:
+        return [data for k, data in self.events if k == kind]
+
+    async def notify(self, delivery_id: int | None) -> None:
+        async with self._changed:
+            if delivery_id is not None:
+                self.completed.append(delivery_id)
+            self._changed.notify_all()
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    spool = await Spool.open(tmp_path / "spool.db")
+    yield spool
+    await spool.close()
+
+
+def settings(**overrides: Any) -> DeliverySettings:
+    values: dict[str, Any] = {
+        "retry_initial": timedelta(milliseconds=5),
+        "retry_max": timedelta(milliseconds=50),
+        "max_in_flight": 4,
+        "circuit_failures": 1000,
+    }
+    values.update(overrides)
+    return DeliverySettings(**values)
+
+
+def make_worker(
+    spool: Spool,
+    sink: ScriptedSink,
+    outcomes: Outcomes,
+    *,
+    validity: str = "1h",
+    delivery: DeliverySettings | None = None,
+) -> ConnectionWorker:
+    connection = parse_connection(
+        {
+            "id": "c1",
+            "name": "test",
+            "connectorId": "actility-http-iot",
+            "configuration": {
+                "destinationURL": "http://127.0.0.1:9/",
+                "uplinkTimeValidity": validity,
+            },
+        }
+    )
+    original = spool.complete
+
+    def complete(delivery_id: int) -> None:
+        original(delivery_id)
+        asyncio.get_running_loop().create_task(outcomes.notify(delivery_id))
+
+    spool.complete = complete  # type: ignore[method-assign]
+    return ConnectionWorker(
+        connection,
+        sink,
+        spool=spool,
+        metrics=Metrics(),
+        settings=delivery or settings(),
+        record=outcomes.record,
+    )
+
+
+async def feed(
+    spool: Spool, worker: ConnectionWorker, devices: list[str], *, age: float = 0.0
+) -> list[Delivery]:
+    now = time.time()
+    out: list[Delivery] = []
+    for n, dev in enumerate(devices):
+        document = f'{{"n": {n}}}'.encode()
+        for d in await spool.append(
+            document, dev_eui=dev, uplink_time=now - age, received_at=now, connection_ids=["c1"]
+        ):
+            worker.offer(d)
+            out.append(d)
+    return out
+
+
+async def test_delivers_everything_once(spool: Spool) -> None:
+    sink, outcomes = ScriptedSink(), Outcomes()
+    worker = make_worker(spool, sink, outcomes)
+    await worker.start()
+    sent = await feed(spool, worker, ["A"] * 10 + ["B"] * 10)
+    await outcomes.completed_count(20)
+    assert sorted(d.id for _, d in sink.calls) == sorted(d.id for d in sent)
+    assert worker.stats.delivered == 20
+    assert worker.stats.pending == 0
+    await worker.stop(time.monotonic())
+    await spool.flush()
+    assert await spool.pending_counts() == {}
+
+
+async def test_order_per_device_and_parallelism_across_devices(spool: Spool) -> None:
+    sink, outcomes = ScriptedSink(jitter=0.003), Outcomes()
+    worker = make_worker(spool, sink, outcomes, delivery=settings(max_in_flight=8))
+    await worker.start()
+    devices = [f"{d:016X}" for d in range(6)] * 15
+    random.Random(4).shuffle(devices)
+    sent = await feed(spool, worker, devices)
+    await outcomes.completed_count(len(sent))
+    for dev in set(devices):
+        expected = [d.id for d in sent if d.dev_eui == dev]
+        assert [d.id for _, d in sink.calls if d.dev_eui == dev] == expected
+    assert sink.max_in_flight > 1
+    await worker.stop(time.monotonic())
+
+
+async def test_retries_until_the_cloud_recovers(spool: Spool) -> None:
+    failures = {"left": 3}
+
+    def flaky(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        if failures["left"]:
+            failures["left"] -= 1
+            return RetryableSinkError("HTTP 503", status=503)
+        return None
+
+    sink, outcomes = ScriptedSink(flaky), Outcomes()
+    worker = make_worker(spool, sink, outcomes)
+    await worker.start()
+    await feed(spool, worker, ["A"])
+    await outcomes.completed_count(1)
+    assert len(sink.calls) == 4
+    assert worker.stats.delivered == 1
+    assert worker.stats.retried == 3
+    assert worker.stats.lastError == "HTTP 503"
+    await worker.stop(time.monotonic())
+
+
+async def test_retry_after_is_honoured(spool: Spool) -> None:
+    def once(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        if len(sink.calls) == 1:
+            return RetryableSinkError("HTTP 429", status=429, retry_after=0.4)
+        return None
+
+    sink, outcomes = ScriptedSink(once), Outcomes()
+    worker = make_worker(spool, sink, outcomes)
+    await worker.start()
+    await feed(spool, worker, ["A"])
+    await outcomes.completed_count(1)
+    (first, _), (second, _) = sink.calls
+    # The backoff alone would retry within 5 ms; the cloud asked for 400 ms.
+    assert second - first >= 0.4
+    await worker.stop(time.monotonic())
+
+
+async def test_expires_at_validity(spool: Spool) -> None:
+    def down(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        return RetryableSinkError("HTTP 503", status=503, body="maintenance")
+
+    sink, outcomes = ScriptedSink(down), Outcomes()
+    worker = make_worker(spool, sink, outcomes, validity="1s")
+    await worker.start()
+    started = time.time()
+    await feed(spool, worker, ["A", "B"])
+    await outcomes.completed_count(2)
+    assert time.time() - started >= 0.9  # not before the validity ran out
+    assert worker.stats.expired == 2
+    assert worker.stats.delivered == 0
+    (event, _) = outcomes.kinds("delivery_expired")
+    assert event["status"] == 503
+    assert event["body"] == "maintenance"
+    assert event["attempts"] > 1
+    await worker.stop(time.monotonic())
+
+
+async def test_already_expired_uplinks_are_not_sent(spool: Spool) -> None:
+    sink, outcomes = ScriptedSink(), Outcomes()
+    worker = make_worker(spool, sink, outcomes, validity="1m")
+    await worker.start()
+    await feed(spool, worker, ["A"], age=120)
+    await outcomes.completed_count(1)
+    assert sink.calls == []
+    assert worker.stats.expired == 1
+    await worker.stop(time.monotonic())
+
+
+async def test_permanent_failure_is_not_retried(spool: Spool) -> None:
+    def refuse(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        return PermanentSinkError("HTTP 400", status=400, body='{"error":"bad"}')
+
+    sink, outcomes = ScriptedSink(refuse), Outcomes()
+    worker = make_worker(spool, sink, outcomes)
+    await worker.start()
+    await feed(spool, worker, ["A"])
+    await outcomes.completed_count(1)
+    assert len(sink.calls) == 1
+    assert worker.stats.failed == 1
+    (event,) = outcomes.kinds("delivery_failed")
+    assert event["status"] == 400
+    assert worker.state == "OPENED"
+    await worker.stop(time.monotonic())
+
+
+async def test_circuit_closes_the_connection_and_probes(spool: Spool) -> None:
+    healthy = asyncio.Event()
+
+    def outage(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        return None if healthy.is_set() else RetryableSinkError("connection refused")
+
+    sink, outcomes = ScriptedSink(outage), Outcomes()
+    worker = make_worker(
+        spool, sink, outcomes, delivery=settings(circuit_failures=3, max_in_flight=8)
+    )
+    await worker.start()
+    await feed(spool, worker, [f"{d:016X}" for d in range(20)])
+    await outcomes.until(lambda: worker.state == "CLOSED")
+    calls_when_closed = len(sink.calls)
+    # While CLOSED only one probe at a time goes out, not the 8 workers' worth.
+    await sink.until(lambda: len(sink.calls) >= calls_when_closed + 2)
+    assert sink.max_in_flight <= 8
+    healthy.set()
+    await outcomes.completed_count(20)
+    assert worker.state == "OPENED"
+    assert worker.stats.delivered == 20
+    states = [e["state"] for e in outcomes.kinds("state_changed")]
+    assert states[-2:] == ["CLOSED", "OPENED"]
+    await worker.stop(time.monotonic())
+
+
+async def test_refused_credentials_set_authentication_failed(spool: Spool) -> None:
+    fixed = asyncio.Event()
+
+    def auth(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        return None if fixed.is_set() else AuthenticationSinkError("HTTP 401", status=401)
+
+    sink, outcomes = ScriptedSink(auth), Outcomes()
+    worker = make_worker(spool, sink, outcomes)
+    await worker.start()
+    await feed(spool, worker, ["A"])
+    await outcomes.until(lambda: worker.state == "AUTHENTICATION_FAILED")
+    fixed.set()
+    await outcomes.completed_count(1)
+    assert worker.state == "OPENED"
+    await worker.stop(time.monotonic())
+
+
+async def test_memory_is_bounded_and_the_spool_fills_in(spool: Spool) -> None:
+    gate = asyncio.Event()
+    sink, outcomes = ScriptedSink(gate=gate), Outcomes()
+    worker = make_worker(spool, sink, outcomes, delivery=settings(memory_queue=16))
+    await worker.start()
+    devices = [f"{d % 7:016X}" for d in range(200)]
+    sent = await feed(spool, worker, devices)
+    assert worker._backlog.size <= 16  # the rest waits in the spool only
+    assert worker.stats.pending == 200
+    gate.set()
+    await outcomes.completed_count(200)
+    ids = [d.id for _, d in sink.calls]
+    assert sorted(ids) == sorted(d.id for d in sent)  # each exactly once
+    for dev in set(devices):
+        assert [d.id for _, d in sink.calls if d.dev_eui == dev] == [
+            d.id for d in sent if d.dev_eui == dev
+        ]
+    await worker.stop(time.monotonic())
+
+
+async def test_pending_deliveries_resume_from_the_spool(spool: Spool) -> None:
+    now = time.time()
+    for _ in range(5):
+        await spool.append(
+            b"{}", dev_eui="A", uplink_time=now, received_at=now, connection_ids=["c1"]
+        )
+    sink, outcomes = ScriptedSink(), Outcomes()
+    worker = make_worker(spool, sink, outcomes)
+    worker.stats.pending = 5
+    await worker.start()
+    await outcomes.completed_count(5)
+    assert len(sink.calls) == 5
+    assert worker.stats.pending == 0
+    await worker.stop(time.monotonic())
+
+
+async def test_stop_lets_in_flight_sends_finish(spool: Spool) -> None:
+    gate = asyncio.Event()
+    sink, outcomes = ScriptedSink(gate=gate), Outcomes()
+    worker = make_worker(spool, sink, outcomes)
+    await worker.start()
+    await feed(spool, worker, ["A", "B"])
+    await sink.until(lambda: sink.in_flight == 2)
+    stopping = asyncio.create_task(worker.stop(time.monotonic() + 30))
+    await asyncio.sleep(0)  # let stop() begin: it must now wait for the two sends
+    gate.set()
+    await stopping
+    assert worker.stats.delivered == 2

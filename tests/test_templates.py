@@ -1,0 +1,174 @@
+"""`{Path}` templates over the Actility uplink document (topic patterns, header values)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fixtures_path import SHARED_FIXTURES
+from iotflow.formats import Template, actility_document, decode, render_template, resolve_path
+
+
+def document(name: str = "actility_uplink.json", fmt: str = "actility") -> dict[str, Any]:
+    return actility_document(decode(fmt, (SHARED_FIXTURES / name).read_bytes()))
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{DevEUI}", "0018B20000000B20"),
+        ("tpx/things/{DevEUI}/uplink", "tpx/things/0018B20000000B20/uplink"),
+        ("{DevEUI_uplink.DevEUI}", "0018B20000000B20"),
+        ("{FPort}", "1"),
+        ("{LrrRSSI}", "-80.0"),
+        ("{Frequency}", "868.1"),
+        ("{CustomerData.name}", "My Demo Device"),
+        ("{CustomerData.alr.pro}", "ADRF/DEMO"),
+        ("{Lrrs.Lrr.0.Lrrid}", "004A18E3"),
+        ("{Lrrs.Lrr.1.Lrrid|'single'}", "single"),
+        ("{CustomerData.name|DevEUI|'none'}", "My Demo Device"),
+        ("{CustomerData.nickname|DevEUI|'none'}", "0018B20000000B20"),
+        ("{CustomerData.nickname|'none'}", "none"),
+        ('{CustomerData.nickname|"no name"}', "no name"),
+        ("{'first'|DevEUI}", "first"),
+        ("{ CustomerData.nickname | DevEUI }", "0018B20000000B20"),
+        ("{x|'a|b}c'}", "a|b}c"),
+        ("{x|''}", ""),
+        ("{CustomerData.nickname|Missing}", ""),
+        ("a/{Missing}/b", "a//b"),
+        ("{CustomerData}", ""),  # an object is not a value
+        ("{CustomerData.tags|'none'}", "none"),  # nor is an array
+        ("{DevEUI.x|'none'}", "none"),
+        ("no braces at all", "no braces at all"),
+        ("", ""),
+        ("{DevEUI}{FPort}", "0018B20000000B201"),
+    ],
+)
+def test_render(template: str, expected: str) -> None:
+    assert Template(template).render(document()) == expected
+    assert render_template(template, document()) == expected
+
+
+def test_render_actility_strings_fixture() -> None:
+    doc = document("actility_uplink_strings.json")
+    # A pass-through document keeps ThingPark's spelling.
+    assert render_template("{DevEUI}/{FPort}", doc) == "0018b20000000b21/1"
+    assert render_template("{CustomerData.name|DevEUI}", doc) == "0018b20000000b21"
+    assert render_template("{payload.temperature}", doc) == "24.6"
+
+
+def test_render_converted_documents() -> None:
+    pattern = "things/{DevEUI}/{CustomerData.name|'none'}/{FPort}"
+    chirpstack = document("chirpstack_up.json", "chirpstack")
+    assert render_template(pattern, chirpstack) == "things/A840414FC182F6C2/office-ers/5"
+    tts = document("tts_up.json", "tts")
+    assert render_template(pattern, tts) == "things/70B3D57ED005A1B2/eui-70b3d57ed005a1b2/2"
+
+
+def test_empty_string_falls_through() -> None:
+    doc = {"DevEUI_uplink": {"DevEUI": "0018B20000000B20", "CustomerData": {"name": ""}}}
+    assert render_template("{CustomerData.name|DevEUI}", doc) == "0018B20000000B20"
+
+
+def test_booleans_and_the_inner_object() -> None:
+    inner = {"DevEUI": "0018B20000000B20", "Late": False}
+    assert render_template("{Late}", {"DevEUI_uplink": inner}) == "false"
+    # A body sent with sendMetadata has no root: it renders the same.
+    assert render_template("{DevEUI}/{Late}", inner) == "0018B20000000B20/false"
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("DevEUI", "0018B20000000B20"),
+        ("DevEUI_uplink.DevEUI", "0018B20000000B20"),
+        ("FCntUp", "1174"),
+        ("CustomerData.name", "My Demo Device"),
+        ("Lrrs.Lrr.0.LrrRSSI", "-80.0"),
+        ("Lrrs.Lrr.7.LrrRSSI", None),
+        ("Lrrs.Lrr.x", None),
+        ("CustomerData", None),
+        ("Missing", None),
+        ("", None),
+        ("CustomerData..name", None),
+    ],
+)
+def test_resolve_path(path: str, expected: str | None) -> None:
+    assert resolve_path(document(), path) == expected
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{", "unclosed '{' at position 0"),
+        ("things/{DevEUI", "unclosed '{' at position 7"),
+        ("}", "unbalanced '}' at position 0"),
+        ("things/DevEUI}", "unbalanced '}' at position 13"),
+        ("{DevEUI}}", "unbalanced '}' at position 8"),
+        ("{}", "empty expression at position 1"),
+        ("{ }", "empty expression at position 2"),
+        ("{|DevEUI}", "empty expression at position 1"),
+        ("{DevEUI|}", "empty expression at position 8"),
+        ("{DevEUI||'x'}", "empty expression at position 8"),
+        ("{a{b}}", "unexpected '{' at position 2"),
+        ("{'x}", "unterminated quote at position 1"),
+        ("{'x'y}", "unexpected text after a quoted literal at position 4"),
+        ("{'x' 'y'}", "unexpected quote at position 5"),
+        ("{a'x'}", "unexpected quote at position 2"),
+        ("{CustomerData..name}", "malformed path 'CustomerData..name': empty key"),
+        ("{DevEUI.}", "malformed path 'DevEUI.': empty key"),
+    ],
+)
+def test_malformed(template: str, message: str) -> None:
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        Template(template)
+    with pytest.raises(ValueError, match=r"position|malformed"):
+        render_template(template, document())
+
+
+def test_template_value_semantics() -> None:
+    assert Template("{DevEUI}") == Template("{DevEUI}")
+    assert Template("{DevEUI}") != Template("{FPort}")
+    assert len({Template("{DevEUI}"), Template("{DevEUI}")}) == 1
+    assert repr(Template("a/{DevEUI}")) == "Template('a/{DevEUI}')"
+
+
+json_documents = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(), children),
+    max_leaves=10,
+)
+
+
+@given(text=st.text(alphabet=st.sampled_from("{}|'\". aDevEUI_uplink0"), max_size=30))
+def test_any_text_is_a_template_or_a_value_error(text: str) -> None:
+    try:
+        template = Template(text)
+    except ValueError:
+        return
+    template.render(document())
+
+
+@given(
+    text=st.text().filter(lambda t: "{" not in t and "}" not in t),
+    doc=st.dictionaries(st.text(), json_documents),
+)
+def test_text_without_braces_renders_as_itself(text: str, doc: dict[str, Any]) -> None:
+    assert Template(text).render(doc) == text
+
+
+@given(
+    inner=st.dictionaries(st.text(min_size=1), json_documents),
+    path=st.lists(st.text(alphabet="ab0.", min_size=1, max_size=3), min_size=1, max_size=3),
+)
+def test_resolve_path_never_raises(inner: dict[str, Any], path: list[str]) -> None:
+    result = resolve_path({"DevEUI_uplink": inner}, ".".join(path))
+    assert result is None or (isinstance(result, str) and result != "")
