@@ -52,12 +52,19 @@ async def _publish_numbered(broker: Mosquitto, topic: str, numbers: range) -> No
 
 async def _receive(client: aiomqtt.Client, count: int) -> list[int]:
     received: list[int] = []
-    async with asyncio.timeout(RECEIVE_TIMEOUT):
-        async for message in client.messages:
-            assert isinstance(message.payload, bytes)
-            received.append(int(message.payload))
-            if len(received) == count:
-                break
+    try:
+        async with asyncio.timeout(RECEIVE_TIMEOUT):
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                received.append(int(message.payload))
+                if len(received) == count:
+                    break
+    except TimeoutError:
+        tail = received[-3:]
+        raise AssertionError(
+            f"received {len(received)} of {count} messages within {RECEIVE_TIMEOUT}s,"
+            f" the last ones {tail}"
+        ) from None
     return received
 
 

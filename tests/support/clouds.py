@@ -391,9 +391,7 @@ def _check(requirement: Requirement | None, received: Received) -> tuple[int, An
         for name, expected in expectations.items():
             value = lookup(name)
             if value is None:
-                return requirement.missing_status, _error(
-                    "unauthorized", f"Missing {kind} {name}"
-                )
+                return requirement.missing_status, _error("unauthorized", f"Missing {kind} {name}")
             if not _matches(expected, value):
                 return requirement.invalid_status, _error(
                     "unauthorized" if requirement.invalid_status == 401 else "forbidden",
@@ -420,7 +418,11 @@ def _json_response(status: int, body: Any, headers: Mapping[str, str]) -> web.Re
         return web.Response(status=status, headers=dict(headers))
     if body is None:
         phrase = _phrase(status)
-        body = {"ok": True} if 200 <= status < 300 else _error(phrase.lower().replace(" ", "_"), phrase)
+        body = (
+            {"ok": True}
+            if 200 <= status < 300
+            else _error(phrase.lower().replace(" ", "_"), phrase)
+        )
     return web.json_response(body, status=status, headers=dict(headers))
 
 

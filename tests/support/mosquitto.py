@@ -277,7 +277,9 @@ class Mosquitto:
                 self.output_path, output_offset
             )
             if exited:
-                error = _PortTakenError if any(m in text for m in _PORT_TAKEN_MARKERS) else BrokerError
+                error = (
+                    _PortTakenError if any(m in text for m in _PORT_TAKEN_MARKERS) else BrokerError
+                )
                 raise error(
                     f"mosquitto exited with status {process.returncode} before listening"
                     f" on {HOST}:{port}\n{text}"

@@ -126,6 +126,7 @@ class MqttSource:
                 await client.subscribe(topic, qos=1)
                 log.info("Subscribed", topic=topic, format=subscription.format)
             self.consuming.set()
+            log.info("Consuming uplinks", subscriptions=len(self.settings.subscriptions))
             ack_task = asyncio.create_task(self._ack_loop(acks, acker))
             stop_task = asyncio.create_task(self._stopping.wait())
             try:
