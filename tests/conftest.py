@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Generator, Iterator
 
 import pytest
 import pytest_asyncio
+
 from support.clouds import FakeCloud
 from support.mosquitto import Mosquitto
 from support.postgres import Postgres

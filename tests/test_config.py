@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from iotflow.cli import main
-from iotflow.config import load_settings
+from iotflow.config.load import load_settings
 from iotflow.config.types import format_duration, parse_duration
 from iotflow.connectors.http import HttpConfig
 from iotflow.errors import ConfigError

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
 from support.clouds import Behaviour, FakeCloud, datacake, qubitro
 from support.mosquitto import Mosquitto
 from support.ports import free_port
@@ -31,7 +32,7 @@ def _topic() -> str:
 
 def _persistent(broker: Mosquitto, identifier: str) -> aiomqtt.Client:
     """An MQTT v5 client whose session the broker keeps for an hour while it is away."""
-    properties = Properties(PacketTypes.CONNECT)
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: untyped
     properties.SessionExpiryInterval = 3600
     return aiomqtt.Client(
         broker.host,
@@ -107,7 +108,7 @@ async def test_persistent_session_keeps_messages_across_broker_restart(
     topic = _topic()
     identifier = f"iotflow-test-{uuid.uuid4().hex[:8]}"
     # More than mosquitto's default max_queued_messages (1000), which the fixture lifts.
-    before, after = range(0, 1500), range(1500, 2500)
+    before, after = range(1500), range(1500, 2500)
 
     async with _persistent(broker, identifier) as subscriber:
         await subscriber.subscribe(topic, qos=1)
@@ -156,6 +157,20 @@ def test_stop_kill_and_restart_are_idempotent_and_logged(fresh_mosquitto: Mosqui
     assert broker.running
     assert broker.pid not in (None, pid)
     assert broker.log_text().count(" running") == 2
+
+
+async def test_extra_config_adds_a_listener() -> None:
+    # How later tests add a TLS listener: a second listener block in the same config.
+    port = free_port()
+    with Mosquitto(extra_config=f"listener {port} 127.0.0.1\n") as broker:
+        assert port != broker.port
+        topic = _topic()
+        async with aiomqtt.Client(broker.host, port) as client:
+            await client.subscribe(topic, qos=1)
+            await client.publish(topic, b"7", qos=1)
+            assert await _receive(client, 1) == [7]
+    assert not broker.running
+    assert not broker.directory.exists()
 
 
 # -- postgres ----------------------------------------------------------------------------
@@ -208,9 +223,11 @@ async def test_cloud_rate_limit_sends_retry_after(cloud: FakeCloud) -> None:
 
 async def test_cloud_wait_for_times_out_with_what_it_received(cloud: FakeCloud) -> None:
     cloud.respond(503, path="/down")
-    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
-        async with http.post(cloud.url("/down"), data=b"payload-1") as response:
-            assert response.status == 503
+    async with (
+        aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http,
+        http.post(cloud.url("/down"), data=b"payload-1") as response,
+    ):
+        assert response.status == 503
     with pytest.raises(AssertionError, match=r"got 0") as failure:
         await cloud.wait_for(1, timeout=0.5)
     assert "POST /down -> 503" in str(failure.value)
@@ -269,12 +286,14 @@ async def test_cloud_checks_datacake_token(
     cloud: FakeCloud, headers: dict[str, str], expected: int
 ) -> None:
     cloud.require(datacake("secret"), path="/integrations/lorawan/actility")
-    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
-        async with http.post(
+    async with (
+        aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http,
+        http.post(
             cloud.url("/integrations/lorawan/actility"), json={"DevEUI_uplink": {}}, headers=headers
-        ) as response:
-            assert response.status == expected
-            body = await response.json()
+        ) as response,
+    ):
+        assert response.status == expected
+        body = await response.json()
     if expected == 401:
         assert body["error"] == "unauthorized"
         assert cloud.accepted == []

@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from iotflow.api.server import create_app
-from iotflow.config import Settings, load_settings
+from iotflow.config.load import Settings, load_settings
 from iotflow.delivery.manager import Deliveries
 from iotflow.errors import ConfigError, Rejection
 from iotflow.events import EventLog
@@ -67,7 +67,7 @@ class Daemon:
 
     async def start(self) -> None:
         config = self.settings.config
-        self.store = await open_store(config.registry.url)
+        self.store = open_store(config.registry.url)
         version = await self.store.migrate()
         log.info("Registry ready", schema_version=version)
         await self._reconcile(self.settings)
@@ -266,7 +266,8 @@ class Daemon:
         registry = False
         if self.store is not None:
             try:
-                registry = await self.store.ping()
+                await self.store.ping()
+                registry = True
             except Exception:
                 registry = False
         broker = self.source is not None and self.source.connected.is_set()

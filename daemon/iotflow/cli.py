@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from iotflow import __version__
-from iotflow.config import Settings, default_path, load_settings
+from iotflow.config.load import Settings, default_path, load_settings
 from iotflow.errors import ConfigError
 
 
@@ -46,7 +46,7 @@ def _load(path: str) -> Settings | None:
 async def _migrate(settings: Settings) -> int:
     from iotflow.registry import open_store
 
-    store = await open_store(settings.config.registry.url)
+    store = open_store(settings.config.registry.url)
     try:
         version = await store.migrate()
     finally:

@@ -345,9 +345,10 @@ class FakeCloud:
             at=time.monotonic(),
         )
         self.all_requests.append(received)
+        # Chosen before any await, so behaviours apply in the order requests arrived.
+        scope, behaviour = self._next_behaviour(request.path)
         await self._notify()
 
-        scope, behaviour = self._next_behaviour(request.path)
         if behaviour.hang and not self._closing:
             gate = self._gates.setdefault(scope, asyncio.Event())
             await gate.wait()
@@ -363,13 +364,13 @@ class FakeCloud:
         else:
             response = _json_response(behaviour.status, behaviour.body, behaviour.headers)
 
-        try:
-            # Sent here rather than by aiohttp after we return, so that a request counts
-            # as accepted only once its answer went out to a client still listening.
-            await response.prepare(request)
-            await response.write_eof()
-        except ConnectionResetError:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            # The client gave up (a hung request it timed out): it never sees this
+            # answer, so the request is not accepted.
             return response
+        # Recorded before aiohttp sends the answer, so that a client which saw a 2xx
+        # always finds its request in `accepted`, with no window in between.
         received.status = response.status
         if 200 <= response.status < 300:
             self.accepted.append(received)

@@ -1,6 +1,5 @@
-"""Configuration: the TOML file, validated into typed models."""
+"""Configuration: the TOML file (`load`), its typed models (`model`), value types (`types`).
 
-from iotflow.config.load import Provisioned, Settings, default_path, load_settings
-from iotflow.config.model import Config
-
-__all__ = ["Config", "Provisioned", "Settings", "default_path", "load_settings"]
+Nothing is imported here: `types` is used by the connector models, which `load` itself
+imports, so an eager import would make a cycle.
+"""

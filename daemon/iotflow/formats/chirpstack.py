@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from iotflow.formats.fields import MAX_BYTE, Fields, best_first, gateway_id
+from iotflow.formats.fields import MAX_BYTE, MAX_FREQUENCY_HZ, Fields, best_first, gateway_id
 from iotflow.formats.uplink import Gateway, Radio, Uplink
-
-MAX_FREQUENCY_HZ = 10**12
 
 
 def decode(document: dict[str, Any]) -> Uplink:

@@ -32,6 +32,7 @@ _EUI_SEPARATORS = str.maketrans("", "", "-:")
 
 MAX_BYTE = 255  # FPort, spreading factor
 MAX_COUNTER = 2**32 - 1
+MAX_FREQUENCY_HZ = 10**12
 
 
 def normalize_dev_eui(s: str) -> str:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from iotflow.formats.fields import MAX_BYTE, Fields, best_first, gateway_id
+from iotflow.formats.fields import MAX_BYTE, MAX_FREQUENCY_HZ, Fields, best_first, gateway_id
 from iotflow.formats.uplink import Gateway, Radio, Uplink
 
-MAX_FREQUENCY_HZ = 10**12
 # TTS Cloud names the tenant in `network_ids`; The Things Network (community) often does not.
 DEFAULT_TENANT = "ttn"
 

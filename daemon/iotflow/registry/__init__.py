@@ -40,7 +40,11 @@ def sqlite_path(url: str) -> str:
         return MEMORY
     if not rest.startswith("/"):
         raise ConfigError(
-            [Problem("registry.url", "expected sqlite:///relative/path or sqlite:////absolute/path")]
+            [
+                Problem(
+                    "registry.url", "expected sqlite:///relative/path or sqlite:////absolute/path"
+                )
+            ]
         )
     return rest[1:]
 

@@ -38,6 +38,7 @@ from iotflow.registry.store import (
     check_page,
     group_bindings,
     load_connection,
+    load_connections,
     load_migrations,
     plan_reconcile,
 )
@@ -219,29 +220,34 @@ class PostgresStore:
                 )
             except _DB_ERRORS as exc:
                 log.warning("Registry change feed cannot connect", error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._retry_max)
-                continue
-            lost = asyncio.Event()
+            else:
+                try:
+                    await self._serve(conn)
+                    delay = 0.5  # it worked for a while: reconnect at once
+                    continue
+                except _DB_ERRORS as exc:
+                    log.warning("Registry change feed failed", error=str(exc), retry_in=delay)
+                finally:
+                    self._hub.set_ready(False)
+                    if not conn.is_closed():
+                        conn.terminate()  # synchronous: safe while being cancelled
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max)
+
+    async def _serve(self, conn: Any) -> None:
+        """LISTEN on `conn` and return when it is lost."""
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        await conn.add_listener(CHANNEL, self._on_notification)
+        self._hub.set_ready(True)
+        while not lost.is_set():
             try:
-                conn.add_termination_listener(lambda _conn: lost.set())
-                await conn.add_listener(CHANNEL, self._on_notification)
-                delay = 0.5
-                self._hub.set_ready(True)
-                while not lost.is_set():
-                    try:
-                        await asyncio.wait_for(lost.wait(), self._keepalive)
-                    except TimeoutError:
-                        # A server that vanished without closing the socket is only noticed
-                        # when we talk to it.
-                        await asyncio.wait_for(conn.execute("SELECT 1"), self._keepalive)
-                log.warning("Registry change feed lost its connection; reconnecting")
-            except _DB_ERRORS as exc:
-                log.warning("Registry change feed lost its connection; reconnecting", error=str(exc))
-            finally:
-                self._hub.set_ready(False)
-                if not conn.is_closed():
-                    conn.terminate()  # synchronous: safe while being cancelled
+                await asyncio.wait_for(lost.wait(), self._keepalive)
+            except TimeoutError:
+                # A server that vanished without closing the socket is only noticed when
+                # we talk to it.
+                await asyncio.wait_for(conn.execute("SELECT 1"), self._keepalive)
+        log.warning("Registry change feed lost its connection; reconnecting")
 
     def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         if payload != self._token:  # our own writes fired the feeds at commit already
@@ -252,14 +258,7 @@ class PostgresStore:
     async def list_connections(self) -> list[Connection]:
         async with self._read() as conn:
             rows = await conn.fetch("SELECT id, document, provisioned FROM connections ORDER BY id")
-        result = []
-        for row in rows:
-            try:
-                result.append(load_connection(row[1], row[2], row[0]))
-            except RegistryError as exc:
-                # One bad row must not stop routing for all the others.
-                log.error("Stored connection skipped", connection=row[0], error=str(exc))
-        return result
+        return load_connections(rows)
 
     async def get_connection(self, connection_id: str) -> Connection:
         async with self._read() as conn:
@@ -342,7 +341,9 @@ class PostgresStore:
                     cid,
                 )
             if plan.deletes:
-                await conn.execute("DELETE FROM connections WHERE id = ANY($1::text[])", plan.deletes)
+                await conn.execute(
+                    "DELETE FROM connections WHERE id = ANY($1::text[])", plan.deletes
+                )
             tx.changed = bool(plan.result)
         return plan.result
 
@@ -401,7 +402,9 @@ class PostgresStore:
         check_page(offset, limit)
         if connection_id is None:
             count_sql = "SELECT count(DISTINCT dev_eui) FROM device_bindings"
-            page_sql = "SELECT DISTINCT dev_eui FROM device_bindings ORDER BY dev_eui LIMIT $1 OFFSET $2"
+            page_sql = (
+                "SELECT DISTINCT dev_eui FROM device_bindings ORDER BY dev_eui LIMIT $1 OFFSET $2"
+            )
             args: tuple[Any, ...] = ()
         else:
             count_sql = "SELECT count(*) FROM device_bindings WHERE connection_id = $1"

@@ -34,6 +34,7 @@ from iotflow.registry.store import (
     check_page,
     group_bindings,
     load_connection,
+    load_connections,
     load_migrations,
     plan_reconcile,
 )
@@ -207,14 +208,7 @@ class SqliteStore:
             rows = await db.execute_fetchall(
                 "SELECT id, document, provisioned FROM connections ORDER BY id"
             )
-        result = []
-        for row in rows:
-            try:
-                result.append(load_connection(orjson.loads(row[1]), bool(row[2]), row[0]))
-            except RegistryError as exc:
-                # One bad row must not stop routing for all the others.
-                log.error("Stored connection skipped", connection=row[0], error=str(exc))
-        return result
+        return load_connections((row[0], orjson.loads(row[1]), row[2]) for row in rows)
 
     async def get_connection(self, connection_id: str) -> Connection:
         async with self._read() as db:
@@ -378,8 +372,7 @@ class SqliteStore:
     async def bindings(self) -> dict[str, list[str]]:
         async with self._read() as db:
             rows = await db.execute_fetchall(
-                "SELECT dev_eui, connection_id FROM device_bindings"
-                " ORDER BY dev_eui, connection_id"
+                "SELECT dev_eui, connection_id FROM device_bindings ORDER BY dev_eui, connection_id"
             )
         result: dict[str, list[str]] = {}
         for dev_eui, connection_id in rows:
@@ -427,7 +420,9 @@ class SqliteStore:
                 (connection_id, limit, offset),
             )
         events = [
-            Event(row[0], connection_id, datetime.fromisoformat(row[1]), row[2], orjson.loads(row[3]))
+            Event(
+                row[0], connection_id, datetime.fromisoformat(row[1]), row[2], orjson.loads(row[3])
+            )
             for row in rows
         ]
         return events, int(total_rows[0][0])
@@ -451,4 +446,3 @@ async def _check_writable(db: aiosqlite.Connection, connection_id: str) -> None:
         raise ConflictError(
             f"connection {connection_id!r} is provisioned by the config file and read-only"
         )
-

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from iotflow.connectors.connection import Connection, parse_connection
 from iotflow.errors import ConfigError, RegistryError
+from iotflow.telemetry.logging import get_logger
 
 if TYPE_CHECKING:
     # Only the shape is used; importing at run time would tie the registry to the config loader.
@@ -34,10 +35,13 @@ __all__ = [
     "Reconciled",
     "Store",
     "load_connection",
+    "load_connections",
     "load_migrations",
 ]
 
 DEFAULT_MAX_EVENTS = 1000
+
+log = get_logger("iotflow.registry")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +145,8 @@ class Store(Protocol):
         self, connection_id: str | None = None, offset: int = 0, limit: int = 100
     ) -> tuple[list[DeviceBinding], int]:
         """Bound devices by DevEUI (only those bound to `connection_id` if given), and their
-        total count. A device lists all its connections, even when filtered."""
+        total count. A device lists all its connections, even when filtered; an unknown
+        `connection_id` gives none."""
         ...
 
     async def bindings(self) -> dict[str, list[str]]:
@@ -195,6 +200,11 @@ class ChangeFeed:
             raise StopAsyncIteration
         # Cleared before the consumer reloads: a change during the reload sets it again.
         self._pending.clear()
+
+    @property
+    def pending(self) -> bool:
+        """Whether a change is waiting, i.e. the next `__anext__` returns at once."""
+        return self._pending.is_set() and not self._closed
 
     def close(self) -> None:
         self._closed = True
@@ -253,7 +263,9 @@ class ChangeHub:
             feed.close()
 
 
-def load_connection(document: Mapping[str, Any], provisioned: bool, connection_id: str) -> Connection:
+def load_connection(
+    document: Mapping[str, Any], provisioned: bool, connection_id: str
+) -> Connection:
     """A stored document as a Connection, validated again as at the edge.
 
     A document that the current catalog refuses (after an upgrade, say) is a RegistryError
@@ -374,6 +386,22 @@ def group_bindings(rows: Iterable[Sequence[str]]) -> list[DeviceBinding]:
     for dev_eui, connection_id in rows:
         grouped.setdefault(dev_eui, []).append(connection_id)
     return [DeviceBinding(dev_eui, tuple(ids)) for dev_eui, ids in grouped.items()]
+
+
+def load_connections(rows: Iterable[Sequence[Any]]) -> list[Connection]:
+    """(id, document, provisioned) rows as Connections, skipping (and logging) invalid ones.
+
+    One row that the current catalog refuses must not stop routing for all the others.
+    """
+    result: list[Connection] = []
+    for connection_id, document, provisioned in rows:
+        try:
+            result.append(load_connection(document, bool(provisioned), connection_id))
+            continue
+        except RegistryError as exc:
+            error = str(exc)
+        log.error("Stored connection skipped", connection=connection_id, error=error)
+    return result
 
 
 def check_page(offset: int, limit: int) -> None:

@@ -1,0 +1,575 @@
+"""The registry contract, run against both stores: SQLite files and a real PostgreSQL.
+
+Every test that takes `store` runs twice. PostgreSQL tests each get a database of their
+own (created from the suite's server, dropped after), so they can migrate from nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from iotflow.config.load import Provisioned
+from iotflow.connectors.connection import Connection, parse_connection
+from iotflow.errors import ConfigError, ConflictError, NotFoundError, RegistryError
+from iotflow.registry import (
+    ChangeFeed,
+    PostgresStore,
+    Reconciled,
+    SqliteStore,
+    Store,
+    open_store,
+    sqlite_path,
+)
+from iotflow.registry.postgres import LISTENER_NAME
+from iotflow.registry.store import load_migrations
+from support.ports import free_port
+from support.postgres import Postgres
+
+D1 = "0018B20000000B01"
+D2 = "0018B20000000B02"
+D3 = "0018B20000000B03"
+D9 = "0018B20000000B09"
+SECRET = "Token secret"
+# Generous: a safety net for a stuck test, not a measure. Cross-instance delivery has its
+# own bound (one second, DESIGN.md "Running it").
+WAIT = 5.0
+
+
+def connection(
+    connection_id: str, name: str = "x", *, active: bool = True, secret: bool = False
+) -> Connection:
+    configuration: dict[str, Any] = {}
+    if secret:
+        configuration = {
+            "destinationURL": "http://127.0.0.1:9/x",
+            "headers": {"Authorization": SECRET},
+        }
+    return parse_connection(
+        {
+            "id": connection_id,
+            "name": name,
+            "connectorId": "actility-http-iot",
+            "brand": "CAYENNE",
+            "active": active,
+            "configuration": configuration,
+        }
+    )
+
+
+def provisioned(connection_id: str, *devices: str, name: str = "x") -> Provisioned:
+    return Provisioned(
+        connection(connection_id, name).model_copy(update={"provisioned": True}), devices
+    )
+
+
+async def next_change(feed: ChangeFeed, timeout: float = WAIT) -> None:
+    await asyncio.wait_for(anext(feed), timeout)
+
+
+@dataclass
+class Backend:
+    """One empty database and the stores opened on it (closed at teardown)."""
+
+    kind: str
+    url: str
+    stores: list[Store] = field(default_factory=list)
+
+    def open(self, **kw: Any) -> Store:
+        store = open_store(self.url, **kw)
+        self.stores.append(store)
+        return store
+
+    async def raw(self, sql: str) -> list[tuple[Any, ...]]:
+        """Run SQL behind the store's back (to look at what it wrote, or to spoil it)."""
+        if self.kind == "sqlite":
+            async with aiosqlite.connect(sqlite_path(self.url)) as db:
+                rows = await db.execute_fetchall(sql)
+                await db.commit()
+                return [tuple(row) for row in rows]
+        conn = await asyncpg.connect(self.url)
+        try:
+            return [tuple(row) for row in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+
+@asynccontextmanager
+async def postgres_backend(server: Postgres) -> AsyncIterator[Backend]:
+    """A database of its own on the suite's server, dropped with its stores' connections."""
+    name = f"registry_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server.dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        target = Backend("postgres", server.dsn_for(name))
+        try:
+            yield target
+        finally:
+            for store in target.stores:
+                await store.close()
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest_asyncio.fixture(params=["sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "sqlite":
+        # Four slashes: an absolute path, as in the shipped config.
+        target = Backend("sqlite", f"sqlite:///{tmp_path}/state/registry.db")
+        yield target
+        for store in target.stores:
+            await store.close()
+        return
+    # Only PostgreSQL runs pay for the server (a session fixture starts on first use).
+    async with postgres_backend(request.getfixturevalue("postgres")) as target:
+        yield target
+
+
+@pytest_asyncio.fixture
+async def pg_backend(postgres: Postgres) -> AsyncIterator[Backend]:
+    """For what only PostgreSQL does: several instances, one database."""
+    async with postgres_backend(postgres) as target:
+        yield target
+
+
+@pytest_asyncio.fixture
+async def store(backend: Backend) -> Store:
+    store = backend.open()
+    await store.migrate()
+    return store
+
+
+# -- migrations
+
+
+async def test_migrate_is_idempotent_and_returns_the_version(backend: Backend) -> None:
+    latest = len(load_migrations("sqlite"))
+    assert latest == len(load_migrations("postgresql")), "both dialects at the same version"
+    store = backend.open()
+    assert await store.migrate() == latest
+    await store.create_connection(connection("c1"))
+    assert await store.migrate() == latest
+    assert await backend.open().migrate() == latest  # a second process, later
+    assert [c.id for c in await store.list_connections()] == ["c1"]
+    assert await backend.raw("SELECT version FROM schema_migrations ORDER BY version") == [
+        (v,) for v in range(1, latest + 1)
+    ]
+
+
+async def test_concurrent_migrations_apply_each_step_once(backend: Backend) -> None:
+    stores = [backend.open() for _ in range(4)]
+    versions = await asyncio.gather(*(s.migrate() for s in stores))
+    assert versions == [len(load_migrations("sqlite"))] * 4
+    assert len(await backend.raw("SELECT version FROM schema_migrations")) == versions[0]
+    await stores[0].create_connection(connection("c1"))
+    assert [c.id for c in await stores[3].list_connections()] == ["c1"]
+
+
+async def test_a_newer_schema_is_refused(store: Store, backend: Backend) -> None:
+    await backend.raw(
+        "INSERT INTO schema_migrations (version, name, applied_at)"
+        " VALUES (999, 'future', '2030-01-01T00:00:00+00:00')"
+    )
+    with pytest.raises(RegistryError, match="newer"):
+        await store.migrate()
+
+
+# -- connections
+
+
+async def test_create_get_and_list_in_id_order(store: Store) -> None:
+    # Byte order, whatever the database's locale: upper case before lower case.
+    for connection_id in ("b2", "a1", "A1", "a-1"):
+        assert await store.create_connection(connection(connection_id)) == connection(connection_id)
+    assert [c.id for c in await store.list_connections()] == ["A1", "a-1", "a1", "b2"]
+    got = await store.get_connection("a1")
+    assert got == connection("a1")
+    assert got.provisioned is False
+
+
+async def test_secrets_round_trip_in_clear(store: Store, backend: Backend) -> None:
+    await store.create_connection(connection("c1", secret=True))
+    for got in (await store.get_connection("c1"), (await store.list_connections())[0]):
+        assert got.document(reveal=True)["configuration"]["headers"]["Authorization"] == SECRET
+        assert got.document()["configuration"]["headers"]["Authorization"] == "*****"
+    [(document,)] = await backend.raw("SELECT document FROM connections")
+    assert SECRET in str(document)
+
+
+async def test_create_conflicts_and_unknown_ids(store: Store) -> None:
+    await store.create_connection(connection("c1", "first"))
+    with pytest.raises(ConflictError):
+        await store.create_connection(connection("c1", "second"))
+    assert (await store.get_connection("c1")).name == "first"
+    with pytest.raises(NotFoundError):
+        await store.get_connection("nope")
+    with pytest.raises(NotFoundError):
+        await store.replace_connection(connection("nope"))
+    with pytest.raises(NotFoundError):
+        await store.delete_connection("nope")
+
+
+async def test_replace_keeps_the_creation_time(store: Store, backend: Backend) -> None:
+    await store.create_connection(connection("c1", "old"))
+    [(created, _)] = await backend.raw("SELECT created_at, updated_at FROM connections")
+    replaced = connection("c1", "new", active=False, secret=True)
+    assert await store.replace_connection(replaced) == replaced
+    got = await store.get_connection("c1")
+    assert (got.name, got.active) == ("new", False)
+    assert got.document(reveal=True) == replaced.document(reveal=True)
+    [(created_after, updated_after)] = await backend.raw(
+        "SELECT created_at, updated_at FROM connections"
+    )
+    assert created_after == created
+    assert updated_after >= created
+
+
+async def test_delete_removes_bindings_and_events(store: Store) -> None:
+    await store.create_connection(connection("c1"))
+    await store.create_connection(connection("c2"))
+    await store.set_device(D1, ["c1", "c2"])
+    await store.set_device(D2, ["c1"])
+    await store.add_event("c1", "alarm", {"n": 1})
+    await store.delete_connection("c1")
+    assert await store.bindings() == {D1: ["c2"]}
+    with pytest.raises(NotFoundError):
+        await store.get_device(D2)
+    with pytest.raises(NotFoundError):
+        await store.list_events("c1")
+    with pytest.raises(NotFoundError):
+        await store.get_connection("c1")
+    # A new connection of the same id starts with an empty log: the events are gone.
+    await store.create_connection(connection("c1"))
+    assert await store.list_events("c1") == ([], 0)
+
+
+async def test_provisioned_connections_are_read_only(store: Store) -> None:
+    await store.reconcile_provisioned([provisioned("p1", D1)])
+    with pytest.raises(ConflictError):
+        await store.replace_connection(connection("p1", "edited"))
+    with pytest.raises(ConflictError):
+        await store.delete_connection("p1")
+    got = await store.get_connection("p1")
+    assert (got.name, got.provisioned) == ("x", True)
+
+
+async def test_an_invalid_stored_document_is_skipped_not_fatal(
+    store: Store, backend: Backend
+) -> None:
+    await store.create_connection(connection("c1"))
+    await store.create_connection(connection("c2"))
+    await backend.raw("""UPDATE connections SET document = '{"name": 1}' WHERE id = 'c1'""")
+    assert [c.id for c in await store.list_connections()] == ["c2"]
+    with pytest.raises(RegistryError, match="c1"):
+        await store.get_connection("c1")
+
+
+# -- reconcile
+
+
+async def test_reconcile_adds_changes_and_removes(store: Store) -> None:
+    result = await store.reconcile_provisioned([provisioned("p1", D1, D2), provisioned("p2", D3)])
+    assert result == Reconciled(added=["p1", "p2"])
+    assert all(c.provisioned for c in await store.list_connections())
+    assert await store.bindings() == {D1: ["p1"], D2: ["p1"], D3: ["p2"]}
+
+    assert not await store.reconcile_provisioned([provisioned("p1", D1, D2), provisioned("p2", D3)])
+
+    result = await store.reconcile_provisioned(
+        [provisioned("p1", D1, D2, name="renamed"), provisioned("p2", D1), provisioned("p3")]
+    )
+    assert result == Reconciled(added=["p3"], changed=["p1", "p2"])
+    assert (await store.get_connection("p1")).name == "renamed"
+    assert await store.bindings() == {D1: ["p1", "p2"], D2: ["p1"]}
+
+    await store.add_event("p2", "alarm", {})
+    result = await store.reconcile_provisioned([provisioned("p1", D2, name="renamed")])
+    assert result == Reconciled(changed=["p1"], removed=["p2", "p3"])
+    assert [c.id for c in await store.list_connections()] == ["p1"]
+    assert await store.bindings() == {D2: ["p1"]}
+
+
+async def test_reconcile_takes_over_an_api_connection_and_says_so(store: Store) -> None:
+    await store.create_connection(connection("x", "from the API"))
+    await store.create_connection(connection("api"))
+    await store.set_device(D9, ["x"])
+    await store.set_device(D1, ["x", "api"])
+    result = await store.reconcile_provisioned([provisioned("x", D1, D2, name="from the file")])
+    assert result == Reconciled(replaced=["x"])
+    got = await store.get_connection("x")
+    assert (got.name, got.provisioned) == ("from the file", True)
+    # The file decides the provisioned connection's devices; the API binding stays.
+    assert await store.bindings() == {D1: ["api", "x"], D2: ["x"]}
+    assert not await store.reconcile_provisioned([provisioned("x", D1, D2, name="from the file")])
+
+
+async def test_a_device_is_bound_to_the_union_of_file_and_api(store: Store) -> None:
+    await store.create_connection(connection("api"))
+    await store.reconcile_provisioned([provisioned("p1", D1)])
+    await store.set_device(D1, ["api", "p1"])
+    assert await store.get_device(D1) == ["api", "p1"]
+    # The API drops the file's binding; the next reconcile puts it back, and keeps "api".
+    await store.set_device(D1, ["api"])
+    assert await store.reconcile_provisioned([provisioned("p1", D1)]) == Reconciled(changed=["p1"])
+    assert await store.get_device(D1) == ["api", "p1"]
+    # The file drops the device; the API binding is left alone.
+    assert await store.reconcile_provisioned([provisioned("p1")]) == Reconciled(changed=["p1"])
+    assert await store.get_device(D1) == ["api"]
+    # An empty file removes every provisioned connection, and nothing else.
+    assert await store.reconcile_provisioned([]) == Reconciled(removed=["p1"])
+    assert [c.id for c in await store.list_connections()] == ["api"]
+
+
+# -- devices
+
+
+async def test_set_get_and_delete_a_device(store: Store) -> None:
+    await store.create_connection(connection("c1"))
+    await store.create_connection(connection("c2"))
+    with pytest.raises(NotFoundError):
+        await store.get_device(D1)
+    await store.set_device(D1, ["c2", "c1", "c2"])
+    assert await store.get_device(D1) == ["c1", "c2"]
+    await store.set_device(D1, ["c2"])
+    assert await store.get_device(D1) == ["c2"]
+    await store.set_device(D1, [])
+    with pytest.raises(NotFoundError):
+        await store.get_device(D1)
+    await store.set_device(D1, [])  # unbinding an unbound device is not an error
+    await store.set_device(D1, ["c1"])
+    await store.delete_device(D1)
+    with pytest.raises(NotFoundError):
+        await store.delete_device(D1)
+
+
+async def test_set_device_with_an_unknown_connection_changes_nothing(store: Store) -> None:
+    await store.create_connection(connection("c1"))
+    await store.set_device(D1, ["c1"])
+    with pytest.raises(NotFoundError, match="ghost"):
+        await store.set_device(D1, ["c1", "ghost"])
+    assert await store.get_device(D1) == ["c1"]
+
+
+async def test_list_devices_pages_and_filters(store: Store) -> None:
+    for connection_id in ("c1", "c2", "c3"):
+        await store.create_connection(connection(connection_id))
+    devices = [f"0018B20000000B{i:02X}" for i in range(7)]
+    for i, dev_eui in enumerate(devices):
+        await store.set_device(dev_eui, ["c1", "c2"] if i % 2 else ["c1"])
+    page, total = await store.list_devices(offset=2, limit=3)
+    assert total == 7
+    assert [b.dev_eui for b in page] == devices[2:5]
+    assert page[1].connections == ("c1", "c2")
+    assert page[0].connections == ("c1",)
+    page, total = await store.list_devices(connection_id="c2", limit=2)
+    assert total == 3
+    # Filtered by connection, a device still shows all of its connections.
+    assert [(b.dev_eui, b.connections) for b in page] == [
+        (devices[1], ("c1", "c2")),
+        (devices[3], ("c1", "c2")),
+    ]
+    assert await store.list_devices(connection_id="c3") == ([], 0)
+    assert await store.list_devices(connection_id="ghost") == ([], 0)
+    assert await store.list_devices(offset=10) == ([], 7)
+    assert await store.bindings() == {
+        d: ["c1", "c2"] if i % 2 else ["c1"] for i, d in enumerate(devices)
+    }
+
+
+# -- events
+
+
+async def test_events_newest_first_paginated(store: Store) -> None:
+    await store.create_connection(connection("c1"))
+    added = [await store.add_event("c1", "alarm", {"n": n}) for n in range(5)]
+    assert [e.data for e in added] == [{"n": n} for n in range(5)]
+    assert all(e.time.tzinfo is not None and e.connection_id == "c1" for e in added)
+    events, total = await store.list_events("c1")
+    assert total == 5
+    assert events == added[::-1]
+    events, total = await store.list_events("c1", offset=1, limit=2)
+    assert (total, [e.data["n"] for e in events]) == (5, [3, 2])
+    with pytest.raises(NotFoundError):
+        await store.add_event("ghost", "alarm", {})
+    with pytest.raises(NotFoundError):
+        await store.list_events("ghost")
+
+
+async def test_events_are_pruned_per_connection(backend: Backend) -> None:
+    store = backend.open(max_events_per_connection=3)
+    await store.migrate()
+    await store.create_connection(connection("c1"))
+    await store.create_connection(connection("c2"))
+    await store.add_event("c2", "kept", {})
+    for n in range(7):
+        await store.add_event("c1", "alarm", {"n": n})
+    events, total = await store.list_events("c1")
+    assert (total, [e.data["n"] for e in events]) == (3, [6, 5, 4])
+    assert (await store.list_events("c2"))[1] == 1
+    [(count,)] = await backend.raw("SELECT count(*) FROM events")
+    assert count == 4  # pruned from the table, not only hidden
+
+
+# -- change feed
+
+
+async def test_the_feed_fires_on_every_kind_of_change(store: Store) -> None:
+    changes: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        ("create", lambda: store.create_connection(connection("c1"))),
+        ("replace", lambda: store.replace_connection(connection("c1", "new"))),
+        ("set device", lambda: store.set_device(D1, ["c1"])),
+        ("delete device", lambda: store.delete_device(D1)),
+        ("reconcile", lambda: store.reconcile_provisioned([provisioned("p1", D1)])),
+        ("unbind", lambda: store.set_device(D1, [])),
+        ("delete", lambda: store.delete_connection("c1")),
+    ]
+    with store.changes() as feed:
+        await next_change(feed)  # the first yield: build the index now
+        assert not feed.pending
+        for what, change in changes:
+            await change()
+            # A store's own changes are announced by the time the call returns.
+            assert feed.pending, what
+            await next_change(feed)
+        # Events are not routing, and a write that changes nothing is no change.
+        await store.add_event("p1", "alarm", {})
+        await store.set_device(D2, [])
+        await store.reconcile_provisioned([provisioned("p1")])  # D1 was unbound above
+        assert not feed.pending
+
+
+async def test_the_feed_coalesces_but_never_loses_a_change(store: Store) -> None:
+    with store.changes() as feed:
+        await next_change(feed)
+        await store.create_connection(connection("c1"))
+        await store.create_connection(connection("c2"))
+        await next_change(feed)
+        assert not feed.pending  # two changes, one rebuild
+        # A change while the consumer rebuilds (after the yield) gives one more yield.
+        await store.set_device(D1, ["c1"])
+        await next_change(feed)
+
+
+async def test_feeds_end_when_the_store_closes(backend: Backend) -> None:
+    store = backend.open()
+    await store.migrate()
+    seen = 0
+
+    async def consume(feed: ChangeFeed) -> None:
+        nonlocal seen
+        async for _ in feed:
+            seen += 1
+
+    first = store.changes()
+    task = asyncio.create_task(consume(first))
+    await store.create_connection(connection("c1"))
+    await store.close()
+    await asyncio.wait_for(task, WAIT)
+    late = store.changes()
+    with pytest.raises(StopAsyncIteration):
+        await next_change(late)
+    with pytest.raises(RegistryError):
+        await store.ping()
+
+
+async def test_a_change_through_another_instance_arrives_within_a_second(
+    pg_backend: Backend,
+) -> None:
+    store = pg_backend.open()
+    await store.migrate()
+    other = pg_backend.open()
+    with other.changes() as feed:
+        await next_change(feed)  # LISTEN is in place
+        await store.create_connection(connection("c1"))
+        await next_change(feed, timeout=1.0)
+        assert [c.id for c in await other.list_connections()] == ["c1"]
+        await store.set_device(D1, ["c1"])
+        await next_change(feed, timeout=1.0)
+        assert await other.bindings() == {D1: ["c1"]}
+        await store.reconcile_provisioned([provisioned("p1", D2)])
+        await next_change(feed, timeout=1.0)
+        assert await other.bindings() == {D1: ["c1"], D2: ["p1"]}
+
+
+async def test_the_feed_fires_after_its_listener_reconnects(pg_backend: Backend) -> None:
+    store = pg_backend.open()
+    await store.migrate()
+    with store.changes() as feed:
+        await next_change(feed)
+        await pg_backend.raw(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            f" WHERE application_name = '{LISTENER_NAME}' AND datname = current_database()"
+        )
+        # Notifications sent while nobody listened are lost: the consumer must reload.
+        await next_change(feed)
+        other = pg_backend.open()
+        await other.create_connection(connection("c1"))
+        await next_change(feed)
+        assert [c.id for c in await store.list_connections()] == ["c1"]
+
+
+# -- opening
+
+
+async def test_ping_says_whether_the_database_answers(store: Store) -> None:
+    await store.ping()
+    unreachable = open_store(f"postgresql://postgres@127.0.0.1:{free_port()}/none")
+    try:
+        with pytest.raises(RegistryError):
+            await unreachable.ping()
+    finally:
+        await unreachable.close()
+
+
+async def test_the_sqlite_file_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "registry.db"
+    store = open_store(f"sqlite:///{path}")
+    try:
+        await store.migrate()
+        await store.create_connection(connection("c1", secret=True))
+        for file in (path, path.with_name("registry.db-wal")):
+            assert stat.S_IMODE(os.stat(file).st_mode) == 0o600, file
+    finally:
+        await store.close()
+
+
+def test_urls_choose_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = open_store("sqlite:///var/registry.db")
+    assert isinstance(relative, SqliteStore)
+    assert relative.path == "var/registry.db"
+    absolute = open_store("sqlite:////var/lib/iotflow/registry.db")
+    assert isinstance(absolute, SqliteStore)
+    assert absolute.path == "/var/lib/iotflow/registry.db"
+    assert sqlite_path("sqlite://") == ":memory:"
+    assert isinstance(open_store("postgresql://u@db/iotflow"), PostgresStore)
+    assert isinstance(open_store("postgres://u@db/iotflow"), PostgresStore)
+    with pytest.raises(ConfigError, match=r"registry\.url"):
+        open_store("mysql://db/iotflow")
+    with pytest.raises(ConfigError, match=r"registry\.url"):
+        open_store("sqlite:relative.db")
+
+
+async def test_a_relative_sqlite_url_is_under_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = open_store("sqlite:///var/registry.db", max_events_per_connection=5)
+    try:
+        assert await store.migrate() == len(load_migrations("sqlite"))
+    finally:
+        await store.close()
+    assert (tmp_path / "var" / "registry.db").is_file()
