@@ -470,9 +470,10 @@ class SpoolMachine(RuleBasedStateMachine):
             )
             assert self.run(self.spool.load(c)) == expected
             after = expected[len(expected) // 2].id if expected else 0
-            assert self.run(self.spool.load(c, after_id=after, limit=2)) == [
-                d for d in expected if d.id > after
-            ][:2]
+            assert (
+                self.run(self.spool.load(c, after_id=after, limit=2))
+                == [d for d in expected if d.id > after][:2]
+            )
         counts: dict[str, int] = {}
         for d in self.model.values():
             counts[d.connection_id] = counts.get(d.connection_id, 0) + 1
@@ -487,7 +488,5 @@ class SpoolMachine(RuleBasedStateMachine):
             self.dir.cleanup()
 
 
-SpoolMachine.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=25, deadline=None
-)
+SpoolMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
 TestSpoolModel = SpoolMachine.TestCase

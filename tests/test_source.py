@@ -1,0 +1,154 @@
+"""The source broker: manual acknowledgement only after commit, in arrival order."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+from collections.abc import Awaitable
+
+import aiomqtt
+import pytest
+
+from iotflow.config.model import MqttSettings
+from iotflow.sources.ack import ManualAck
+from iotflow.sources.mqtt import Incoming, MqttSource
+from iotflow.telemetry.metrics import Metrics
+from support.mosquitto import Mosquitto
+
+# A process that consumes with iotflow's source and prints what it receives. With
+# COMMIT=0 its handler never commits, so nothing may ever be acknowledged.
+CONSUMER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from iotflow.config.model import MqttSettings
+    from iotflow.sources.mqtt import MqttSource
+    from iotflow.telemetry.metrics import Metrics
+
+    url, client_id, commit = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+
+    def handle(incoming):
+        print("received", incoming.payload.decode(), flush=True)
+        if commit:
+            return None
+        return asyncio.get_running_loop().create_future()  # a commit that never ends
+
+    async def main():
+        settings = MqttSettings.model_validate({
+            "url": url, "client_id": client_id,
+            "subscriptions": [{"topic": "ack-test/#", "format": "actility"}],
+        })
+        source = MqttSource(settings, handle, Metrics())
+        task = asyncio.create_task(source.run())
+        await source.consuming.wait()
+        print("consuming", flush=True)
+        await task
+
+    asyncio.run(main())
+    """
+)
+
+
+async def run_consumer(
+    broker: Mosquitto, client_id: str, *, commit: bool
+) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CONSUMER,
+        broker.url,
+        client_id,
+        "1" if commit else "0",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert await next_line(process) == "consuming"
+    return process
+
+
+async def next_line(process: asyncio.subprocess.Process) -> str:
+    """The consumer's next own line (its log lines are skipped)."""
+    assert process.stdout is not None
+    while True:
+        raw = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert raw, "the consumer exited"
+        line = raw.decode().strip()
+        if line == "consuming" or line.startswith("received "):
+            return line
+
+
+async def kill(process: asyncio.subprocess.Process) -> None:
+    process.kill()
+    await process.wait()
+
+
+@pytest.mark.parametrize("commit", [False, True])
+async def test_an_uncommitted_uplink_is_redelivered_after_a_crash(
+    fresh_mosquitto: Mosquitto, commit: bool
+) -> None:
+    client_id = f"ack-test-{commit}"
+    first = await run_consumer(fresh_mosquitto, client_id, commit=commit)
+    async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as publisher:
+        await publisher.publish("ack-test/1", b"one", qos=1)
+        assert await next_line(first) == "received one"
+        await kill(first)  # SIGKILL: the broker sees the socket die, no DISCONNECT
+        second = await run_consumer(fresh_mosquitto, client_id, commit=True)
+        await publisher.publish("ack-test/2", b"two", qos=1)
+        if commit:
+            # Acknowledged before the crash: the broker does not send it again.
+            assert await next_line(second) == "received two"
+        else:
+            # Never acknowledged: the broker redelivers it first, then the new one.
+            assert await next_line(second) == "received one"
+            assert await next_line(second) == "received two"
+        await kill(second)
+
+
+async def test_acknowledgements_leave_in_arrival_order(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acked: list[int] = []
+    original = ManualAck.ack
+
+    def record(self: ManualAck, mid: int, qos: int) -> bool:
+        acked.append(mid)
+        asyncio.get_running_loop().create_task(notify())
+        return original(self, mid, qos)
+
+    monkeypatch.setattr(ManualAck, "ack", record)
+    commits: list[asyncio.Future[None]] = []
+    changed = asyncio.Condition()
+
+    async def notify() -> None:
+        async with changed:
+            changed.notify_all()
+
+    def handle(incoming: Incoming) -> Awaitable[None] | None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        commits.append(future)
+        asyncio.get_running_loop().create_task(notify())
+        return future
+
+    settings = MqttSettings.model_validate(
+        {
+            "url": mosquitto.url,
+            "client_id": "ack-order",
+            "subscriptions": [{"topic": "ack-order/#", "format": "actility"}],
+        }
+    )
+    source = MqttSource(settings, handle, Metrics())
+    task = asyncio.create_task(source.run())
+    await asyncio.wait_for(source.consuming.wait(), 30)
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as publisher:
+        for n in range(5):
+            await publisher.publish(f"ack-order/{n}", b"x", qos=1)
+    async with asyncio.timeout(30), changed:
+        await changed.wait_for(lambda: len(commits) == 5)
+    # Commits finish in reverse; acknowledgements still leave in arrival order.
+    for future in reversed(commits):
+        future.set_result(None)
+        await asyncio.sleep(0)
+    async with asyncio.timeout(30), changed:
+        await changed.wait_for(lambda: len(acked) == 5)
+    assert acked == sorted(acked)
+    source.stop()
+    await asyncio.wait_for(task, 30)
