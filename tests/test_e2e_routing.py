@@ -242,7 +242,8 @@ async def test_garbage_is_counted_and_dropped(
     lines = [e for e in daemon.logs if e.get("event") == "Uplink rejected"]
     assert len(lines) == 6
     assert all(len(e["payload"]) <= 200 and e["topic"] for e in lines)
-    assert daemon.process is not None and daemon.process.returncode is None
+    assert daemon.process is not None
+    assert daemon.process.returncode is None
 
 
 async def test_unbound_devices_are_counted_as_unrouted(

@@ -1,0 +1,806 @@
+"""End to end routing: throughput, latency and memory of `iotflow run`, and the HTTP ceiling.
+
+    .venv/bin/python tests/bench/bench_routing.py                  # 5000 uplinks, 1 connection
+    .venv/bin/python tests/bench/bench_routing.py --fanout 3       # each device on 3 connections
+    .venv/bin/python tests/bench/bench_routing.py --rate 500       # latency at a paced load
+    .venv/bin/python tests/bench/bench_routing.py --json           # machine-readable figures
+
+One run starts a real Mosquitto (support.mosquitto), a minimal webhook cloud in a process of
+its own, and the daemon as a process (support.daemon) with `--fanout` provisioned
+`actility-http-iot` connections to that cloud, each bound to `--devices` devices. A
+publisher, also a process of its own, sends `-n` uplinks at QoS 1 as fast as the broker
+acknowledges them (at most `--window` unacknowledged), or at `--rate` per second. Each
+uplink carries its sequence number as its frame counter, so the cloud's record of
+(path, DevEUI, FCntUp) gives every delivery's latency and any duplicate. With the daemon
+stopped, a bare aiohttp client then posts the same number of bodies to the same cloud with
+the same concurrency: the ceiling of this machine, cloud and HTTP stack.
+
+Times are CLOCK_MONOTONIC (`time.monotonic()`), which is one clock for every process on
+Linux. Memory and CPU come from /proc, so the script runs on Linux only. Everything listens
+on and connects to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiomqtt
+import orjson
+from aiohttp import web
+
+# `support` is the test suite's package of real parts (broker, daemon process, uplinks).
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+from support.daemon import DaemonProcess  # noqa: E402
+from support.mosquitto import Mosquitto  # noqa: E402
+from support.uplinks import actility, uplink  # noqa: E402
+
+HOST = "127.0.0.1"
+FORMATS = ("actility", "chirpstack", "tts")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- child processes --------------------------------------------------------------------------
+#
+# The cloud, the publisher and the ceiling client each run in a process of their own (spawn,
+# so no state leaks in from this one), so that none of them shares an event loop, or the GIL,
+# with another. Each talks to the orchestrator over one multiprocessing pipe.
+
+
+class Child:
+    """A function run in a spawned process, with a pipe to it."""
+
+    def __init__(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.name = name
+        self._conn, theirs = context.Pipe()
+        self.process: BaseProcess = context.Process(
+            target=target, args=(theirs, *args), name=name, daemon=True
+        )
+        self.process.start()
+        theirs.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+    async def receive(self, timeout: float) -> Any:
+        """The next message from the child; its error, if it sent one, is raised here."""
+        if not self._conn.poll():
+            loop = asyncio.get_running_loop()
+            readable: asyncio.Future[None] = loop.create_future()
+            fd = self._conn.fileno()
+
+            def wake() -> None:
+                if not readable.done():
+                    readable.set_result(None)
+
+            loop.add_reader(fd, wake)
+            try:
+                await asyncio.wait_for(readable, timeout)
+            except TimeoutError:
+                raise TimeoutError(f"{self.name}: no answer within {timeout:g}s") from None
+            finally:
+                loop.remove_reader(fd)
+        try:
+            kind, value = self._conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(
+                f"{self.name} exited (code {self.process.exitcode}) without an answer"
+            ) from None
+        if kind == "error":
+            raise RuntimeError(f"{self.name} failed: {value}")
+        return value
+
+    def tell(self, *message: Any) -> None:
+        self._conn.send(message)
+
+    async def ask(self, *message: Any, timeout: float = 30) -> Any:
+        self.tell(*message)
+        return await self.receive(timeout)
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self._conn.close()
+
+
+def _child_main(conn: Connection, run: Callable[[], Any]) -> None:
+    try:
+        result = asyncio.run(run())
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+    conn.send(("result", result))
+
+
+# -- the cloud ----------------------------------------------------------------------------------
+
+
+def cloud_process(conn: Connection, delay: float) -> None:
+    """A webhook cloud as cheap as aiohttp allows: record, answer 200."""
+    _child_main(conn, lambda: _cloud(conn, delay))
+
+
+async def _cloud(conn: Connection, delay: float) -> None:
+    # Parallel lists: arrival time, path, DevEUI, FCntUp of every request, in arrival order.
+    at: list[float] = []
+    paths: list[str] = []
+    devs: list[str] = []
+    fcnts: list[int] = []
+    seen: set[tuple[str, str, int]] = set()
+    malformed = 0
+    ok = web.Response(body=b'{"ok":true}', content_type="application/json")
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        nonlocal malformed
+        arrived = time.monotonic()
+        body = await request.read()
+        try:
+            document = orjson.loads(body)
+            inner = document.get("DevEUI_uplink", document)
+            dev, fcnt = str(inner["DevEUI"]), int(inner["FCntUp"])
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+            malformed += 1
+            return web.Response(status=400)
+        if delay:
+            await asyncio.sleep(delay)
+        at.append(arrived)
+        paths.append(request.path)
+        devs.append(dev)
+        fcnts.append(fcnt)
+        seen.add((request.path, dev, fcnt))
+        # A prepared Response cannot be sent twice; a copy of a small one is cheap.
+        return web.Response(body=ok.body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0, backlog=1024)
+    await site.start()
+    conn.send(("port", int(runner.addresses[0][1])))
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def command() -> None:
+        nonlocal malformed
+        try:
+            name, *_ = conn.recv()
+        except EOFError:  # the orchestrator is gone
+            stop.set()
+            return
+        if name == "count":
+            conn.send(("count", (len(at), len(seen), malformed)))
+        elif name == "records":
+            conn.send(("records", (at, paths, devs, fcnts, malformed)))
+        elif name == "reset":
+            for records in (at, paths, devs, fcnts):
+                records.clear()
+            seen.clear()
+            malformed = 0
+            conn.send(("reset", None))
+        elif name == "stop":
+            stop.set()
+
+    loop.add_reader(conn.fileno(), command)
+    try:
+        await stop.wait()
+    finally:
+        loop.remove_reader(conn.fileno())
+        await runner.cleanup()
+
+
+# -- the publisher ------------------------------------------------------------------------------
+
+
+@dataclass
+class Published:
+    times: list[float]  # monotonic time each uplink was handed to the client, by sequence
+    acked: float  # monotonic time the last PUBACK arrived
+    topics: int  # distinct topics, for the record
+
+
+def publisher_process(
+    conn: Connection,
+    port: int,
+    fmt: str,
+    devices: list[str],
+    n: int,
+    window: int,
+    rate: float | None,
+) -> None:
+    _child_main(conn, lambda: _publish(port, fmt, devices, n, window, rate))
+
+
+async def _publish(
+    port: int, fmt: str, devices: list[str], n: int, window: int, rate: float | None
+) -> Published:
+    # Made before the clock starts: uplink n goes to device n % len(devices), FCnt n.
+    messages = [uplink(fmt, devices[seq % len(devices)], seq) for seq in range(n)]
+    times = [0.0] * n
+    slots = asyncio.Semaphore(window)
+    async with aiomqtt.Client(
+        HOST, port, identifier="iotflow-bench-publisher", max_inflight_messages=window
+    ) as client:
+        # aiomqtt warns past 10 unacknowledged publishes; here `window` of them is the plan.
+        client.pending_calls_threshold = window
+
+        async def send(topic: str, payload: bytes) -> None:
+            try:
+                await client.publish(topic, payload, qos=1, timeout=120)
+            finally:
+                slots.release()
+
+        start = time.monotonic()
+        async with asyncio.TaskGroup() as group:
+            for seq, (topic, payload) in enumerate(messages):
+                if rate is not None:
+                    due = start + seq / rate
+                    now = time.monotonic()
+                    if due > now:
+                        await asyncio.sleep(due - now)
+                await slots.acquire()
+                times[seq] = time.monotonic()
+                group.create_task(send(topic, payload))
+        acked = time.monotonic()
+    return Published(times, acked, len({topic for topic, _ in messages}))
+
+
+# -- the ceiling --------------------------------------------------------------------------------
+
+
+@dataclass
+class Ceiling:
+    requests: int
+    errors: int
+    seconds: float  # first request sent → last answer read
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+
+def ceiling_process(
+    conn: Connection, base_url: str, devices: list[str], n: int, fanout: int, in_flight: int
+) -> None:
+    _child_main(conn, lambda: _ceiling(base_url, devices, n, fanout, in_flight))
+
+
+async def _ceiling(
+    base_url: str, devices: list[str], n: int, fanout: int, in_flight: int
+) -> Ceiling:
+    """What the daemon's sinks do, and nothing else: `fanout` keep-alive sessions, each
+    posting the n Actility documents with `in_flight` requests at once."""
+    bodies = [orjson.dumps(actility(devices[seq % len(devices)], seq)) for seq in range(n)]
+    headers = {"Content-Type": "application/json", "User-Agent": "iotflow-bench"}
+    errors = 0
+
+    async def connection(k: int) -> None:
+        nonlocal errors
+        url = f"{base_url}/ceiling{k}"
+        queue = iter(bodies)
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=in_flight, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(total=10),
+            headers=headers,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        ) as session:
+
+            async def worker() -> None:
+                nonlocal errors
+                for body in queue:
+                    try:
+                        async with session.post(url, data=body, allow_redirects=False) as r:
+                            if not 200 <= r.status < 300:
+                                errors += 1
+                    except (TimeoutError, aiohttp.ClientError):
+                        errors += 1
+
+            await asyncio.gather(*(worker() for _ in range(in_flight)))
+
+    start = time.monotonic()
+    await asyncio.gather(*(connection(k) for k in range(fanout)))
+    return Ceiling(n * fanout - errors, errors, time.monotonic() - start)
+
+
+# -- the daemon ---------------------------------------------------------------------------------
+
+
+class BenchDaemon(DaemonProcess):
+    """The suite's daemon process, at a log level that writes nothing per uplink."""
+
+    log_level = "info"
+
+    def config_text(self, connections: list[dict[str, Any]]) -> str:
+        text = super().config_text(connections)
+        # Debug (the suite's level) logs every uplink; info still logs "Consuming uplinks",
+        # which start() waits for.
+        replaced = text.replace('level = "debug"', f'level = "{self.log_level}"', 1)
+        assert replaced != text, "the test daemon's config no longer sets the log level"
+        return replaced
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """The kB figures of /proc/<pid>/status (VmRSS, VmHWM, ...)."""
+    figures: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            figures[key] = int(parts[0])
+    return figures
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process and its reaped children so far."""
+    if pid is None:
+        return 0.0
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return 0.0
+    fields = stat.rpartition(")")[2].split()
+    # utime, stime are fields 14 and 15 of stat(5); fields[0] here is field 3.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem that holds `path` (tmpfs makes fsync free)."""
+    best, kind = "", "?"
+    resolved = str(path.resolve())
+    for line in Path("/proc/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            mount = parts[1]
+            inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) > len(best):
+                best, kind = mount, parts[2]
+    return kind
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+
+def percentile(ordered: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending sequence."""
+    if not ordered:
+        return math.nan
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass
+class Figures:
+    uplinks: int
+    fanout: int
+    expected: int
+    delivered: int = 0  # distinct (connection, uplink) that reached the cloud
+    requests: int = 0  # requests the cloud recorded, duplicates included
+    duplicates: int = 0
+    missing: int = 0
+    unexpected: int = 0  # a DevEUI that does not match the FCnt's device, or a bad body
+    publish_seconds: float = 0.0
+    publish_per_second: float = 0.0
+    end_to_end_seconds: float = 0.0
+    end_to_end_per_second: float = 0.0
+    steady_per_second: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    rss_idle_kib: int = 0
+    rss_peak_kib: int = 0
+    rss_end_kib: int = 0
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    cpu_window_seconds: float = math.nan  # wall time the CPU figures were taken over
+    daemon_metrics: dict[str, float] = field(default_factory=dict)
+    daemon_exit_code: int | None = None
+    ceiling_per_second: float = 0.0
+    ceiling_errors: int = 0
+    ratio_end_to_end: float = 0.0
+    ratio_steady: float = 0.0
+
+
+def analyse(
+    figures: Figures,
+    published: Published,
+    records: tuple[list[float], list[str], list[str], list[int], int],
+    devices: list[str],
+    paths: list[str],
+) -> None:
+    at, req_paths, devs, fcnts, malformed = records
+    first: dict[tuple[str, int], float] = {}
+    unexpected = malformed
+    n = len(published.times)
+    wanted = set(paths)
+    for arrived, path, dev, seq in zip(at, req_paths, devs, fcnts, strict=True):
+        if path not in wanted or not 0 <= seq < n or dev != devices[seq % len(devices)]:
+            unexpected += 1
+            continue
+        key = (path, seq)
+        if key not in first or arrived < first[key]:
+            first[key] = arrived
+    figures.requests = len(at)
+    figures.delivered = len(first)
+    # `at` holds well-formed requests only; the malformed ones were counted apart.
+    figures.duplicates = len(at) - (unexpected - malformed) - len(first)
+    figures.unexpected = unexpected
+    figures.missing = figures.expected - len(first)
+    start = min(published.times)
+    figures.publish_seconds = published.acked - start
+    figures.publish_per_second = n / figures.publish_seconds if figures.publish_seconds else 0.0
+    if not first:
+        return
+    arrivals = sorted(first.values())
+    figures.end_to_end_seconds = arrivals[-1] - start
+    figures.end_to_end_per_second = len(arrivals) / figures.end_to_end_seconds
+    low, high = int(0.1 * len(arrivals)), int(0.9 * len(arrivals)) - 1
+    if high > low and arrivals[high] > arrivals[low]:
+        figures.steady_per_second = (high - low) / (arrivals[high] - arrivals[low])
+    latencies = sorted(
+        (arrived - published.times[seq]) * 1000 for (_, seq), arrived in first.items()
+    )
+    figures.latency_ms = {
+        "p50": percentile(latencies, 50),
+        "p90": percentile(latencies, 90),
+        "p99": percentile(latencies, 99),
+        "max": latencies[-1],
+        "min": latencies[0],
+    }
+
+
+_COUNTERS = (
+    "iotflow_delivery_retries_total",
+    "iotflow_uplinks_received_total",
+    "iotflow_uplinks_rejected_total",
+    "iotflow_uplinks_unrouted_total",
+)
+
+
+def metric_sums(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, float]:
+    """The daemon's own counts, summed over connections."""
+    sums: dict[str, float] = {}
+    for (name, labels), value in samples.items():
+        label = dict(labels)
+        if name == "iotflow_deliveries_total":
+            key = f"deliveries_{label.get('outcome', '?')}"
+        elif name in _COUNTERS:
+            key = name.removeprefix("iotflow_").removesuffix("_total")
+        else:
+            continue
+        sums[key] = sums.get(key, 0.0) + value
+    return sums
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def device_euis(count: int) -> list[str]:
+    return [f"0018B2BE{i:08X}" for i in range(count)]
+
+
+def connections_for(base_url: str, fanout: int, devices: list[str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"bench-{k}",
+            "name": f"benchmark {k}",
+            "connectorId": "actility-http-iot",
+            "devices": devices,
+            "configuration": {"destinationURL": f"{base_url}/c{k}"},
+        }
+        for k in range(fanout)
+    ]
+
+
+async def wait_delivered(
+    args: argparse.Namespace,
+    cloud: Child,
+    publisher: Child,
+    daemon: DaemonProcess,
+    expected: int,
+    until: float,
+) -> Published:
+    """Poll the cloud until it holds every expected delivery; return the publish record."""
+    published: Published | None = None
+    last_report = time.monotonic()
+    while True:
+        total, distinct, _ = await cloud.ask("count")
+        if published is None and not publisher.process.is_alive():
+            published = await publisher.receive(10)
+        if published is not None and distinct >= expected:
+            return published
+        assert daemon.process is not None
+        if daemon.process.returncode is not None:
+            raise RuntimeError(f"the daemon exited early:\n{daemon.tail()}")
+        now = time.monotonic()
+        if now > until:
+            raise TimeoutError(
+                f"{distinct} of {expected} deliveries (+{total - distinct} repeated) reached"
+                f" the cloud before the deadline; daemon log:\n{daemon.tail(20)}"
+            )
+        if now - last_report > 5:
+            last_report = now
+            say(args, f"  {distinct}/{expected} delivered")
+        await asyncio.sleep(0.02)
+
+
+async def run(args: argparse.Namespace, workdir: Path, figures: Figures) -> None:
+    until = time.monotonic() + args.deadline
+    devices = device_euis(args.devices)
+    children: list[Child] = []
+    broker = Mosquitto(autosave_interval=1800)
+    daemon: BenchDaemon | None = None
+    try:
+        broker.start()
+        say(args, f"broker on {broker.url}")
+        cloud = Child("cloud", cloud_process, args.cloud_delay / 1000)
+        children.append(cloud)
+        port: int = await cloud.receive(60)
+        base_url = f"http://{HOST}:{port}"
+        say(args, f"cloud on {base_url} (pid {cloud.pid})")
+
+        daemon = BenchDaemon(
+            workdir / "daemon",
+            broker_url=broker.url,
+            client_id="iotflow-bench",
+            connections=connections_for(base_url, args.fanout, devices),
+            delivery={"max_in_flight": args.in_flight},
+        )
+        await daemon.start()
+        assert daemon.process is not None
+        pid = daemon.process.pid
+        say(args, f"daemon running (pid {pid}), spool on {filesystem_of(daemon.workdir)}")
+        await asyncio.sleep(1.0)  # let start-up allocations settle before the idle figure
+        figures.rss_idle_kib = proc_status(pid)["VmRSS"]
+
+        cpu_start = time.monotonic()
+        cpu_before = {
+            "daemon": cpu_seconds(pid),
+            "broker": cpu_seconds(broker.pid),
+            "cloud": cpu_seconds(cloud.pid),
+        }
+        publisher = Child(
+            "publisher",
+            publisher_process,
+            broker.port,
+            args.format,
+            devices,
+            args.n,
+            args.window,
+            args.rate,
+        )
+        children.append(publisher)
+        say(args, f"publishing {args.n} {args.format} uplinks (pid {publisher.pid})")
+        published = await wait_delivered(args, cloud, publisher, daemon, figures.expected, until)
+        cpu_after = {
+            "daemon": cpu_seconds(pid),
+            "broker": cpu_seconds(broker.pid),
+            "cloud": cpu_seconds(cloud.pid),
+        }
+        figures.cpu_seconds = {k: cpu_after[k] - cpu_before[k] for k in cpu_before}
+        figures.cpu_window_seconds = time.monotonic() - cpu_start
+        # A short grace, so that a late duplicate is counted rather than missed.
+        await asyncio.sleep(args.grace)
+        status = proc_status(pid)
+        figures.rss_peak_kib, figures.rss_end_kib = status["VmHWM"], status["VmRSS"]
+        figures.daemon_metrics = metric_sums(await daemon.metrics())
+        figures.daemon_exit_code = await daemon.stop(timeout=max(5.0, until - time.monotonic()))
+        say(args, f"daemon stopped (exit {figures.daemon_exit_code})")
+
+        records = await cloud.ask("records", timeout=60)
+        paths = [f"/c{k}" for k in range(args.fanout)]
+        analyse(figures, published, records, devices, paths)
+        await cloud.ask("reset")
+
+        say(args, f"ceiling: {args.n * args.fanout} posts, {args.in_flight} in flight each")
+        client = Child(
+            "ceiling", ceiling_process, base_url, devices, args.n, args.fanout, args.in_flight
+        )
+        children.append(client)
+        ceiling: Ceiling = await client.receive(max(1.0, until - time.monotonic()))
+        figures.ceiling_per_second = ceiling.per_second
+        figures.ceiling_errors = ceiling.errors
+        if ceiling.per_second:
+            figures.ratio_end_to_end = figures.end_to_end_per_second / ceiling.per_second
+            figures.ratio_steady = figures.steady_per_second / ceiling.per_second
+        cloud.tell("stop")
+        await cloud.receive(30)
+    finally:
+        if daemon is not None:
+            if daemon.process is not None and daemon.process.returncode is None:
+                with contextlib.suppress(AssertionError):
+                    await daemon.stop(timeout=30)
+            await daemon.close()
+        for child in children:
+            child.close()
+        broker.close()
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:.1f} MiB"
+
+
+def report(args: argparse.Namespace, figures: Figures, spool_fs: str) -> str:
+    f = figures
+    pace = f"{args.rate:g}/s" if args.rate else f"as fast as acknowledged (window {args.window})"
+    lat = f.latency_ms
+    cpu = f.cpu_seconds
+    busy = f"{100 * cpu.get('daemon', 0) / f.cpu_window_seconds:.0f}% of one core"
+    m = f.daemon_metrics
+    rows = [
+        (
+            "publish (broker PUBACKs)",
+            f"{f.publish_per_second:,.0f} uplinks/s  ({f.uplinks} in {f.publish_seconds:.2f} s)",
+        ),
+        (
+            "deliveries",
+            f"{f.delivered} of {f.expected}, {f.duplicates} duplicates,"
+            f" {f.missing} missing, {f.unexpected} unexpected",
+        ),
+        (
+            "throughput, end to end",
+            f"{f.end_to_end_per_second:,.0f} deliveries/s"
+            f"  (first publish → last delivery, {f.end_to_end_seconds:.2f} s)",
+        ),
+        (
+            "throughput, steady state",
+            f"{f.steady_per_second:,.0f} deliveries/s  (10th → 90th percentile of deliveries)",
+        ),
+        (
+            "latency publish → cloud",
+            "  ".join(f"{k} {lat.get(k, math.nan):,.1f} ms" for k in ("p50", "p90", "p99", "max")),
+        ),
+        (
+            "daemon RSS",
+            f"idle {mib(f.rss_idle_kib)}, peak (VmHWM) {mib(f.rss_peak_kib)},"
+            f" after the run {mib(f.rss_end_kib)}",
+        ),
+        (
+            "CPU during the run",
+            f"daemon {cpu.get('daemon', 0):.1f} s ({busy}),"
+            f" broker {cpu.get('broker', 0):.1f} s, cloud {cpu.get('cloud', 0):.1f} s"
+            f"  in {f.cpu_window_seconds:.1f} s",
+        ),
+        (
+            "daemon counters",
+            f"delivered {m.get('deliveries_delivered', 0):.0f},"
+            f" retries {m.get('delivery_retries', 0):.0f},"
+            f" expired {m.get('deliveries_expired', 0):.0f},"
+            f" failed {m.get('deliveries_failed', 0):.0f}, exit code {f.daemon_exit_code}",
+        ),
+        (
+            "ceiling (bare aiohttp)",
+            f"{f.ceiling_per_second:,.0f} requests/s"
+            f"  ({args.fanout} × {args.in_flight} in flight, {f.ceiling_errors} errors)",
+        ),
+        ("iotflow / ceiling", f"{f.ratio_end_to_end:.2f} end to end, {f.ratio_steady:.2f} steady"),
+    ]
+    head = (
+        f"iotflow routing: {f.uplinks} {args.format} uplinks from {args.devices} devices,"
+        f" fanout {args.fanout} ({f.expected} deliveries), max_in_flight {args.in_flight},"
+        f" publish {pace}, cloud delay {args.cloud_delay:g} ms\n"
+        f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()},"
+        f" spool on {spool_fs}"
+    )
+    width = max(len(name) for name, _ in rows)
+    return "\n".join([head, "", *(f"  {name:<{width}}  {value}" for name, value in rows)])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Routing throughput, latency and memory of `iotflow run` against a local"
+        " broker and cloud, and the bare-HTTP ceiling of the same machine."
+    )
+    parser.add_argument("-n", type=int, default=5000, help="uplinks to publish (default 5000)")
+    parser.add_argument("--devices", type=int, default=100, help="devices bound (default 100)")
+    parser.add_argument(
+        "--fanout", type=int, default=1, help="connections each device is bound to (default 1)"
+    )
+    parser.add_argument("--format", choices=FORMATS, default="actility", help="input format")
+    parser.add_argument(
+        "--in-flight", type=int, default=32, help="delivery.max_in_flight (default 32)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="publish at this many uplinks/s (default: flat out)",
+    )
+    parser.add_argument(
+        "--window", type=int, default=100, help="unacknowledged publishes at most (default 100)"
+    )
+    parser.add_argument(
+        "--cloud-delay", type=float, default=0.0, help="ms the cloud waits before answering"
+    )
+    parser.add_argument(
+        "--deadline", type=float, default=600.0, help="seconds for the whole run (default 600)"
+    )
+    parser.add_argument(
+        "--grace", type=float, default=0.5, help="seconds to wait for late duplicates"
+    )
+    parser.add_argument("--dir", help="where the daemon's spool and registry go (default: $TMPDIR)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+    for name in ("n", "devices", "fanout", "in_flight", "window"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.rate is not None and args.rate <= 0:
+        parser.error("--rate must be positive")
+    if args.deadline <= 0 or args.cloud_delay < 0 or args.grace < 0:
+        parser.error("--deadline must be positive, --cloud-delay and --grace not negative")
+    return args
+
+
+async def bounded(args: argparse.Namespace, workdir: Path, figures: Figures) -> None:
+    try:
+        async with asyncio.timeout(args.deadline):
+            await run(args, workdir, figures)
+    except TimeoutError as exc:
+        raise TimeoutError(f"the run passed its deadline ({args.deadline:g}s): {exc}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not sys.platform.startswith("linux"):
+        print("bench_routing: Linux only (it reads /proc)", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="iotflow-bench-", dir=args.dir))
+    spool_fs = filesystem_of(workdir)
+    figures = Figures(uplinks=args.n, fanout=args.fanout, expected=args.n * args.fanout)
+    try:
+        asyncio.run(bounded(args, workdir, figures))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        print(f"bench_routing: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            print(f"work directory kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        document = {"parameters": vars(args) | {"cpus": os.cpu_count()}, **asdict(figures)}
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(report(args, figures, spool_fs))
+    return 0 if figures.missing == 0 and figures.unexpected == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
