@@ -59,7 +59,7 @@ def problems_of(error: ValidationError, prefix: str = "") -> list[Problem]:
     for item in error.errors(include_input=False, include_url=False):
         path = ".".join(str(p) for p in item["loc"])
         full = ".".join(p for p in (prefix, path) if p)
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field"
         problems.append(Problem(full, message))
