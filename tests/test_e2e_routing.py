@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiomqtt
 import orjson
 import pytest
@@ -310,3 +311,75 @@ async def test_sigterm_drains_and_resumes_from_the_spool(
     await daemon.start()
     received = await cloud.wait_for(5, path="/later")
     assert sorted(r.json["DevEUI_uplink"]["FCntUp"] for r in received) == list(range(5))
+
+
+async def test_header_templates_and_health_endpoints(
+    daemon_factory: Callable[..., DaemonProcess], cloud: FakeCloud, mosquitto: Mosquitto
+) -> None:
+    dev = "0018B20000000C06"
+    daemon = daemon_factory(
+        connections=[
+            http_connection(
+                "tpl",
+                cloud.url("/tpl"),
+                devices=[dev],
+                headers={"X-Device": "{DevEUI}", "X-Name": "{CustomerData.name|DevEUI|'none'}"},
+            )
+        ]
+    )
+    await daemon.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{daemon.api}/healthz") as response:
+            assert response.status == 200
+        async with session.get(f"{daemon.api}/readyz") as response:
+            assert response.status == 200
+            assert (await response.json())["checks"] == {"broker": True, "registry": True}
+    await publish(mosquitto, [uplink("actility", dev, 1)])
+    (request,) = await cloud.wait_for(1, path="/tpl")
+    assert request.headers["X-Device"] == dev
+    assert request.headers["X-Name"] == "My Demo Device"
+
+
+async def test_readyz_reports_a_broker_that_is_gone(
+    daemon_factory: Callable[..., DaemonProcess], fresh_mosquitto: Mosquitto
+) -> None:
+    daemon = daemon_factory(broker=fresh_mosquitto)
+    await daemon.start()
+    fresh_mosquitto.stop()
+    await daemon.wait_log(lambda e: e.get("event") == "Broker connection lost")
+    async with aiohttp.ClientSession() as session, session.get(f"{daemon.api}/readyz") as r:
+        assert r.status == 503
+        assert (await r.json())["checks"]["broker"] is False
+    assert await daemon.metric("iotflow_mqtt_connected") == 0
+
+
+async def test_a_shared_group_splits_uplinks_between_instances(
+    daemon_factory: Callable[..., DaemonProcess], cloud: FakeCloud, mosquitto: Mosquitto
+) -> None:
+    devices = [f"0018B20000000F{n:02X}" for n in range(8)]
+    connections = [http_connection("shared", cloud.url("/shared"), devices=devices)]
+    group = '[mqtt]\nshared_group = "fleet"\n'
+    first = daemon_factory("one", connections=connections)
+    second = daemon_factory("two", connections=connections)
+    for daemon in (first, second):
+        # The group goes into the [mqtt] table the harness writes.
+        daemon.write_config(connections, daemon.config_text(connections).replace("[mqtt]\n", group))
+        await daemon.start()
+    await publish(mosquitto, [uplink("actility", dev, n) for n, dev in enumerate(devices * 10)])
+    received = await cloud.wait_for(80, path="/shared")
+    assert (
+        len(
+            {
+                (r.json["DevEUI_uplink"]["DevEUI"], r.json["DevEUI_uplink"]["FCntUp"])
+                for r in received
+            }
+        )
+        == 80
+    )
+    assert len(received) == 80  # each uplink went to one instance only
+    counts = [
+        await d.metric("iotflow_deliveries_total", connection="shared", outcome="delivered")
+        for d in (first, second)
+    ]
+    assert sum(counts) == 80
+    assert all(c > 0 for c in counts)
