@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from iotflow.connectors.common import CommonConfig
+from iotflow.connectors.cumulocity import CumulocityConfig
 from iotflow.connectors.http import HttpConfig, brand_documents
+from iotflow.connectors.mqtt import AwsConfig, MqttConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,30 @@ CATALOG: dict[str, Connector] = {
             "HTTP webhook connector (Datacake, Cayenne, Qubitro, TagoIO, ...)",
             HttpConfig,
             brand_documents(),
+        ),
+        Connector(
+            "actility-mqtt-iot",
+            "actility",
+            "mqtt-iot",
+            "1.0.0",
+            "Generic MQTT broker connector",
+            MqttConfig,
+        ),
+        Connector(
+            "actility-aws-iot",
+            "actility",
+            "aws-iot",
+            "2.0.0",
+            "Actility AWS Connector",
+            AwsConfig,
+        ),
+        Connector(
+            "actility-cumulocity-iot",
+            "actility",
+            "cumulocity-iot",
+            "1.0.0",
+            "Cumulocity IoT connector",
+            CumulocityConfig,
         ),
     )
 }

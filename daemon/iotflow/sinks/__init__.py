@@ -4,16 +4,40 @@ from __future__ import annotations
 
 from iotflow.connectors.connection import Connection
 from iotflow.connectors.http import HttpConfig
-from iotflow.errors import ConfigError, Problem
+from iotflow.errors import PermanentSinkError
 from iotflow.sinks.base import Sink
 from iotflow.sinks.http import HttpSink
+from iotflow.spool import Delivery
+
+
+class UnavailableSink:
+    """A connector of the catalog whose transport this build does not have yet.
+
+    Its connections can be created and listed; each delivery fails visibly (an event and
+    `failed`), rather than waiting silently until it expires.
+    """
+
+    def __init__(self, connector_id: str) -> None:
+        self._reason = f"the {connector_id} transport is not available in this version"
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, delivery: Delivery) -> None:
+        raise PermanentSinkError(self._reason)
+
+    async def healthcheck(self) -> bool:
+        return False
+
+    async def close(self) -> None:
+        pass
 
 
 def create_sink(connection: Connection, *, timeout: float, max_in_flight: int) -> Sink:
     config = connection.configuration
     if isinstance(config, HttpConfig):
         return HttpSink(config, timeout=timeout, max_in_flight=max_in_flight)
-    raise ConfigError([Problem("connectorId", f"{connection.connectorId} has no sink here")])
+    return UnavailableSink(connection.connectorId)
 
 
 __all__ = ["Sink", "create_sink"]

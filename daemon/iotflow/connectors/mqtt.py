@@ -1,0 +1,53 @@
+"""`actility-mqtt-iot` and `actility-aws-iot`: MQTT clouds (their sinks come with issue #5)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from iotflow.config.types import Secret
+from iotflow.connectors.common import CommonConfig
+from iotflow.formats import Template
+
+_HOST_PORT = r"^[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?$"
+
+
+def _template(value: str | None) -> str | None:
+    if value is not None:
+        Template(value)  # raises ValueError with the position of the mistake
+    return value
+
+
+class MqttConfig(CommonConfig):
+    hostName: Annotated[str, Field(pattern=_HOST_PORT, max_length=255)]
+    protocol: Literal["TCP", "SSL", "WSS"] = "TCP"
+    username: str | None = None
+    password: Secret | None = None
+    trustedCaCertficate: str | None = None  # the product's spelling
+    certificate: str | None = None
+    privateKey: Secret | None = None
+    clientId: Annotated[str, Field(max_length=128)] | None = None
+    uplinkTopicPattern: Annotated[str, Field(min_length=1)] = "tpx/things/{DevEUI}/uplink"
+    downlinkTopicPattern: str | None = "tpx/things/{DevEUI}/downlink"
+    qos: Literal[0, 1] = 1
+
+    _templates = field_validator("uplinkTopicPattern", "downlinkTopicPattern")(_template)
+
+
+class AwsConfig(CommonConfig):
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")]
+    accountPrefix: Annotated[str, Field(pattern=r"^[a-z0-9-]+$")] | None = None
+    hostName: str | None = None
+    protocol: Literal["SSL", "WSS"] = "SSL"
+    certificate: Secret | None = None
+    privateKey: Secret | None = None
+    certificateId: str | None = None
+    trustedCaCertficate: str | None = None
+    uplinkTopicPattern: Annotated[str, Field(min_length=1)] = "tpx/things/{DevEUI}/uplink"
+    downlinkTopicPattern: str | None = "tpx/things/{DevEUI}/downlink"
+    deviceType: str | None = None
+    accessKeyId: Secret | None = None
+    secretAccessKey: Secret | None = None
+
+    _templates = field_validator("uplinkTopicPattern", "downlinkTopicPattern")(_template)
