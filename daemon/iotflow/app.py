@@ -46,6 +46,8 @@ class Daemon:
         self._reload = asyncio.Event()
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._transitions: set[asyncio.Task[None]] = set()
+        self._refresh_lock = asyncio.Lock()
         self._reject_window = (0.0, 0)  # (minute start, lines logged in it)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -78,6 +80,7 @@ class Daemon:
             spool=self.spool, metrics=self.metrics, settings=config.delivery, record=self.events
         )
         await self.refresh()
+        await self.settle()  # workers running before the first uplink arrives
         self._tasks.append(asyncio.create_task(self._follow_changes(), name="registry-changes"))
         self._runner = web.AppRunner(create_app(self), access_log=None)
         await self._runner.setup()
@@ -108,6 +111,7 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.settle()
         if self.deliveries is not None:
             await self.deliveries.stop(self.settings.config.delivery.drain_timeout.total_seconds())
         if self.spool is not None:
@@ -137,13 +141,30 @@ class Daemon:
             )
 
     async def refresh(self) -> None:
-        """Rebuild the routing index from the registry and bring the workers in line."""
+        """Bring routing and workers in line with the registry.
+
+        Returns once the new routing is in place (every routed connection has a worker);
+        draining replaced workers goes on in the background, in order.
+        """
         assert self.store is not None
         assert self.deliveries is not None
-        connections = await self.store.list_connections()
-        bindings = await self.store.bindings()
-        self.index = RoutingIndex(connections, bindings)
-        await self.deliveries.apply(connections, self.settings.config.delivery)
+        assert self.spool is not None
+        async with self._refresh_lock:
+            connections = await self.store.list_connections()
+            bindings = await self.store.bindings()
+            pending = await self.spool.pending_counts()
+            transition = self.deliveries.register(
+                connections, self.settings.config.delivery, pending
+            )
+            self.index = RoutingIndex(connections, bindings)
+        task = asyncio.create_task(self.deliveries.complete(transition), name="transition")
+        self._transitions.add(task)
+        task.add_done_callback(self._transitions.discard)
+
+    async def settle(self) -> None:
+        """Wait until every transition started so far is complete."""
+        while self._transitions:
+            await asyncio.gather(*self._transitions, return_exceptions=True)
 
     async def _follow_changes(self) -> None:
         assert self.store is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from iotflow.config.model import DeliverySettings
 from iotflow.connectors.connection import Connection
@@ -27,6 +28,16 @@ def default_sink_factory(connection: Connection, settings: DeliverySettings) -> 
     )
 
 
+@dataclass
+class Transition:
+    """What `register` changed and `complete` still has to carry out."""
+
+    removed: list[ConnectionWorker] = field(default_factory=list)
+    started: list[ConnectionWorker] = field(default_factory=list)
+    replaced: list[tuple[ConnectionWorker, ConnectionWorker]] = field(default_factory=list)
+    orphans: dict[str, int] = field(default_factory=dict)
+
+
 class Deliveries:
     """The set of running connection workers, kept equal to the registry's connections."""
 
@@ -45,7 +56,7 @@ class Deliveries:
         self._record = record
         self._sink_factory = sink_factory
         self.workers: dict[str, ConnectionWorker] = {}
-        self._lock = asyncio.Lock()  # one apply at a time: a reload and an API change may race
+        self._lock = asyncio.Lock()  # transitions complete one at a time, in order
 
     def worker(self, connection_id: str) -> ConnectionWorker | None:
         return self.workers.get(connection_id)
@@ -64,39 +75,74 @@ class Deliveries:
     async def apply(
         self, connections: Sequence[Connection], settings: DeliverySettings | None = None
     ) -> None:
-        """Start, replace and stop workers so that exactly `connections` run.
+        """Start, replace and stop workers so that exactly `connections` run."""
+        pending = await self._spool.pending_counts()
+        await self.complete(self.register(connections, settings, pending))
+
+    def register(
+        self,
+        connections: Sequence[Connection],
+        settings: DeliverySettings | None,
+        pending: dict[str, int],
+    ) -> Transition:
+        """Put the new workers in place at once, without waiting for anything.
+
+        After this returns, every connection of `connections` has a worker to hand its
+        deliveries to (a new one holds them in the spool until `complete` starts it), so the
+        routing index may switch to `connections` right away. `complete` does the slow part.
+        """
+        settings_changed = settings is not None and settings != self._settings
+        if settings is not None:
+            self._settings = settings
+        wanted = {c.id: c for c in connections}
+        transition = Transition(
+            removed=[self.workers.pop(cid) for cid in list(self.workers) if cid not in wanted],
+            orphans={cid: n for cid, n in pending.items() if cid not in wanted},
+        )
+        for connection in connections:
+            old = self.workers.get(connection.id)
+            if old is None:
+                worker = self._make(connection)
+                worker.stats.pending = pending.get(connection.id, 0)
+                self.workers[connection.id] = worker
+                transition.started.append(worker)
+            elif old.connection != connection or settings_changed:
+                new = self._make(connection, old)
+                new.startup_time = old.startup_time
+                # New offers go to the successor, which holds them in the spool until it starts.
+                self.workers[connection.id] = new
+                transition.replaced.append((old, new))
+        return transition
+
+    async def complete(self, transition: Transition) -> None:
+        """Stop what went, drain what was replaced, start what is new: one at a time.
 
         A replaced worker finishes its in-flight sends first; its successor reads what is
         left from the spool, so an edit never drops or duplicates a pending delivery.
         """
         async with self._lock:
-            settings_changed = settings is not None and settings != self._settings
-            if settings is not None:
-                self._settings = settings
-            wanted = {c.id: c for c in connections}
-            pending = await self._spool.pending_counts()
-            for connection_id in list(self.workers):
-                if connection_id not in wanted:
-                    await self._remove(connection_id)
-            for connection in connections:
-                old = self.workers.get(connection.id)
-                if old is None:
-                    worker = self._make(connection)
-                    worker.stats.pending = pending.get(connection.id, 0)
-                    self.workers[connection.id] = worker
+            for worker in transition.removed:
+                await self._remove(worker)
+            for worker in transition.started:
+                if self.workers.get(worker.id) is worker:  # not superseded meanwhile
                     await self._start(worker)
-                elif old.connection != connection or settings_changed:
-                    await self._replace(old, connection)
+            for old, new in transition.replaced:
+                await old.stop(time.monotonic() + self._settings.drain_timeout.total_seconds())
+                await self._spool.flush()  # what the old worker finished is gone before we reload
+                if self.workers.get(new.id) is new:
+                    await self._start(new)
+                    log.info("Connection reconfigured", connection=new.id)
             # Deliveries of connections that no longer exist (deleted while we were down).
-            for connection_id, count in pending.items():
-                if connection_id not in wanted:
-                    dropped = await self._spool.drop_connection(connection_id)
-                    self._metrics.deliveries.labels(connection_id, "dropped").inc(dropped)
-                    log.warning(
-                        "Dropped deliveries of a deleted connection",
-                        connection=connection_id,
-                        count=count,
-                    )
+            for connection_id, count in transition.orphans.items():
+                if connection_id in self.workers:
+                    continue
+                dropped = await self._spool.drop_connection(connection_id)
+                self._metrics.deliveries.labels(connection_id, "dropped").inc(dropped)
+                log.warning(
+                    "Dropped deliveries of a deleted connection",
+                    connection=connection_id,
+                    count=count,
+                )
 
     def _make(
         self, connection: Connection, old: ConnectionWorker | None = None
@@ -116,22 +162,14 @@ class Deliveries:
             await worker.start()
         except Exception as exc:
             # A sink that cannot even start (bad TLS material, say) must not stop the others.
-            log.exception("Connection could not start", connection=worker.id, error=str(exc))
+            log.error("Connection could not start", connection=worker.id, error=str(exc))  # noqa: TRY400
             self._record(worker.id, "start_failed", {"error": str(exc)})
 
-    async def _replace(self, old: ConnectionWorker, connection: Connection) -> None:
-        new = self._make(connection, old)
-        new.startup_time = old.startup_time
-        # New offers go to the successor (it holds them in the spool until it starts).
-        self.workers[connection.id] = new
-        await old.stop(time.monotonic() + self._settings.drain_timeout.total_seconds())
-        await self._spool.flush()  # what the old worker finished is gone before we reload
-        await self._start(new)
-        log.info("Connection reconfigured", connection=connection.id)
-
-    async def _remove(self, connection_id: str) -> None:
-        worker = self.workers.pop(connection_id)
+    async def _remove(self, worker: ConnectionWorker) -> None:
+        connection_id = worker.id
         await worker.stop(time.monotonic())
+        if connection_id in self.workers:
+            return  # deleted and created again: what is pending belongs to the new one
         dropped = await self._spool.drop_connection(connection_id)
         worker.drop_all()
         self._metrics.forget_connection(connection_id)
