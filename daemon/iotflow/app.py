@@ -72,9 +72,9 @@ class Daemon:
         self.store = open_store(config.registry.url)
         version = await self.store.migrate()
         log.info("Registry ready", schema_version=version)
-        await self._reconcile(self.settings)
         self.events = EventLog(self.store)
         self.events.start()
+        await self._reconcile(self.settings)
         self.spool = await Spool.open(config.spool.path)
         self.deliveries = Deliveries(
             spool=self.spool, metrics=self.metrics, settings=config.delivery, record=self.events
@@ -127,11 +127,26 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    @property
+    def registry(self) -> Store:
+        if self.store is None:
+            raise RuntimeError("the registry is not open yet")
+        return self.store
+
+    def record(self, connection_id: str, kind: str, data: dict[str, Any]) -> None:
+        """Add to a connection's event log, in the background."""
+        if self.events is not None:
+            self.events(connection_id, kind, data)
+
     # -- registry and routing --------------------------------------------------------------
 
     async def _reconcile(self, settings: Settings) -> None:
         assert self.store is not None
         result = await self.store.reconcile_provisioned(list(settings.connections))
+        for connection_id in result.added:
+            self.record(connection_id, "connection_created", {"by": "config file"})
+        for connection_id in result.changed:
+            self.record(connection_id, "configuration_changed", {"by": "config file"})
         if result.added or result.changed or result.removed:
             log.info(
                 "Provisioned connections reconciled",

@@ -7,6 +7,12 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from iotflow.api.auth import auth_middleware
+from iotflow.api.body import json
+from iotflow.api.errors import error_middleware
+from iotflow.api.openapi import openapi_document
+from iotflow.api.routes import BASE, routes
+
 if TYPE_CHECKING:
     from iotflow.app import Daemon
 
@@ -14,14 +20,14 @@ DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     checks = await daemon.readiness()
     ready = all(checks.values())
-    return web.json_response(
+    return json(
         {"status": "ready" if ready else "not ready", "checks": checks},
         status=200 if ready else 503,
     )
@@ -33,10 +39,21 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return json(openapi_document())
+
+
 def create_app(daemon: Daemon) -> web.Application:
-    app = web.Application(client_max_size=daemon.settings.config.api.max_body_bytes)
+    api = daemon.settings.config.api
+    tokens = [t.get_secret_value().encode() for t in api.tokens]
+    app = web.Application(
+        client_max_size=api.max_body_bytes,
+        middlewares=[error_middleware, auth_middleware(tokens)],
+    )
     app[DAEMON] = daemon
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get(f"{BASE}/openapi.json", openapi)
+    app.router.add_routes(routes)
     return app

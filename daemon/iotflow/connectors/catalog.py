@@ -65,6 +65,10 @@ CATALOG: dict[str, Connector] = {
 def connector_document(connector: Connector) -> dict[str, Any]:
     """The catalog entry as the product's `GET /connectors` shows it."""
     schema = connector.config_model.model_json_schema(mode="validation")
+    for prop in schema.get("properties", {}).values():
+        # An optional secret is `anyOf: [{string, writeOnly}, {null}]`: say it on the field too.
+        if any(branch.get("writeOnly") for branch in prop.get("anyOf", [])):
+            prop["writeOnly"] = True
     schema["id"] = f"urn:iotflow:connector:{connector.id}:configuration"
     return {
         "id": connector.id,

@@ -162,7 +162,7 @@ class Deliveries:
             await worker.start()
         except Exception as exc:
             # A sink that cannot even start (bad TLS material, say) must not stop the others.
-            log.error("Connection could not start", connection=worker.id, error=str(exc))  # noqa: TRY400
+            log.error("Connection could not start", connection=worker.id, error=str(exc))
             self._record(worker.id, "start_failed", {"error": str(exc)})
 
     async def _remove(self, worker: ConnectionWorker) -> None:

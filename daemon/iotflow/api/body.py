@@ -1,0 +1,87 @@
+"""Reading requests: JSON bodies, pagination, DevEUIs in paths."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from iotflow.api.errors import ApiError
+from iotflow.errors import Problem
+from iotflow.formats import normalize_dev_eui
+
+DEFAULT_PER_PAGE = 20
+MAX_PER_PAGE = 100
+
+
+async def read_object(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object, or the right error (415, 413, 400)."""
+    if request.content_type != "application/json":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "Send the body as JSON with Content-Type: application/json.",
+        )
+    raw = await request.read()  # aiohttp answers 413 past client_max_size
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "malformed_json", f"The body is not valid JSON: {exc}.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_body", "The body must be a JSON object.")
+    return data
+
+
+def page_params(request: web.Request) -> tuple[int, int]:
+    """`page` (from 1) and `perPage` (1 to 100, default 20) from the query."""
+    problems: list[Problem] = []
+    values: dict[str, int] = {}
+    for name, default, high in (
+        ("page", 1, 1_000_000),
+        ("perPage", DEFAULT_PER_PAGE, MAX_PER_PAGE),
+    ):
+        text = request.query.get(name)
+        if text is None:
+            values[name] = default
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            problems.append(Problem(name, "expected an integer"))
+            continue
+        if not 1 <= value <= high:
+            problems.append(Problem(name, f"must be between 1 and {high}"))
+            continue
+        values[name] = value
+    if problems:
+        raise ApiError(400, "invalid_query", "The query parameters are invalid.", problems)
+    return values["page"], values["perPage"]
+
+
+def paginated(items: Sequence[Any], total: int, page: int, per_page: int) -> web.Response:
+    pages = max(1, math.ceil(total / per_page))
+    headers = {"X-Total": str(total), "X-Total-Pages": str(pages), "X-Page": str(page)}
+    return web.json_response(list(items), headers=headers, dumps=_dumps)
+
+
+def json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+
+
+def _dumps(data: Any) -> str:
+    return orjson.dumps(data).decode()
+
+
+def dev_eui_param(request: web.Request) -> str:
+    try:
+        return normalize_dev_eui(request.match_info["devEUI"])
+    except ValueError:
+        raise ApiError(
+            400,
+            "invalid_dev_eui",
+            "A DevEUI is 16 hex digits (separators '-' or ':' allowed).",
+            [Problem("devEUI", "expected 16 hex digits")],
+        ) from None

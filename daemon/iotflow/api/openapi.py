@@ -1,0 +1,310 @@
+"""The OpenAPI 3.1 document, generated from the models that validate requests."""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from iotflow import __version__
+from iotflow.alarms.model import Alarm
+from iotflow.api.body import MAX_PER_PAGE
+from iotflow.api.routes import BASE
+from iotflow.connectors.connection import ID_PATTERN
+from iotflow.connectors.cumulocity import CumulocityConfig
+from iotflow.connectors.http import BRANDS, HttpConfig
+from iotflow.connectors.mqtt import AwsConfig, MqttConfig
+from iotflow.telemetry.metrics import STATES
+
+ConnectorId = Literal[
+    "actility-http-iot", "actility-mqtt-iot", "actility-aws-iot", "actility-cumulocity-iot"
+]
+Configuration = HttpConfig | MqttConfig | AwsConfig | CumulocityConfig
+
+
+class ConnectionInput(BaseModel):
+    """A connection as POST and PUT take it (read-only fields are ignored when sent back)."""
+
+    model_config = ConfigDict(extra="forbid", title="ConnectionInput")
+
+    id: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    connectorId: ConnectorId
+    brand: str | None = Field(default=None, json_schema_extra={"enum": [*sorted(BRANDS), None]})
+    active: bool = True
+    alarms: list[Alarm] = Field(default_factory=list)
+    configuration: Configuration = Field(
+        description="The connector's configuration; see GET /connectors for each schema."
+    )
+
+
+class Statistics(BaseModel):
+    received: int
+    delivered: int
+    retried: int
+    expired: int
+    failed: int
+    dropped: int
+    pending: int
+    lastError: str | None
+    lastDeliveryTime: str | None
+
+
+class Connection(BaseModel):
+    """A connection as the API shows it: secrets as "*****", and its status."""
+
+    id: str
+    name: str
+    connectorId: str
+    brand: str | None = None
+    active: bool
+    alarms: list[Alarm]
+    configuration: dict[str, Any]
+    state: str = Field(json_schema_extra={"enum": list(STATES)})
+    startupTime: str | None
+    statistics: Statistics
+    provisioned: bool
+
+
+class Device(BaseModel):
+    devEUI: Annotated[str, Field(pattern=r"^[0-9A-F]{16}$")]
+    connections: list[str]
+
+
+class DeviceInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    devEUI: str | None = None
+    connections: list[Annotated[str, Field(pattern=ID_PATTERN)]]
+
+
+class Event(BaseModel):
+    id: int
+    time: str
+    type: str
+    details: dict[str, Any]
+
+
+class ErrorDetail(BaseModel):
+    path: str
+    message: str
+
+
+class Error(BaseModel):
+    code: str
+    message: str
+    details: list[ErrorDetail]
+
+
+class Connector(BaseModel):
+    id: str
+    producerId: str
+    moduleId: str
+    version: str
+    description: str
+    brands: list[dict[str, Any]]
+    connection: dict[str, Any]
+    flow: dict[str, Any]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str, headers: bool = False) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if headers:
+        answer["headers"] = {
+            name: {"schema": {"type": "string"}, "description": text}
+            for name, text in (
+                ("X-Total", "items in all pages"),
+                ("X-Total-Pages", "number of pages"),
+                ("X-Page", "this page"),
+            )
+        }
+    return answer
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    texts = {
+        400: "Malformed JSON, body or query",
+        401: "Missing or wrong bearer token",
+        404: "Not found",
+        409: "Conflict (duplicate id, read-only provisioned connection)",
+        413: "Body too large",
+        415: "Body is not application/json",
+        422: "Invalid connection or binding, field by field",
+        503: "Registry unavailable",
+    }
+    return {str(s): _json(_ref("Error"), texts[s]) for s in (401, 503, *statuses)}
+
+
+_PAGE = [
+    {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 1}},
+    {
+        "name": "perPage",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE, "default": 20},
+    },
+]
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_EUI = {
+    "name": "devEUI",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "16 hex digits; '-' or ':' separators and lower case accepted",
+}
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _paths() -> dict[str, Any]:
+    connection = _ref("Connection")
+    return {
+        f"{BASE}/connectors": {
+            "get": {
+                "summary": "The connector catalog",
+                "responses": {
+                    "200": _json({"type": "array", "items": _ref("Connector")}, "Connectors"),
+                    **_errors(),
+                },
+            }
+        },
+        f"{BASE}/connectors/{{id}}": {
+            "get": {
+                "summary": "One connector",
+                "parameters": [_ID],
+                "responses": {"200": _json(_ref("Connector"), "A connector"), **_errors(404)},
+            }
+        },
+        f"{BASE}/connections": {
+            "get": {
+                "summary": "List connections",
+                "parameters": _PAGE,
+                "responses": {
+                    "200": _json({"type": "array", "items": connection}, "A page", headers=True),
+                    **_errors(400),
+                },
+            },
+            "post": {
+                "summary": "Create a connection",
+                "requestBody": _body("ConnectionInput"),
+                "responses": {
+                    "201": {
+                        **_json(connection, "Created"),
+                        "headers": {"Location": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(400, 409, 413, 415, 422),
+                },
+            },
+        },
+        f"{BASE}/connections/{{id}}": {
+            "parameters": [_ID],
+            "get": {
+                "summary": "One connection, with state, startupTime and statistics",
+                "responses": {"200": _json(connection, "The connection"), **_errors(404)},
+            },
+            "put": {
+                "summary": "Replace a connection ('*****' keeps a stored secret)",
+                "requestBody": _body("ConnectionInput"),
+                "responses": {
+                    "200": _json(connection, "Replaced"),
+                    **_errors(400, 404, 409, 413, 415, 422),
+                },
+            },
+            "delete": {
+                "summary": "Delete a connection; its pending deliveries are dropped",
+                "responses": {"204": {"description": "Deleted"}, **_errors(404, 409)},
+            },
+        },
+        f"{BASE}/connections/{{id}}/events": {
+            "get": {
+                "summary": "The connection's event log, newest first",
+                "parameters": [_ID, *_PAGE],
+                "responses": {
+                    "200": _json({"type": "array", "items": _ref("Event")}, "A page", headers=True),
+                    **_errors(400, 404),
+                },
+            }
+        },
+        f"{BASE}/devices": {
+            "get": {
+                "summary": "Device bindings",
+                "parameters": [
+                    {"name": "connectionId", "in": "query", "schema": {"type": "string"}},
+                    *_PAGE,
+                ],
+                "responses": {
+                    "200": _json(
+                        {"type": "array", "items": _ref("Device")}, "A page", headers=True
+                    ),
+                    **_errors(400),
+                },
+            }
+        },
+        f"{BASE}/devices/{{devEUI}}": {
+            "parameters": [_EUI],
+            "get": {
+                "summary": "A device's connections",
+                "responses": {"200": _json(_ref("Device"), "The device"), **_errors(400, 404)},
+            },
+            "put": {
+                "summary": "Set a device's connections",
+                "requestBody": _body("DeviceInput"),
+                "responses": {
+                    "200": _json(_ref("Device"), "The device"),
+                    **_errors(400, 409, 413, 415, 422),
+                },
+            },
+            "delete": {
+                "summary": "Unbind a device from every connection",
+                "responses": {"204": {"description": "Unbound"}, **_errors(400, 404, 409)},
+            },
+        },
+        f"{BASE}/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1"), **_errors()},
+            }
+        },
+    }
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    models: list[type[BaseModel]] = [
+        ConnectionInput,
+        Connection,
+        Statistics,
+        Device,
+        DeviceInput,
+        Event,
+        Error,
+        Connector,
+    ]
+    _, definitions = models_json_schema(
+        [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "iotflow",
+            "version": __version__,
+            "description": "Connections API following ThingPark X IoT Flow's.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+        "components": {
+            "schemas": definitions["$defs"],
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,315 @@
+"""The REST API, driven over HTTP against a running daemon and a real broker."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiomqtt
+import pytest
+
+from fixtures_path import SHARED_FIXTURES
+from support.clouds import FakeCloud, datacake
+from support.daemon import DaemonProcess
+from support.mosquitto import Mosquitto
+from support.uplinks import uplink
+
+pytestmark = pytest.mark.slow
+
+BASE = "/iot-flow/v1"
+AUTH = {"Authorization": "Bearer test-token"}
+SEEDS = SHARED_FIXTURES.parent / "seeds"
+
+
+class Api:
+    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+        self.session = session
+        self.base = base
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+        kwargs: dict[str, Any] = {"headers": {**AUTH, **(headers or {})}}
+        if body is not None:
+            kwargs["json"] = body
+        if raw is not None:
+            kwargs["data"] = io.BytesIO(raw)
+        async with self.session.request(method, f"{self.base}{BASE}{path}", **kwargs) as r:
+            text = await r.text()
+            return r.status, (json.loads(text) if text else None), r.headers
+
+
+@pytest.fixture
+async def running(
+    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
+) -> AsyncIterator[tuple[DaemonProcess, Api]]:
+    daemon = DaemonProcess(
+        tmp_path / "api",
+        broker_url=mosquitto.url,
+        connections=[
+            {
+                "id": "from-file",
+                "name": "provisioned",
+                "connectorId": "actility-http-iot",
+                "brand": "CAYENNE",
+                "devices": ["0018B20000001001"],
+                "configuration": {"destinationURL": cloud.url("/file")},
+            }
+        ],
+    )
+    await daemon.start()
+    async with aiohttp.ClientSession() as session:
+        yield daemon, Api(session, daemon.api)
+    await daemon.close()
+
+
+def datacake_body(cloud: FakeCloud, path: str = "/dc", token: str = "abc123") -> dict[str, Any]:
+    return {
+        "name": "Actility To Datacake",
+        "connectorId": "actility-http-iot",
+        "configuration": {
+            "destinationURL": cloud.url(path),
+            "headers": {"Authorization": f"Token {token}"},
+        },
+        "brand": "DATACAKE",
+    }
+
+
+async def publish(broker: Mosquitto, *messages: tuple[str, bytes]) -> None:
+    async with aiomqtt.Client(broker.host, broker.port) as client:
+        for topic, payload in messages:
+            await client.publish(topic, payload, qos=1)
+
+
+async def test_create_bind_deliver_repoint_delete(
+    running: tuple[DaemonProcess, Api], cloud: FakeCloud, mosquitto: Mosquitto
+) -> None:
+    daemon, api = running
+    cloud.require(datacake("abc123"))
+    dev = "0018b200-0000-2001"
+    status, created, headers = await api.call("POST", "/connections", datacake_body(cloud))
+    assert status == 201, created
+    cid = created["id"]
+    assert headers["Location"] == f"{BASE}/connections/{cid}"
+    assert created["configuration"]["headers"]["Authorization"] == "*****"
+    assert created["state"] in ("OPENING", "OPENED")
+
+    status, device, _ = await api.call("PUT", f"/devices/{dev}", {"connections": [cid]})
+    assert status == 200
+    assert device == {"devEUI": "0018B20000002001", "connections": [cid]}
+
+    await publish(mosquitto, uplink("actility", "0018B20000002001", 1))
+    (first,) = await cloud.wait_for(1, path="/dc")
+    assert first.headers["Authorization"] == "Token abc123"
+
+    # PUT the URL elsewhere, sending the masked secret back: it is kept.
+    status, got, _ = await api.call("GET", f"/connections/{cid}")
+    got["configuration"]["destinationURL"] = cloud.url("/dc2")
+    status, replaced, _ = await api.call("PUT", f"/connections/{cid}", got)
+    assert status == 200, replaced
+    await publish(mosquitto, uplink("actility", "0018B20000002001", 2))
+    (second,) = await cloud.wait_for(1, path="/dc2")
+    assert second.headers["Authorization"] == "Token abc123"
+    assert second.json["DevEUI_uplink"]["FCntUp"] == 2
+
+    status, got, _ = await api.call("GET", f"/connections/{cid}")
+    assert got["statistics"]["delivered"] == 2
+    assert got["state"] == "OPENED"
+    assert got["startupTime"]
+
+    status, events, headers = await api.call("GET", f"/connections/{cid}/events")
+    assert status == 200
+    assert "configuration_changed" in [e["type"] for e in events]
+    assert int(headers["X-Total"]) == len(events)
+
+    status, _, _ = await api.call("DELETE", f"/connections/{cid}")
+    assert status == 204
+    await publish(mosquitto, uplink("actility", "0018B20000002001", 3))
+    await daemon.wait_log(lambda e: e.get("event") == "Uplink of an unbound device")
+    assert len(cloud.requests_to("/dc2")) == 1
+    status, _, _ = await api.call("GET", f"/connections/{cid}")
+    assert status == 404
+
+
+def seed_bodies() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for page in sorted(SEEDS.glob("*.md")):
+        for block in re.findall(
+            r"```json\s*\nPOST /connections\s*\n(.*?)```", page.read_text(), re.S
+        ):
+            found.append((page.stem, json.loads(block)))
+    return found
+
+
+@pytest.mark.parametrize(("page", "body"), seed_bodies(), ids=[p for p, _ in seed_bodies()])
+async def test_seed_bodies_are_accepted_as_they_are(
+    running: tuple[DaemonProcess, Api], page: str, body: dict[str, Any]
+) -> None:
+    _, api = running
+    status, created, _ = await api.call("POST", "/connections", body)
+    assert status == 201, created
+    assert created["name"] == body["name"]
+    assert created["connectorId"] == body["connectorId"]
+    assert created.get("brand") == body.get("brand")
+    config = created["configuration"]
+    for key, value in body["configuration"].items():
+        if key in (
+            "password",
+            "privateKey",
+            "secretAccessKey",
+            "accessKeyId",
+            "certificate",
+            "downlinkAsKey",
+        ):
+            assert config[key] == "*****"  # as the product's GET /connections shows them
+        elif key == "headers":
+            assert set(config["headers"]) == set(value)
+        else:
+            assert config[key] == value
+    assert len(created["alarms"]) == len(body.get("alarms", []))
+    status, listed, _headers = await api.call("GET", "/connections")
+    assert created["id"] in [c["id"] for c in listed]
+
+
+async def test_catalog_describes_each_connector(running: tuple[DaemonProcess, Api]) -> None:
+    _, api = running
+    status, connectors, _ = await api.call("GET", "/connectors")
+    assert status == 200
+    by_id = {c["id"]: c for c in connectors}
+    assert set(by_id) == {
+        "actility-http-iot",
+        "actility-mqtt-iot",
+        "actility-aws-iot",
+        "actility-cumulocity-iot",
+    }
+    http = by_id["actility-http-iot"]
+    assert {b["id"] for b in http["brands"]} >= {"DATACAKE", "CAYENNE", "QUBITRO", "TAGO"}
+    aws = by_id["actility-aws-iot"]["connection"]["configurationSchema"]["properties"]
+    assert aws["secretAccessKey"]["writeOnly"] is True
+    status, one, _ = await api.call("GET", "/connectors/actility-cumulocity-iot")
+    assert one["connection"]["configurationSchema"]["properties"]["password"]["writeOnly"]
+    status, missing, _ = await api.call("GET", "/connectors/nope")
+    assert status == 404
+    assert missing["code"] == "not_found"
+
+
+async def test_errors_say_what_is_wrong(
+    running: tuple[DaemonProcess, Api], cloud: FakeCloud
+) -> None:
+    daemon, api = running
+    async with aiohttp.ClientSession() as bare:
+        async with bare.get(f"{daemon.api}{BASE}/connections") as r:
+            assert r.status == 401
+            assert (await r.json())["code"] == "unauthorized"
+        async with bare.get(
+            f"{daemon.api}{BASE}/connections", headers={"Authorization": "Bearer wrong"}
+        ) as r:
+            assert r.status == 401
+        async with bare.get(f"{daemon.api}/metrics") as r:
+            assert r.status == 200  # open, for Prometheus
+    status, body, _ = await api.call(
+        "POST", "/connections", raw=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert (status, body["code"]) == (400, "malformed_json")
+    status, body, _ = await api.call(
+        "POST", "/connections", raw=b"{}", headers={"Content-Type": "text/plain"}
+    )
+    assert status == 415
+    status, body, _ = await api.call(
+        "POST",
+        "/connections",
+        raw=b'{"a": "' + b"x" * 1_100_000 + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 413
+    bad = datacake_body(cloud)
+    bad["brand"] = "ACME"
+    bad["configuration"]["destinationURL"] = "ftp://x"
+    bad["colour"] = "blue"
+    status, body, _ = await api.call("POST", "/connections", bad)
+    assert status == 422
+    paths = {d["path"] for d in body["details"]}
+    assert "colour" in paths
+    bad.pop("colour")
+    status, body, _ = await api.call("POST", "/connections", bad)
+    assert {d["path"] for d in body["details"]} == {"configuration.destinationURL"}
+    bad["configuration"]["destinationURL"] = cloud.url("/x")
+    status, body, _ = await api.call("POST", "/connections", bad)
+    assert [d["path"] for d in body["details"]] == ["brand"]
+    status, body, _ = await api.call("GET", "/connections?page=0&perPage=1000")
+    assert status == 400
+    assert {d["path"] for d in body["details"]} == {"page", "perPage"}
+    status, body, _ = await api.call("PATCH", "/connections")
+    assert status == 405
+    status, body, _ = await api.call("GET", "/devices/xyz")
+    assert (status, body["code"]) == (400, "invalid_dev_eui")
+    status, body, _ = await api.call("PUT", "/devices/0018B20000003001", {"connections": ["ghost"]})
+    assert status == 422
+    assert body["details"][0]["path"] == "connections"
+
+
+async def test_provisioned_connections_are_read_only(running: tuple[DaemonProcess, Api]) -> None:
+    _, api = running
+    status, body, _ = await api.call("GET", "/connections/from-file")
+    assert status == 200
+    assert body["provisioned"] is True
+    status, body, _ = await api.call("PUT", "/connections/from-file", body)
+    assert (status, body["code"]) == (409, "read_only")
+    status, body, _ = await api.call("DELETE", "/connections/from-file")
+    assert status == 409
+    status, body, _ = await api.call("PUT", "/devices/0018B20000001001", {"connections": []})
+    assert status == 409
+    status, body, _ = await api.call("GET", "/devices/0018b20000001001")
+    assert body == {"devEUI": "0018B20000001001", "connections": ["from-file"]}
+
+
+async def test_pagination_and_device_listing(
+    running: tuple[DaemonProcess, Api], cloud: FakeCloud
+) -> None:
+    _, api = running
+    ids = []
+    for n in range(5):
+        body = datacake_body(cloud)
+        body["id"] = f"page-{n}"
+        status, created, _ = await api.call("POST", "/connections", body)
+        assert status == 201
+        ids.append(created["id"])
+    status, _again, _ = await api.call(
+        "POST", "/connections", {**datacake_body(cloud), "id": "page-0"}
+    )
+    assert status == 409
+    status, page, headers = await api.call("GET", "/connections?page=2&perPage=2")
+    assert (headers["X-Total"], headers["X-Total-Pages"], headers["X-Page"]) == ("6", "3", "2")
+    assert len(page) == 2
+    for n, dev in enumerate(["0018B20000004001", "0018B20000004002", "0018B20000004003"]):
+        await api.call("PUT", f"/devices/{dev}", {"connections": ids[: n + 1]})
+    status, devices, headers = await api.call("GET", "/devices?connectionId=page-1")
+    assert [d["devEUI"] for d in devices] == ["0018B20000004002", "0018B20000004003"]
+    assert headers["X-Total"] == "2"
+    status, _, _ = await api.call("DELETE", "/devices/0018B20000004003")
+    assert status == 204
+    status, _, _ = await api.call("DELETE", "/devices/0018B20000004003")
+    assert status == 404
+
+
+async def test_openapi_document(running: tuple[DaemonProcess, Api]) -> None:
+    _, api = running
+    status, document, _ = await api.call("GET", "/openapi.json")
+    assert status == 200
+    assert document["openapi"].startswith("3.1")
+    assert f"{BASE}/connections/{{id}}" in document["paths"]
+    assert "ConnectionInput" in document["components"]["schemas"]
+
+
+Factory = Callable[..., DaemonProcess]
