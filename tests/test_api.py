@@ -39,7 +39,7 @@ class Api:
         *,
         headers: dict[str, str] | None = None,
         raw: bytes | None = None,
-    ) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+    ) -> tuple[int, Any, dict[str, str]]:
         kwargs: dict[str, Any] = {"headers": {**AUTH, **(headers or {})}}
         if body is not None:
             kwargs["json"] = body
@@ -47,7 +47,7 @@ class Api:
             kwargs["data"] = io.BytesIO(raw)
         async with self.session.request(method, f"{self.base}{BASE}{path}", **kwargs) as r:
             text = await r.text()
-            return r.status, (json.loads(text) if text else None), r.headers
+            return r.status, (json.loads(text) if text else None), dict(r.headers)
 
 
 @pytest.fixture
