@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from iotflow.config.load import Provisioned
 from iotflow.connectors.connection import Connection, parse_connection
 from iotflow.errors import ConfigError, ConflictError, NotFoundError, RegistryError
 from iotflow.registry import (
+    AlarmState,
     ChangeFeed,
     PostgresStore,
     Reconciled,
@@ -573,3 +575,46 @@ async def test_a_relative_sqlite_url_is_under_the_working_directory(
     finally:
         await store.close()
     assert (tmp_path / "var" / "registry.db").is_file()
+
+
+# -- alarms: minute counts and raise/clear state -------------------------------------------
+
+
+async def test_uplink_counts_add_up_per_minute_and_connection(store: Store) -> None:
+    await store.create_connection(connection("c1"))
+    await store.create_connection(connection("c2"))
+    await store.add_uplink_counts({("c1", 100): 3, ("c1", 101): 2, ("c2", 100): 7})
+    await store.add_uplink_counts({("c1", 100): 1, ("ghost", 100): 5})  # unknown: ignored
+    assert await store.uplink_count("c1", 100, 100) == 4
+    assert await store.uplink_count("c1", 41, 101) == 6
+    assert await store.uplink_count("c2", 0, 1000) == 7
+    assert await store.uplink_count("ghost", 0, 1000) == 0
+    await store.prune_uplink_counts(101)
+    assert await store.uplink_count("c1", 0, 1000) == 2
+    await store.delete_connection("c2")
+    assert await store.uplink_count("c2", 0, 1000) == 0
+
+
+async def test_alarm_state_is_a_compare_and_set(store: Store) -> None:
+    await store.create_connection(connection("c1"))
+    since = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
+    raised = AlarmState("c1", 0, "fp1", True, since, 3.0, since, since + timedelta(hours=9))
+    # Raising expects "not active"; a second instance raising the same alarm loses.
+    assert await store.set_alarm_state(raised, expect_active=False) is True
+    assert await store.set_alarm_state(raised, expect_active=False) is False
+    (stored,) = await store.alarm_states()
+    assert stored == raised
+    cleared = AlarmState("c1", 0, "fp1", False, since + timedelta(hours=1), 12.0)
+    assert await store.set_alarm_state(cleared, expect_active=True) is True
+    assert await store.set_alarm_state(cleared, expect_active=True) is False
+    assert (await store.alarm_states())[0].active is False
+    # An edited alarm (another fingerprint) starts clear, whatever the old row says.
+    await store.set_alarm_state(raised, expect_active=False)
+    edited = AlarmState("c1", 0, "fp2", True, since, 1.0)
+    assert await store.set_alarm_state(edited, expect_active=False) is True
+    with pytest.raises(NotFoundError):
+        await store.set_alarm_state(
+            AlarmState("ghost", 0, "fp", True, since, 0.0), expect_active=False
+        )
+    await store.delete_connection("c1")
+    assert await store.alarm_states() == []

@@ -8,6 +8,7 @@ from iotflow.errors import ConfigError, Problem
 from iotflow.registry.postgres import PostgresStore
 from iotflow.registry.sqlite import MEMORY, SqliteStore
 from iotflow.registry.store import (
+    AlarmState,
     ChangeFeed,
     DeviceBinding,
     Event,
@@ -16,6 +17,7 @@ from iotflow.registry.store import (
 )
 
 __all__ = [
+    "AlarmState",
     "ChangeFeed",
     "DeviceBinding",
     "Event",

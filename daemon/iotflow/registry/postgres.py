@@ -30,6 +30,7 @@ from iotflow.connectors.connection import Connection
 from iotflow.errors import ConflictError, NotFoundError, RegistryError
 from iotflow.registry.store import (
     DEFAULT_MAX_EVENTS,
+    AlarmState,
     ChangeFeed,
     ChangeHub,
     DeviceBinding,
@@ -483,6 +484,92 @@ class PostgresStore:
             )
         events = [Event(int(row[0]), connection_id, row[1], row[2], row[3]) for row in rows]
         return events, int(total)
+
+    # -- alarms
+
+    async def add_uplink_counts(self, counts: Mapping[tuple[str, int], int]) -> None:
+        if not counts:
+            return
+        rows = [(cid, minute, n) for (cid, minute), n in counts.items()]
+        async with self._read() as conn, conn.transaction():
+            await conn.executemany(
+                "INSERT INTO uplink_counts (connection_id, minute, count)"
+                " SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM connections WHERE id = $1)"
+                " ON CONFLICT (connection_id, minute)"
+                " DO UPDATE SET count = uplink_counts.count + excluded.count",
+                rows,
+            )
+
+    async def uplink_count(self, connection_id: str, first_minute: int, last_minute: int) -> int:
+        async with self._read() as conn:
+            value = await conn.fetchval(
+                "SELECT coalesce(sum(count), 0) FROM uplink_counts"
+                " WHERE connection_id = $1 AND minute BETWEEN $2 AND $3",
+                connection_id,
+                first_minute,
+                last_minute,
+            )
+        return int(value)
+
+    async def prune_uplink_counts(self, before_minute: int) -> None:
+        async with self._read() as conn:
+            await conn.execute("DELETE FROM uplink_counts WHERE minute < $1", before_minute)
+
+    async def alarm_states(self) -> list[AlarmState]:
+        async with self._read() as conn:
+            rows = await conn.fetch(
+                "SELECT connection_id, alarm, fingerprint, active, since, rate, window_start,"
+                " window_end FROM alarm_states ORDER BY connection_id, alarm"
+            )
+        return [
+            AlarmState(
+                r["connection_id"],
+                r["alarm"],
+                r["fingerprint"],
+                r["active"],
+                r["since"],
+                r["rate"],
+                r["window_start"],
+                r["window_end"],
+            )
+            for r in rows
+        ]
+
+    async def set_alarm_state(self, state: AlarmState, *, expect_active: bool) -> bool:
+        async with self._read() as conn, conn.transaction():
+            # The row lock (or the key's, while there is no row) serialises the instances.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1), $2)", state.connection_id, state.alarm
+            )
+            row = await conn.fetchrow(
+                "SELECT fingerprint, active FROM alarm_states"
+                " WHERE connection_id = $1 AND alarm = $2",
+                state.connection_id,
+                state.alarm,
+            )
+            current = bool(row and row["fingerprint"] == state.fingerprint and row["active"])
+            if current != expect_active:
+                return False
+            try:
+                await conn.execute(
+                    "INSERT INTO alarm_states (connection_id, alarm, fingerprint, active, since,"
+                    " rate, window_start, window_end) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                    " ON CONFLICT (connection_id, alarm) DO UPDATE SET"
+                    " fingerprint = excluded.fingerprint, active = excluded.active,"
+                    " since = excluded.since, rate = excluded.rate,"
+                    " window_start = excluded.window_start, window_end = excluded.window_end",
+                    state.connection_id,
+                    state.alarm,
+                    state.fingerprint,
+                    state.active,
+                    state.since,
+                    state.rate,
+                    state.window_start,
+                    state.window_end,
+                )
+            except asyncpg.ForeignKeyViolationError:
+                raise NotFoundError(f"connection {state.connection_id!r} not found") from None
+        return True
 
 
 async def _check_writable(conn: Any, connection_id: str) -> None:

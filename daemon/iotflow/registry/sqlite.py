@@ -26,6 +26,7 @@ from iotflow.connectors.connection import Connection
 from iotflow.errors import ConflictError, NotFoundError, RegistryError
 from iotflow.registry.store import (
     DEFAULT_MAX_EVENTS,
+    AlarmState,
     ChangeFeed,
     ChangeHub,
     DeviceBinding,
@@ -426,6 +427,98 @@ class SqliteStore:
             for row in rows
         ]
         return events, int(total_rows[0][0])
+
+    # -- alarms
+
+    async def add_uplink_counts(self, counts: Mapping[tuple[str, int], int]) -> None:
+        if not counts:
+            return
+        rows = [(cid, minute, n, cid) for (cid, minute), n in counts.items()]
+        async with self._write() as tx:
+            await tx.db.executemany(
+                "INSERT INTO uplink_counts (connection_id, minute, count)"
+                " SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM connections WHERE id = ?)"
+                " ON CONFLICT (connection_id, minute) DO UPDATE SET count = count + excluded.count",
+                rows,
+            )
+
+    async def uplink_count(self, connection_id: str, first_minute: int, last_minute: int) -> int:
+        async with self._read() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT coalesce(sum(count), 0) FROM uplink_counts"
+                    " WHERE connection_id = ? AND minute BETWEEN ? AND ?",
+                    (connection_id, first_minute, last_minute),
+                )
+            )
+        return int(rows[0][0])
+
+    async def prune_uplink_counts(self, before_minute: int) -> None:
+        async with self._write() as tx:
+            await tx.db.execute("DELETE FROM uplink_counts WHERE minute < ?", (before_minute,))
+
+    async def alarm_states(self) -> list[AlarmState]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT connection_id, alarm, fingerprint, active, since, rate, window_start,"
+                " window_end FROM alarm_states ORDER BY connection_id, alarm"
+            )
+        return [
+            AlarmState(
+                r[0],
+                int(r[1]),
+                r[2],
+                bool(r[3]),
+                datetime.fromisoformat(r[4]),
+                float(r[5]),
+                _time(r[6]),
+                _time(r[7]),
+            )
+            for r in rows
+        ]
+
+    async def set_alarm_state(self, state: AlarmState, *, expect_active: bool) -> bool:
+        async with self._write() as tx:
+            rows = list(
+                await tx.db.execute_fetchall(
+                    "SELECT fingerprint, active FROM alarm_states"
+                    " WHERE connection_id = ? AND alarm = ?",
+                    (state.connection_id, state.alarm),
+                )
+            )
+            current = bool(rows and rows[0][0] == state.fingerprint and rows[0][1])
+            if current != expect_active:
+                return False
+            try:
+                await tx.db.execute(
+                    "INSERT INTO alarm_states (connection_id, alarm, fingerprint, active, since,"
+                    " rate, window_start, window_end) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (connection_id, alarm) DO UPDATE SET"
+                    " fingerprint = excluded.fingerprint, active = excluded.active,"
+                    " since = excluded.since, rate = excluded.rate,"
+                    " window_start = excluded.window_start, window_end = excluded.window_end",
+                    (
+                        state.connection_id,
+                        state.alarm,
+                        state.fingerprint,
+                        int(state.active),
+                        state.since.isoformat(),
+                        state.rate,
+                        _iso(state.window_start),
+                        _iso(state.window_end),
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise NotFoundError(f"connection {state.connection_id!r} not found") from None
+        return True
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _time(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
 
 
 async def _provisioned(db: aiosqlite.Connection, connection_id: str) -> bool | None:

@@ -64,6 +64,20 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
+class AlarmState:
+    """Whether an alarm of a connection is raised, since when, and why."""
+
+    connection_id: str
+    alarm: int  # index in the connection's alarms
+    fingerprint: str  # of the alarm's definition
+    active: bool
+    since: datetime
+    rate: float
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Reconciled:
     """What a reconciliation with the config file did, by connection id (each list sorted).
 
@@ -162,6 +176,30 @@ class Store(Protocol):
     ) -> tuple[list[Event], int]:
         """A connection's events, newest first, and their total; NotFoundError if no such
         connection."""
+        ...
+
+    async def add_uplink_counts(self, counts: Mapping[tuple[str, int], int]) -> None:
+        """Add uplinks counted per (connection id, minute since the epoch); counts of
+        connections that no longer exist are ignored."""
+        ...
+
+    async def uplink_count(self, connection_id: str, first_minute: int, last_minute: int) -> int:
+        """Uplinks of a connection in the minutes [first_minute, last_minute]."""
+        ...
+
+    async def prune_uplink_counts(self, before_minute: int) -> None:
+        """Forget the counts of minutes before `before_minute`."""
+        ...
+
+    async def alarm_states(self) -> list[AlarmState]:
+        """Every stored alarm state."""
+        ...
+
+    async def set_alarm_state(self, state: AlarmState, *, expect_active: bool) -> bool:
+        """Store `state` if the alarm's stored state is `expect_active` (no row, or a row of
+        another fingerprint, counts as not active); False, and nothing written, otherwise.
+        This compare-and-set is what lets several instances evaluate one alarm: only the
+        one whose write succeeds announces the raise or the clear."""
         ...
 
     def changes(self) -> ChangeFeed:
