@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from iotflow.alarms.clock import Clock
+from iotflow.alarms.evaluator import Alarms
 from iotflow.api.server import create_app
 from iotflow.config.load import Settings, load_settings
 from iotflow.delivery.manager import Deliveries
@@ -41,6 +43,7 @@ class Daemon:
         self.index = RoutingIndex([], {})
         self.source: MqttSource | None = None
         self.events: EventLog | None = None
+        self.alarms: Alarms | None = None
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -75,12 +78,20 @@ class Daemon:
         self.events = EventLog(self.store)
         self.events.start()
         await self._reconcile(self.settings)
+        self.alarms = Alarms(
+            self.store,
+            self.metrics,
+            self.record,
+            notify=self._notify if config.alarms.notify_topic else None,
+            clock=Clock.from_environment(),
+        )
         self.spool = await Spool.open(config.spool.path)
         self.deliveries = Deliveries(
             spool=self.spool, metrics=self.metrics, settings=config.delivery, record=self.events
         )
         await self.refresh()
         await self.settle()  # workers running before the first uplink arrives
+        await self.alarms.start()
         self._tasks.append(asyncio.create_task(self._follow_changes(), name="registry-changes"))
         self._runner = web.AppRunner(create_app(self), access_log=None)
         await self._runner.setup()
@@ -112,6 +123,8 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.settle()
+        if self.alarms is not None:
+            await self.alarms.close()
         if self.deliveries is not None:
             await self.deliveries.stop(self.settings.config.delivery.drain_timeout.total_seconds())
         if self.spool is not None:
@@ -172,6 +185,8 @@ class Daemon:
                 connections, self.settings.config.delivery, pending
             )
             self.index = RoutingIndex(connections, bindings)
+            if self.alarms is not None:
+                self.alarms.watch(connections)
         task = asyncio.create_task(self.deliveries.complete(transition), name="transition")
         self._transitions.add(task)
         task.add_done_callback(self._transitions.discard)
@@ -252,6 +267,8 @@ class Daemon:
             self.metrics.uplinks_unrouted.inc()
             log.debug("Uplink of an unbound device", devEUI=uplink.dev_eui, topic=incoming.topic)
             return None
+        if self.alarms is not None:
+            self.alarms.count(targets)
         document = orjson.dumps(actility_document(uplink))
         return self._commit(document, uplink.dev_eui, uplink.time.timestamp(), received_at, targets)
 
@@ -295,6 +312,11 @@ class Daemon:
             payload=incoming.payload[:_LOGGED_PAYLOAD].decode("utf-8", "replace"),
             size=len(incoming.payload),
         )
+
+    async def _notify(self, message: dict[str, Any]) -> None:
+        if self.source is None:
+            raise ConnectionError("no broker connection yet")
+        await self.source.publish(self.settings.config.alarms.notify_topic, orjson.dumps(message))
 
     # -- health ----------------------------------------------------------------------------
 

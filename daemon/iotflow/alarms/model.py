@@ -1,14 +1,21 @@
-"""An alarm of a connection, as the product's API writes it."""
+"""An alarm of a connection, as the product's API writes it.
+
+What the fields mean over time (wall clock, DST, recurrence) is in ``schedule.py``; this
+module only refuses what that schedule could not make sense of.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Weekday = Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+
+MAX_WINDOW = timedelta(days=31)
+"""The longest first window: longer ones are almost certainly a mistaken date."""
 
 
 class Recurrence(BaseModel):
@@ -18,6 +25,33 @@ class Recurrence(BaseModel):
     byDays: list[Weekday] | None = None
     interval: Annotated[int, Field(ge=1)] = 1
     until: datetime | None = None
+
+    @field_validator("byDays")
+    @classmethod
+    def _distinct_days(cls, value: list[Weekday] | None) -> list[Weekday] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("must name at least one day; leave it out for the start's weekday")
+        repeated = sorted({day for day in value if value.count(day) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(repeated)} more than once")
+        return value
+
+    @field_validator("until")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("needs a UTC offset, e.g. 2019-12-31T18:00:00+01:00")
+        return value
+
+    @model_validator(mode="after")
+    def _days_need_weeks(self) -> Recurrence:
+        # Refused rather than ignored: "daily" with "byDays" most likely meant "weekly",
+        # and silently dropping the days would raise alarms on days nobody expects.
+        if self.byDays is not None and self.frequency != "weekly":
+            raise ValueError(f"byDays only applies to frequency 'weekly', not {self.frequency!r}")
+        return self
 
 
 class Alarm(BaseModel):
@@ -50,4 +84,32 @@ class Alarm(BaseModel):
     def _ordered(self) -> Alarm:
         if self.endTime <= self.startTime:
             raise ValueError("endTime must be after startTime")
+        if self.endTime - self.startTime > MAX_WINDOW:
+            raise ValueError(
+                f"the window from startTime to endTime lasts {self.endTime - self.startTime},"
+                f" longer than the {MAX_WINDOW.days} days allowed"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _recurs_sensibly(self) -> Alarm:
+        for index, entry in enumerate(self.recurrence):
+            if entry.until is not None and entry.until < self.startTime:
+                raise ValueError(
+                    f"recurrence[{index}].until {entry.until.isoformat()} is before"
+                    f" startTime {self.startTime.isoformat()}"
+                )
+        if self.recurrence:
+            # Occurrences repeat the window's wall-clock times. A window that ends, on the
+            # wall clock, no later than it starts (start in the first pass of a fall-back
+            # hour, end in the second) would repeat as empty windows.
+            zone = ZoneInfo(self.timezone)
+            local_start = self.startTime.astimezone(zone).replace(tzinfo=None)
+            local_end = self.endTime.astimezone(zone).replace(tzinfo=None)
+            if local_end <= local_start:
+                raise ValueError(
+                    f"a recurring window must end after it starts on the wall clock of"
+                    f" {self.timezone}: it runs from {local_start.isoformat()} to"
+                    f" {local_end.isoformat()} local time"
+                )
         return self

@@ -180,5 +180,12 @@ class MqttSource:
                     raise _Reconnect(str(exc)) from exc
             acker.ack(mid, qos)
 
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Publish on the source broker (alarm notifications), QoS 1."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            raise ConnectionError("not connected to the broker")
+        await client.publish(topic, payload, qos=1)
+
     def stop(self) -> None:
         self._stopping.set()
