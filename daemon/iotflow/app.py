@@ -26,6 +26,7 @@ from iotflow.sources.mqtt import Incoming, MqttSource
 from iotflow.spool import Spool
 from iotflow.telemetry import logging as logs
 from iotflow.telemetry.metrics import Metrics
+from iotflow.telemetry.systemd import Notifier
 
 log = logs.get_logger("iotflow")
 
@@ -37,6 +38,7 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.notifier = Notifier()  # sd_notify; a no-op outside systemd
         self.store: Store | None = None
         self.spool: Spool | None = None
         self.deliveries: Deliveries | None = None
@@ -62,12 +64,18 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        # From the event loop, for the whole life of the process (start and drain too).
+        watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="watchdog")
         try:
             await self.start()
             log.info("iotflow running", config=self.settings.path)
             await self._serve()
         finally:
+            self.notifier.stopping()
             await self.shutdown()
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+            self.notifier.close()
         return 0
 
     async def start(self) -> None:
@@ -100,6 +108,14 @@ class Daemon:
         log.info("API listening", listen=config.api.listen)
         self.source = MqttSource(config.mqtt, self.handle, self.metrics)
         self._tasks.append(asyncio.create_task(self.source.run(), name="source"))
+        self._tasks.append(asyncio.create_task(self._announce_ready(), name="systemd-ready"))
+
+    async def _announce_ready(self) -> None:
+        """READY=1 once the source has subscribed: systemd's start is complete then."""
+        assert self.source is not None
+        self.notifier.status("Waiting for the broker")
+        await self.source.consuming.wait()
+        self.notifier.ready()
 
     async def _serve(self) -> None:
         stop = asyncio.create_task(self._stop.wait())
@@ -108,7 +124,9 @@ class Daemon:
             await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
             if self._reload.is_set():
                 self._reload.clear()
-                await self.reload()
+                # RELOADING=1 … READY=1, also when the reload is refused.
+                with self.notifier.reload_scope():
+                    await self.reload()
             reload.cancel()
 
     async def shutdown(self) -> None:
