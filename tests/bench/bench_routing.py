@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -108,7 +109,7 @@ class Child:
                 loop.remove_reader(fd)
         try:
             kind, value = self._conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # OSError: the child died in the middle of a message
             self.process.join(5)
             raise RuntimeError(
                 f"{self.name} exited (code {self.process.exitcode}) without an answer"
@@ -160,7 +161,6 @@ async def _cloud(conn: Connection, delay: float) -> None:
     fcnts: list[int] = []
     seen: set[tuple[str, str, int]] = set()
     malformed = 0
-    ok = web.Response(body=b'{"ok":true}', content_type="application/json")
 
     async def handle(request: web.Request) -> web.StreamResponse:
         nonlocal malformed
@@ -180,8 +180,7 @@ async def _cloud(conn: Connection, delay: float) -> None:
         devs.append(dev)
         fcnts.append(fcnt)
         seen.add((request.path, dev, fcnt))
-        # A prepared Response cannot be sent twice; a copy of a small one is cheap.
-        return web.Response(body=ok.body, content_type="application/json")
+        return web.Response(body=b'{"ok":true}', content_type="application/json")
 
     app = web.Application()
     app.router.add_post("/{tail:.*}", handle)
@@ -230,7 +229,6 @@ class Published:
     times: list[float]  # monotonic time each uplink was handed to the client, by sequence
     acked: float  # monotonic time the last PUBACK arrived
     cpu: float  # CPU seconds the publisher used from the first publish to the last PUBACK
-    topics: int  # distinct topics, for the record
 
 
 def publisher_process(
@@ -285,7 +283,7 @@ async def _publish(
                 times[seq] = time.monotonic()
                 group.create_task(send(topic, payload))
         acked, cpu = time.monotonic(), time.process_time() - cpu
-    return Published(times, acked, cpu, len({topic for topic, _ in messages}))
+    return Published(times, acked, cpu)
 
 
 # -- the ceiling --------------------------------------------------------------------------------
@@ -449,6 +447,8 @@ class Figures:
     ceiling_errors: int = 0
     ratio_end_to_end: float = 0.0
     ratio_steady: float = 0.0
+    # 1-minute load average of the machine before and after: others' work skews the figures.
+    load_average: tuple[float, float] = (math.nan, math.nan)
 
 
 def analyse(
@@ -583,6 +583,8 @@ async def run(args: argparse.Namespace, workdir: Path, figures: Figures) -> None
     until = time.monotonic() + args.deadline
     devices = device_euis(args.devices)
     children: list[Child] = []
+    # The suite saves the broker's persistence every second, for its crash tests; here that
+    # would be the broker's work rather than the daemon's (1800 s is mosquitto's default).
     broker = Mosquitto(autosave_interval=1800)
     daemon: BenchDaemon | None = None
     try:
@@ -735,7 +737,8 @@ def report(args: argparse.Namespace, figures: Figures, spool_fs: str) -> str:
         f"iotflow routing: {f.uplinks} {args.format} uplinks from {args.devices} devices,"
         f" fanout {args.fanout} ({f.expected} deliveries), max_in_flight {args.in_flight},"
         f" publish {pace}, cloud delay {args.cloud_delay:g} ms\n"
-        f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()},"
+        f"machine: {os.cpu_count()} CPUs, load average {f.load_average[0]:.2f} before,"
+        f" {f.load_average[1]:.2f} after; Python {platform.python_version()};"
         f" spool on {spool_fs}"
     )
     width = max(len(name) for name, _ in rows)
@@ -790,6 +793,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def bounded(args: argparse.Namespace, workdir: Path, figures: Figures) -> None:
+    # SIGTERM (a CI timeout, `kill`) stops the run the way Ctrl-C does: everything started
+    # is stopped on the way out, nothing is left running.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     try:
         async with asyncio.timeout(args.deadline):
             await run(args, workdir, figures)
@@ -805,14 +813,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="iotflow-bench-", dir=args.dir))
     spool_fs = filesystem_of(workdir)
     figures = Figures(uplinks=args.n, fanout=args.fanout, expected=args.n * args.fanout)
+    load_before = os.getloadavg()[0]
     try:
         asyncio.run(bounded(args, workdir, figures))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench_routing: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
     except Exception as exc:
         print(f"bench_routing: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
+        figures.load_average = (load_before, os.getloadavg()[0])
         if args.keep:
             print(f"work directory kept: {workdir}", file=sys.stderr)
         else:

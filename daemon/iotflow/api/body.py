@@ -15,6 +15,7 @@ from iotflow.formats import normalize_dev_eui
 
 DEFAULT_PER_PAGE = 20
 MAX_PER_PAGE = 100
+MAX_PAGE = 1_000_000
 
 
 async def read_object(request: web.Request) -> dict[str, Any]:
@@ -36,11 +37,11 @@ async def read_object(request: web.Request) -> dict[str, Any]:
 
 
 def page_params(request: web.Request) -> tuple[int, int]:
-    """`page` (from 1) and `perPage` (1 to 100, default 20) from the query."""
+    """`page` (1 to 1 000 000) and `perPage` (1 to 100, default 20) from the query."""
     problems: list[Problem] = []
     values: dict[str, int] = {}
     for name, default, high in (
-        ("page", 1, 1_000_000),
+        ("page", 1, MAX_PAGE),
         ("perPage", DEFAULT_PER_PAGE, MAX_PER_PAGE),
     ):
         text = request.query.get(name)

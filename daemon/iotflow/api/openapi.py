@@ -5,12 +5,12 @@ from __future__ import annotations
 import functools
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 from pydantic.json_schema import models_json_schema
 
 from iotflow import __version__
 from iotflow.alarms.model import Alarm
-from iotflow.api.body import MAX_PER_PAGE
+from iotflow.api.body import MAX_PAGE, MAX_PER_PAGE
 from iotflow.api.routes import BASE
 from iotflow.connectors.connection import ID_PATTERN
 from iotflow.connectors.cumulocity import CumulocityConfig
@@ -18,26 +18,57 @@ from iotflow.connectors.http import BRANDS, HttpConfig
 from iotflow.connectors.mqtt import AwsConfig, MqttConfig
 from iotflow.telemetry.metrics import STATES
 
-ConnectorId = Literal[
-    "actility-http-iot", "actility-mqtt-iot", "actility-aws-iot", "actility-cumulocity-iot"
-]
-Configuration = HttpConfig | MqttConfig | AwsConfig | CumulocityConfig
 
+class _ConnectionInput(BaseModel):
+    """What every connection takes, whatever its connector."""
 
-class ConnectionInput(BaseModel):
-    """A connection as POST and PUT take it (read-only fields are ignored when sent back)."""
-
-    model_config = ConfigDict(extra="forbid", title="ConnectionInput")
+    model_config = ConfigDict(extra="forbid")
 
     id: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
     name: Annotated[str, Field(min_length=1, max_length=200)]
-    connectorId: ConnectorId
-    brand: str | None = Field(default=None, json_schema_extra={"enum": [*sorted(BRANDS), None]})
     active: bool = True
     alarms: list[Alarm] = Field(default_factory=list)
-    configuration: Configuration = Field(
-        description="The connector's configuration; see GET /connectors for each schema."
-    )
+
+
+class HttpConnectionInput(_ConnectionInput):
+    connectorId: Literal["actility-http-iot"]
+    brand: str | None = Field(default=None, json_schema_extra={"enum": [*sorted(BRANDS), None]})
+    configuration: HttpConfig
+
+
+class MqttConnectionInput(_ConnectionInput):
+    connectorId: Literal["actility-mqtt-iot"]
+    brand: None = None
+    configuration: MqttConfig
+
+
+class AwsConnectionInput(_ConnectionInput):
+    connectorId: Literal["actility-aws-iot"]
+    brand: None = None
+    configuration: AwsConfig
+
+
+class CumulocityConnectionInput(_ConnectionInput):
+    connectorId: Literal["actility-cumulocity-iot"]
+    brand: None = None
+    configuration: CumulocityConfig
+
+
+class ConnectionInput(
+    RootModel[
+        Annotated[
+            HttpConnectionInput
+            | MqttConnectionInput
+            | AwsConnectionInput
+            | CumulocityConnectionInput,
+            Field(discriminator="connectorId"),
+        ]
+    ]
+):
+    """A connection as POST and PUT take it: the configuration is the connector's (see GET
+    /connectors); only HTTP connections have brands. Read-only fields are ignored when sent back."""
+
+    model_config = ConfigDict(title="ConnectionInput")
 
 
 class Statistics(BaseModel):
@@ -145,19 +176,30 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 
 _PAGE = [
-    {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 1}},
+    {
+        "name": "page",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 1},
+    },
     {
         "name": "perPage",
         "in": "query",
         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE, "default": 20},
     },
 ]
-_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_CONNECTOR_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": ID_PATTERN},
+}
 _EUI = {
     "name": "devEUI",
     "in": "path",
     "required": True,
-    "schema": {"type": "string"},
+    # What `normalize_dev_eui` accepts: 16 hex digits once the separators are removed.
+    "schema": {"type": "string", "pattern": r"^[-:]*(?:[0-9A-Fa-f][-:]*){16}$"},
     "description": "16 hex digits; '-' or ':' separators and lower case accepted",
 }
 
@@ -181,7 +223,7 @@ def _paths() -> dict[str, Any]:
         f"{BASE}/connectors/{{id}}": {
             "get": {
                 "summary": "One connector",
-                "parameters": [_ID],
+                "parameters": [_CONNECTOR_ID],
                 "responses": {"200": _json(_ref("Connector"), "A connector"), **_errors(404)},
             }
         },

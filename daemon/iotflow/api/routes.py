@@ -61,6 +61,17 @@ def _input(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in READ_ONLY}
 
 
+def _parse(body: dict[str, Any], default_id: str) -> Connection:
+    try:
+        return parse_connection(body, default_id=default_id)
+    except OverflowError:
+        # A duration past timedelta's range ("9999999999w") escapes pydantic as OverflowError
+        # instead of a field error; still the client's input, so still a 422.
+        raise ApiError(
+            422, "validation_failed", "A number in the request is too large for its field."
+        ) from None
+
+
 # -- connectors ----------------------------------------------------------------------------
 
 
@@ -96,7 +107,7 @@ async def list_connections(request: web.Request) -> web.Response:
 async def create_connection(request: web.Request) -> web.Response:
     daemon = daemon_of(request)
     body = _input(await read_object(request))
-    connection = parse_connection(body, default_id=uuid.uuid4().hex[:12])
+    connection = _parse(body, default_id=uuid.uuid4().hex[:12])
     created = await daemon.registry.create_connection(connection)
     daemon.record(created.id, "connection_created", {"by": "api"})
     await daemon.refresh()
@@ -119,12 +130,12 @@ async def replace_connection(request: web.Request) -> web.Response:
     current = await daemon.registry.get_connection(cid)
     if current.provisioned:
         raise _provisioned(cid)
-    if body.get("id", cid) != cid:
+    if body.get("id") not in (None, cid):  # null, as in POST, means "the one in the path"
         raise invalid([Problem("id", f"must be {cid!r}, the connection's id in the path")])
     # A secret read back as "*****" and sent again keeps its stored value.
     stored = current.document(reveal=True)
     body["configuration"] = unmask(body.get("configuration", {}), stored.get("configuration"))
-    connection = parse_connection(body, default_id=cid)
+    connection = _parse(body, default_id=cid)
     replaced = await daemon.registry.replace_connection(connection)
     changed = sorted(
         key

@@ -116,7 +116,11 @@ class MqttSource:
         acker = ManualAck(client)
         # Acknowledgements leave in arrival order (MQTT 5 section 4.6), each once its uplink is
         # committed; a queue per session, so nothing is acked on a later connection.
-        acks: asyncio.Queue[tuple[int, int, Awaitable[None] | None]] = asyncio.Queue()
+        # Bounded by our Receive Maximum: some brokers (Mosquitto 2.0.11) exceed the quota
+        # once acknowledgements flow, and we must not take in more than we can commit.
+        acks: asyncio.Queue[tuple[int, int, Awaitable[None] | None]] = asyncio.Queue(
+            maxsize=self.settings.receive_maximum
+        )
         async with client:
             self._client = client
             self.connected.set()
@@ -162,7 +166,7 @@ class MqttSource:
             payload = message.payload if isinstance(message.payload, bytes) else b""
             incoming = Incoming(message.topic.value, payload, self._match(message.topic))
             pending = self._handler(incoming)
-            acks.put_nowait((message.mid, message.qos, pending))
+            await acks.put((message.mid, message.qos, pending))
 
     async def _ack_loop(
         self, acks: asyncio.Queue[tuple[int, int, Awaitable[None] | None]], acker: ManualAck
