@@ -114,9 +114,11 @@ class DaemonProcess:
             cwd=self.workdir,
             env={**os.environ, **self.env},
         )
+        ready = sum(1 for e in self.logs if e.get("event") == "Consuming uplinks")
         self._reader = asyncio.create_task(self._read(self.process))
         if wait:
-            await self.wait_log(lambda e: e.get("event") == "Consuming uplinks")
+            # The logs of earlier runs are kept: wait for this run's line.
+            await self.wait_log(lambda e: e.get("event") == "Consuming uplinks", count=ready + 1)
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None

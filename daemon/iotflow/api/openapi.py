@@ -65,8 +65,10 @@ class ConnectionInput(
         ]
     ]
 ):
-    """A connection as POST and PUT take it: the configuration is the connector's (see GET
-    /connectors); only HTTP connections have brands. Read-only fields are ignored when sent back."""
+    """A connection as POST and PUT take it, its configuration the connector's (GET /connectors).
+
+    Only HTTP connections have brands. Read-only fields are ignored when sent back.
+    """
 
     model_config = ConfigDict(title="ConnectionInput")
 
@@ -83,6 +85,33 @@ class Statistics(BaseModel):
     lastDeliveryTime: str | None
 
 
+class AlarmStatus(BaseModel):
+    """Where one alarm of a connection stands."""
+
+    alarm: int = Field(description="index in the connection's alarms")
+    state: str = Field(
+        json_schema_extra={"enum": ["PENDING", "OUTSIDE_WINDOW", "OBSERVING", "CLEAR", "RAISED"]}
+    )
+    rate: float | None = None
+    window: dict[str, str | None] | None = None
+    evaluatedAt: str | None = None
+    evaluatedFrom: str | None = None
+    since: str | None = None
+    raisedRate: float | None = None
+
+
+class ActiveAlarm(BaseModel):
+    """A raised alarm."""
+
+    connectionId: str
+    alarm: int
+    message: str
+    threshold: float
+    rate: float
+    since: str | None
+    window: dict[str, str | None]
+
+
 class Connection(BaseModel):
     """A connection as the API shows it: secrets as "*****", and its status."""
 
@@ -97,6 +126,7 @@ class Connection(BaseModel):
     startupTime: str | None
     statistics: Statistics
     provisioned: bool
+    alarmStates: list[AlarmStatus]
 
 
 class Device(BaseModel):
@@ -311,6 +341,15 @@ def _paths() -> dict[str, Any]:
                 "responses": {"204": {"description": "Unbound"}, **_errors(400, 404, 409)},
             },
         },
+        f"{BASE}/alarms": {
+            "get": {
+                "summary": "Raised alarms, across connections",
+                "responses": {
+                    "200": _json({"type": "array", "items": _ref("ActiveAlarm")}, "Raised alarms"),
+                    **_errors(),
+                },
+            }
+        },
         f"{BASE}/openapi.json": {
             "get": {
                 "summary": "This document",
@@ -331,6 +370,7 @@ def openapi_document() -> dict[str, Any]:
         Event,
         Error,
         Connector,
+        ActiveAlarm,
     ]
     _, definitions = models_json_schema(
         [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"

@@ -14,6 +14,7 @@ from iotflow.connectors import CATALOG, Connection, connector_document, parse_co
 from iotflow.connectors.connection import CONNECTION_ID
 from iotflow.delivery.worker import Statistics, iso
 from iotflow.errors import NotFoundError, Problem
+from iotflow.formats import normalize_dev_eui
 from iotflow.registry import Event
 
 if TYPE_CHECKING:
@@ -54,22 +55,12 @@ def connection_document(daemon: Daemon, connection: Connection) -> dict[str, Any
     stats = worker.stats if worker is not None else Statistics()
     document["statistics"] = stats.document()
     document["provisioned"] = connection.provisioned
+    document["alarmStates"] = daemon.alarms.states_of(connection.id) if daemon.alarms else []
     return document
 
 
 def _input(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in READ_ONLY}
-
-
-def _parse(body: dict[str, Any], default_id: str) -> Connection:
-    try:
-        return parse_connection(body, default_id=default_id)
-    except OverflowError:
-        # A duration past timedelta's range ("9999999999w") escapes pydantic as OverflowError
-        # instead of a field error; still the client's input, so still a 422.
-        raise ApiError(
-            422, "validation_failed", "A number in the request is too large for its field."
-        ) from None
 
 
 # -- connectors ----------------------------------------------------------------------------
@@ -107,7 +98,7 @@ async def list_connections(request: web.Request) -> web.Response:
 async def create_connection(request: web.Request) -> web.Response:
     daemon = daemon_of(request)
     body = _input(await read_object(request))
-    connection = _parse(body, default_id=uuid.uuid4().hex[:12])
+    connection = parse_connection(body, default_id=uuid.uuid4().hex[:12])
     created = await daemon.registry.create_connection(connection)
     daemon.record(created.id, "connection_created", {"by": "api"})
     await daemon.refresh()
@@ -135,7 +126,7 @@ async def replace_connection(request: web.Request) -> web.Response:
     # A secret read back as "*****" and sent again keeps its stored value.
     stored = current.document(reveal=True)
     body["configuration"] = unmask(body.get("configuration", {}), stored.get("configuration"))
-    connection = _parse(body, default_id=cid)
+    connection = parse_connection(body, default_id=cid)
     replaced = await daemon.registry.replace_connection(connection)
     changed = sorted(
         key
@@ -185,6 +176,15 @@ def event_document(event: Event) -> dict[str, Any]:
     }
 
 
+# -- alarms --------------------------------------------------------------------------------
+
+
+@routes.get(f"{BASE}/alarms")
+async def list_alarms(request: web.Request) -> web.Response:
+    daemon = daemon_of(request)
+    return json(daemon.alarms.active() if daemon.alarms else [])
+
+
 # -- devices -------------------------------------------------------------------------------
 
 
@@ -214,7 +214,7 @@ async def put_device(request: web.Request) -> web.Response:
     daemon = daemon_of(request)
     dev_eui = dev_eui_param(request)
     body = await read_object(request)
-    wanted = _connection_ids(body)
+    wanted = _connection_ids(body, dev_eui)
     try:
         before = set(await daemon.registry.get_device(dev_eui))
     except NotFoundError:
@@ -242,10 +242,17 @@ async def delete_device(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _connection_ids(body: dict[str, Any]) -> list[str]:
+def _connection_ids(body: dict[str, Any], dev_eui: str) -> list[str]:
     problems = [
         Problem(key, "unknown field") for key in body if key not in ("connections", "devEUI")
     ]
+    if "devEUI" in body:
+        try:
+            same = normalize_dev_eui(str(body["devEUI"])) == dev_eui
+        except ValueError:
+            same = False
+        if not same:
+            problems.append(Problem("devEUI", f"must be {dev_eui}, the device in the path"))
     value = body.get("connections")
     if not isinstance(value, list):
         problems.append(Problem("connections", "expected a list of connection ids"))

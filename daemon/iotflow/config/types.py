@@ -27,7 +27,10 @@ def parse_duration(value: object) -> timedelta:
     match = _DURATION.match(value)
     if match is None:
         raise ValueError(f"{value!r} is not a duration: use a number and a unit (ms, s, m, h, d)")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    try:
+        return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    except OverflowError:
+        raise ValueError(f"{value!r} is out of range") from None
 
 
 def format_duration(value: timedelta) -> str:
