@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from iotflow.config.model import DeliverySettings
 from iotflow.connectors.connection import Connection
 from iotflow.delivery.worker import ConnectionWorker, EventRecorder
-from iotflow.sinks import Sink, create_sink
+from iotflow.downlinks import DownlinkHandler
+from iotflow.sinks import Sink, SinkContext, create_sink
 from iotflow.spool import Delivery, Spool
 from iotflow.telemetry.logging import get_logger
 from iotflow.telemetry.metrics import Metrics
@@ -20,12 +21,18 @@ log = get_logger("iotflow.delivery")
 SinkFactory = Callable[[Connection, DeliverySettings], Sink]
 
 
-def default_sink_factory(connection: Connection, settings: DeliverySettings) -> Sink:
-    return create_sink(
-        connection,
-        timeout=settings.timeout.total_seconds(),
-        max_in_flight=settings.max_in_flight,
-    )
+def make_sink_factory(downlink: DownlinkHandler | None = None) -> SinkFactory:
+    """Sinks made with the delivery settings of the moment and the daemon's downlink path."""
+
+    def make(connection: Connection, settings: DeliverySettings) -> Sink:
+        context = SinkContext(
+            timeout=settings.timeout.total_seconds(),
+            max_in_flight=settings.max_in_flight,
+            downlink=downlink,
+        )
+        return create_sink(connection, context)
+
+    return make
 
 
 @dataclass
@@ -48,13 +55,13 @@ class Deliveries:
         metrics: Metrics,
         settings: DeliverySettings,
         record: EventRecorder,
-        sink_factory: SinkFactory = default_sink_factory,
+        sink_factory: SinkFactory | None = None,
     ) -> None:
         self._spool = spool
         self._metrics = metrics
         self._settings = settings
         self._record = record
-        self._sink_factory = sink_factory
+        self._sink_factory = sink_factory or make_sink_factory()
         self.workers: dict[str, ConnectionWorker] = {}
         self._lock = asyncio.Lock()  # transitions complete one at a time, in order
 

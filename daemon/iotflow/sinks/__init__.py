@@ -5,7 +5,7 @@ from __future__ import annotations
 from iotflow.connectors.connection import Connection
 from iotflow.connectors.http import HttpConfig
 from iotflow.errors import PermanentSinkError
-from iotflow.sinks.base import Sink
+from iotflow.sinks.base import Sink, SinkContext
 from iotflow.sinks.http import HttpSink
 from iotflow.spool import Delivery
 
@@ -33,11 +33,12 @@ class UnavailableSink:
         pass
 
 
-def create_sink(connection: Connection, *, timeout: float, max_in_flight: int) -> Sink:
+def create_sink(connection: Connection, context: SinkContext) -> Sink:
+    """The sink of a connection's connector: one module per connector, one line here."""
     config = connection.configuration
     if isinstance(config, HttpConfig):
-        return HttpSink(config, timeout=timeout, max_in_flight=max_in_flight)
+        return HttpSink(config, timeout=context.timeout, max_in_flight=context.max_in_flight)
     return UnavailableSink(connection.connectorId)
 
 
-__all__ = ["Sink", "create_sink"]
+__all__ = ["Sink", "SinkContext", "create_sink"]

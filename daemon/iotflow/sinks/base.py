@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Protocol
 
+from iotflow.downlinks import DownlinkHandler
 from iotflow.errors import AuthenticationSinkError, PermanentSinkError, RetryableSinkError
 from iotflow.spool import Delivery
 
 MAX_ERROR_BODY = 512  # characters of a cloud's answer kept in errors and events
+
+
+@dataclass(frozen=True, slots=True)
+class SinkContext:
+    """What the daemon gives a sink besides its connection."""
+
+    timeout: float  # seconds, one send
+    max_in_flight: int
+    # Where a sink that receives commands from its cloud hands them (None: not available).
+    downlink: DownlinkHandler | None = None
 
 
 class Sink(Protocol):
