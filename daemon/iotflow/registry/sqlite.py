@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 import orjson
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from iotflow.connectors.connection import Connection
 from iotflow.errors import ConflictError, NotFoundError, RegistryError
@@ -55,6 +56,10 @@ MEMORY = ":memory:"
 class _Tx:
     db: aiosqlite.Connection
     changed: bool = False  # set by a write that touched connections or bindings
+
+
+def _locked(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
 
 
 def _now() -> str:
@@ -122,7 +127,17 @@ class SqliteStore:
             db = await aiosqlite.connect(self.path, isolation_level=None)
             try:
                 await db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-                await db.execute("PRAGMA journal_mode = WAL")
+                # Switching a new file to WAL takes an exclusive lock, and SQLite answers
+                # "database is locked" at once instead of waiting (no busy handler there):
+                # two processes opening a new registry together must retry.
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception(_locked),
+                    stop=stop_after_delay(self._busy_timeout_ms / 1000),
+                    wait=wait_random_exponential(multiplier=0.01, max=0.2),
+                    reraise=True,
+                ):
+                    with attempt:
+                        await db.execute("PRAGMA journal_mode = WAL")
                 # NORMAL is durable against a crash of the process under WAL; the registry
                 # is small and rewritten from the API or the config file if a power cut
                 # loses its last transaction (the spool, which cannot, uses FULL).
