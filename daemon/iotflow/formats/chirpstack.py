@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from iotflow.formats.fields import MAX_BYTE, MAX_FREQUENCY_HZ, Fields, best_first, gateway_id
+from iotflow.formats.fields import MAX_BYTE, MAX_FREQUENCY_HZ, Fields, gateway_id, radio
 from iotflow.formats.uplink import Gateway, Radio, Uplink
 
 
@@ -65,7 +65,6 @@ def _radio(root: Fields, rx_info: list[Fields]) -> Radio:
                 longitude=location.opt_float("longitude") if location is not None else None,
             )
         )
-    ordered = best_first(gateways)
     tx_info = root.opt_obj("txInfo")
     frequency_hz = spreading_factor = None
     if tx_info is not None:
@@ -75,11 +74,9 @@ def _radio(root: Fields, rx_info: list[Fields]) -> Radio:
         if lora is not None:  # FSK and LR-FHSS have no spreading factor
             spreading_factor = lora.opt_int("spreadingFactor", high=MAX_BYTE)
     dev_addr = root.opt_str("devAddr")
-    return Radio(
-        rssi=ordered[0].rssi if ordered else None,
-        snr=ordered[0].snr if ordered else None,
+    return radio(
+        gateways,
+        frequency_hz=frequency_hz,
         spreading_factor=spreading_factor,
-        frequency_mhz=frequency_hz / 1_000_000 if frequency_hz is not None else None,
-        dev_addr=dev_addr.upper() if dev_addr is not None else None,
-        gateways=ordered,
+        dev_addr=dev_addr,
     )

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from iotflow.errors import Rejection
-from iotflow.formats.uplink import Gateway
+from iotflow.formats.uplink import Gateway, Radio
 
 # Numeric strings (older ThingPark releases, protobuf JSON 64-bit integers). A regex rather
 # than int()/float() alone: those also accept "1_000", " 7 " and non-ASCII digits, and
@@ -90,6 +90,25 @@ def best_first(gateways: list[Gateway]) -> tuple[Gateway, ...]:
 
     best = max(range(len(gateways)), key=lambda i: quality(gateways[i]))
     return (gateways[best], *gateways[:best], *gateways[best + 1 :])
+
+
+def radio(
+    gateways: list[Gateway],
+    *,
+    frequency_hz: int | None,
+    spreading_factor: int | None,
+    dev_addr: str | None,
+) -> Radio:
+    """Radio metadata of a network server that lists its gateways (ChirpStack, TTS)."""
+    ordered = best_first(gateways)
+    return Radio(
+        rssi=ordered[0].rssi if ordered else None,
+        snr=ordered[0].snr if ordered else None,
+        spreading_factor=spreading_factor,
+        frequency_mhz=frequency_hz / 1_000_000 if frequency_hz is not None else None,
+        dev_addr=dev_addr.upper() if dev_addr is not None else None,
+        gateways=ordered,
+    )
 
 
 def _as_int(value: Any) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from iotflow.formats.fields import MAX_BYTE, MAX_FREQUENCY_HZ, Fields, best_first, gateway_id
+from iotflow.formats.fields import MAX_BYTE, MAX_FREQUENCY_HZ, Fields, gateway_id, radio
 from iotflow.formats.uplink import Gateway, Radio, Uplink
 
 # TTS Cloud names the tenant in `network_ids`; The Things Network (community) often does not.
@@ -77,7 +77,6 @@ def _radio(ids: Fields, up: Fields, rx_metadata: list[Fields]) -> Radio:
                 longitude=location.opt_float("longitude") if location is not None else None,
             )
         )
-    ordered = best_first(gateways)
     settings = up.opt_obj("settings")
     frequency_hz = spreading_factor = None
     if settings is not None:
@@ -87,11 +86,9 @@ def _radio(ids: Fields, up: Fields, rx_metadata: list[Fields]) -> Radio:
         if lora is not None:  # FSK and LR-FHSS have no spreading factor
             spreading_factor = lora.opt_int("spreading_factor", high=MAX_BYTE)
     dev_addr = ids.opt_str("dev_addr")
-    return Radio(
-        rssi=ordered[0].rssi if ordered else None,
-        snr=ordered[0].snr if ordered else None,
+    return radio(
+        gateways,
+        frequency_hz=frequency_hz,
         spreading_factor=spreading_factor,
-        frequency_mhz=frequency_hz / 1_000_000 if frequency_hz is not None else None,
-        dev_addr=dev_addr.upper() if dev_addr is not None else None,
-        gateways=ordered,
+        dev_addr=dev_addr,
     )
