@@ -16,10 +16,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from .ports import free_port
+from .server import ServerProcess
 
 HOST = "127.0.0.1"
 
@@ -59,7 +58,7 @@ def _broker_user() -> pwd.struct_passwd | None:
         return None
 
 
-class Mosquitto:
+class Mosquitto(ServerProcess):
     """A mosquitto process in its own temporary directory.
 
     Synchronous on purpose: starting and stopping a process does not need the event
@@ -171,29 +170,6 @@ class Mosquitto:
             if path.exists():
                 parts.append(path.read_text(encoding="utf-8", errors="replace"))
         return "".join(parts)
-
-    def close(self) -> None:
-        """Stop the broker and remove its directory."""
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         where = self.url if self._port is not None else "not started"

@@ -16,12 +16,11 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import pytest
 
 from .ports import free_port
+from .server import ServerProcess
 
 HOST = "127.0.0.1"
 SUPERUSER = "postgres"
@@ -68,7 +67,7 @@ def _clean_environment() -> dict[str, str]:
     return env
 
 
-class Postgres:
+class Postgres(ServerProcess):
     """A PostgreSQL cluster in its own temporary directory, with database `iotflow`.
 
     initdb and pg_ctl refuse to run as root, so as root they run as the `postgres`
@@ -184,29 +183,6 @@ class Postgres:
         if not self.log_path.exists():
             return ""
         return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def close(self) -> None:
-        """Stop the server and remove its directory."""
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         where = f"{HOST}:{self._port}" if self._port is not None else "not started"
