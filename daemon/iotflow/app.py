@@ -17,7 +17,9 @@ from iotflow.alarms.clock import Clock
 from iotflow.alarms.evaluator import Alarms
 from iotflow.api.server import create_app
 from iotflow.config.load import Settings, load_settings
-from iotflow.delivery.manager import Deliveries
+from iotflow.delivery.manager import Deliveries, make_sink_factory
+from iotflow.downlinks.directory import DeviceDirectory
+from iotflow.downlinks.service import Downlinks
 from iotflow.errors import ConfigError, Rejection
 from iotflow.events import EventLog
 from iotflow.formats import actility_document, decode
@@ -47,6 +49,8 @@ class Daemon:
         self.source: MqttSource | None = None
         self.events: EventLog | None = None
         self.alarms: Alarms | None = None
+        self.directory: DeviceDirectory | None = None
+        self.downlinks: Downlinks | None = None
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -97,9 +101,24 @@ class Daemon:
             notify=self._notify if config.alarms.notify_topic else None,
             clock=Clock.from_environment(),
         )
+        self.directory = DeviceDirectory(self.store)
+        self.directory.start()
+        # Before the workers: their sinks hand the commands of their clouds to it.
+        self.downlinks = Downlinks(
+            store=self.store,
+            directory=self.directory,
+            publish=self._publish,
+            record=self.record,
+            metrics=self.metrics,
+            settings=lambda: self.settings.config.downlinks,
+        )
         self.spool = await Spool.open(config.spool.path)
         self.deliveries = Deliveries(
-            spool=self.spool, metrics=self.metrics, settings=config.delivery, record=self.events
+            spool=self.spool,
+            metrics=self.metrics,
+            settings=config.delivery,
+            record=self.events,
+            sink_factory=make_sink_factory(self.downlinks),
         )
         await self.refresh()
         await self.settle()  # workers running before the first uplink arrives
@@ -153,6 +172,8 @@ class Daemon:
             await self.spool.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.directory is not None:
+            await self.directory.close()
         if self.events is not None:
             await self.events.close()
         if self.store is not None:
@@ -291,6 +312,10 @@ class Daemon:
             return None
         if self.alarms is not None:
             self.alarms.count(targets)
+        if self.directory is not None:
+            # Where a downlink to this device must go. Only routed devices: a device that
+            # no connection is bound to gets no downlink, and the broker may carry many.
+            self.directory.remember(uplink.dev_eui, uplink.format, uplink.source)
         # orjson's result keeps its whole working buffer (kilobytes); a right-sized copy is
         # what waits in the spool queue and in the workers' memory.
         document = memoryview(orjson.dumps(actility_document(uplink))).tobytes()
@@ -342,9 +367,13 @@ class Daemon:
         )
 
     async def _notify(self, message: dict[str, Any]) -> None:
+        await self._publish(self.settings.config.alarms.notify_topic, orjson.dumps(message))
+
+    async def _publish(self, topic: str, payload: bytes) -> None:
+        """Publish on the source broker (QoS 1); ConnectionError while there is none."""
         if self.source is None:
             raise ConnectionError("no broker connection yet")
-        await self.source.publish(self.settings.config.alarms.notify_topic, orjson.dumps(message))
+        await self.source.publish(topic, payload)
 
     # -- health ----------------------------------------------------------------------------
 

@@ -1,8 +1,13 @@
-"""Bearer tokens for the management API (health, readiness and metrics stay open)."""
+"""Bearer tokens for the management API (health, readiness and metrics stay open).
+
+Downlinks posted by clouds are the exception: they carry their connection's own
+credentials (see iotflow.downlinks.signature), not the operators' bearer token.
+"""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Collection
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -26,9 +31,16 @@ def authenticated(header: str | None, tokens: list[bytes]) -> bool:
     return matched
 
 
-def auth_middleware(tokens: list[bytes]) -> Middleware:
+def auth_middleware(tokens: list[bytes], exempt: Collection[str] = ()) -> Middleware:
+    """Bearer tokens on every route under API_PREFIX but the `exempt` ones (their canonical
+    paths, e.g. `/iot-flow/v1/downlinkMessages/{id}`), which authenticate on their own."""
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # By the route that matched, not by a path prefix: nothing else can slip through.
+        resource = request.match_info.route.resource
+        if resource is not None and resource.canonical in exempt:
+            return await handler(request)
         if request.path.startswith(API_PREFIX) and not authenticated(
             request.headers.get("Authorization"), tokens
         ):

@@ -11,11 +11,12 @@ from pydantic.json_schema import models_json_schema
 from iotflow import __version__
 from iotflow.alarms.model import Alarm
 from iotflow.api.body import MAX_PAGE, MAX_PER_PAGE
-from iotflow.api.routes import BASE
+from iotflow.api.routes import BASE, DOWNLINK_ROUTE
 from iotflow.connectors.connection import ID_PATTERN
 from iotflow.connectors.cumulocity import CumulocityConfig
 from iotflow.connectors.http import BRANDS, HttpConfig
 from iotflow.connectors.mqtt import AwsConfig, MqttConfig
+from iotflow.downlinks.parse import MAX_CORRELATION_ID, MAX_PAYLOAD_BYTES
 from iotflow.telemetry.metrics import STATES
 
 
@@ -159,6 +160,53 @@ class Error(BaseModel):
     details: list[ErrorDetail]
 
 
+_DEV_EUI = r"^[-:]*(?:[0-9A-Fa-f][-:]*){16}$"  # what `normalize_dev_eui` accepts
+_PAYLOAD_HEX = rf"^(?:[0-9A-Fa-f]{{2}}){{0,{MAX_PAYLOAD_BYTES}}}$"
+_Port = Annotated[int, Field(ge=1, le=223)] | Annotated[str, Field(pattern=r"^[0-9]{1,3}$")]
+_Flag = bool | Literal[0, 1, "0", "1", "true", "false"]
+_Correlation = Annotated[str, Field(min_length=1, max_length=MAX_CORRELATION_ID)]
+
+
+class ThingParkDownlink(BaseModel):
+    """ThingPark's downlink; its other fields (Time, AS_ID, ValidityTime...) are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    DevEUI: Annotated[str, Field(pattern=_DEV_EUI)]
+    FPort: _Port | None = Field(default=None, description="default: the connection's downlinkPort")
+    payload_hex: Annotated[str, Field(pattern=_PAYLOAD_HEX)]
+    Confirmed: _Flag | None = None
+    CorrelationID: _Correlation | None = None
+
+
+class ThingParkDownlinkMessage(BaseModel):
+    DevEUI_downlink: ThingParkDownlink
+
+
+class FlatDownlink(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    DevEUI: Annotated[str, Field(pattern=_DEV_EUI)]
+    FPort: _Port | None = Field(default=None, description="default: the connection's downlinkPort")
+    payload_hex: Annotated[str, Field(pattern=_PAYLOAD_HEX)]
+    confirmed: _Flag | None = None
+    correlationId: _Correlation | None = None
+
+
+class DownlinkInput(RootModel[ThingParkDownlinkMessage | FlatDownlink]):
+    """A downlink: ThingPark's `DevEUI_downlink` document, or the same fields flat."""
+
+    model_config = ConfigDict(title="DownlinkInput")
+
+
+class DownlinkAccepted(BaseModel):
+    """Published to the device's network server on the source broker."""
+
+    devEUI: str
+    fPort: int
+    topic: str
+
+
 class Connector(BaseModel):
     id: str
     producerId: str
@@ -203,6 +251,22 @@ def _errors(*statuses: int) -> dict[str, Any]:
         503: "Registry unavailable",
     }
     return {str(s): _json(_ref("Error"), texts[s]) for s in (401, 503, *statuses)}
+
+
+_SIGNED = [
+    {
+        "name": name,
+        "in": "query",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1},
+        "description": text,
+    }
+    for name, text in (
+        ("AS_ID", "the connection's downlinkAsId"),
+        ("Time", "ISO 8601 with offset; within [downlinks] max_time_deviation of the server"),
+        ("Token", "last: hex SHA-256 of the query before Token, the body and downlinkAsKey"),
+    )
+]
 
 
 _PAGE = [
@@ -350,6 +414,42 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        DOWNLINK_ROUTE: {
+            "post": {
+                "summary": "Send a downlink to a device of the connection, through its network"
+                " server",
+                "description": "Signed as ThingPark signs downlinks, with the connection's"
+                " downlinkAsId and downlinkAsKey instead of the bearer token: the query carries"
+                " AS_ID, Time and, last, Token = lower-case hex SHA-256 of (the query before"
+                " '&Token=', percent-decoded) + (the body) + (downlinkAsKey). Each Token is"
+                " accepted once.",
+                "security": [{"downlinkToken": []}],
+                "parameters": [_ID, *_SIGNED],
+                "requestBody": _body("DownlinkInput"),
+                "responses": {
+                    "202": _json(_ref("DownlinkAccepted"), "Published on the source broker"),
+                    **{
+                        str(status): _json(_ref("Error"), text)
+                        for status, text in (
+                            (401, "Missing, wrong, stale or replayed signature"),
+                            (404, "No such connection"),
+                            (413, "Body too large"),
+                            (415, "Body is not application/json"),
+                            (
+                                422,
+                                "Refused; code: not_json, wrong_shape, bad_dev_eui, bad_port,"
+                                " bad_payload, unknown_device or disabled",
+                            ),
+                            (
+                                503,
+                                "Source broker not connected (not_connected), or registry"
+                                " unavailable",
+                            ),
+                        )
+                    },
+                },
+            }
+        },
         f"{BASE}/openapi.json": {
             "get": {
                 "summary": "This document",
@@ -371,6 +471,8 @@ def openapi_document() -> dict[str, Any]:
         Error,
         Connector,
         ActiveAlarm,
+        DownlinkInput,
+        DownlinkAccepted,
     ]
     _, definitions = models_json_schema(
         [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
@@ -387,6 +489,14 @@ def openapi_document() -> dict[str, Any]:
         "paths": _paths(),
         "components": {
             "schemas": definitions["$defs"],
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "downlinkToken": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "Token",
+                    "description": f"With AS_ID and Time; see POST {DOWNLINK_ROUTE}",
+                },
+            },
         },
     }

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from iotflow.api.body import dev_eui_param, json, page_params, paginated, read_object
+from iotflow.api.body import (
+    dev_eui_param,
+    json,
+    page_params,
+    paginated,
+    read_json_bytes,
+    read_object,
+)
 from iotflow.api.errors import ApiError, invalid
-from iotflow.config.types import unmask
+from iotflow.config.types import secret_value, unmask
 from iotflow.connectors import CATALOG, Connection, connector_document, parse_connection
 from iotflow.connectors.connection import CONNECTION_ID
 from iotflow.delivery.worker import Statistics, iso
+from iotflow.downlinks import DownlinkRejected, parse_downlink
+from iotflow.downlinks.signature import ReplayGuard, Unauthorized, verify
 from iotflow.errors import NotFoundError, Problem
 from iotflow.formats import normalize_dev_eui
 from iotflow.registry import Event
+from iotflow.telemetry.logging import get_logger
 
 if TYPE_CHECKING:
     from iotflow.app import Daemon
@@ -24,6 +35,12 @@ BASE = "/iot-flow/v1"
 
 # Output fields a client may send back unchanged (GET, edit, PUT): ignored on input.
 READ_ONLY = ("state", "startupTime", "statistics", "provisioned", "alarmStates")
+
+DOWNLINK_ROUTE = f"{BASE}/downlinkMessages/{{id}}"
+# Tokens of downlink requests accepted lately, so that none is accepted twice.
+REPLAYS: web.AppKey[ReplayGuard] = web.AppKey("downlink_replays", ReplayGuard)
+
+log = get_logger("iotflow.api")
 
 routes = web.RouteTableDef()
 
@@ -282,3 +299,55 @@ async def _check_bindable(daemon: Daemon, changed: set[str]) -> None:
             "The devices of provisioned connections are bound in the config file.",
             problems,
         )
+
+
+# -- downlinks -----------------------------------------------------------------------------
+
+
+@routes.post(DOWNLINK_ROUTE)
+async def post_downlink(request: web.Request) -> web.Response:
+    """A cloud's command to one of its devices, signed with the connection's AS id and key
+    (see iotflow.downlinks.signature), published to the device's network server."""
+    daemon = daemon_of(request)
+    cid = connection_id(request)
+    connection = await daemon.registry.get_connection(cid)
+    body = await read_json_bytes(request)
+    config = connection.configuration
+    settings = daemon.settings.config.downlinks
+    try:
+        token, sent_at = verify(
+            request.rel_url.raw_query_string,
+            body,
+            as_id=config.downlinkAsId,
+            key=secret_value(config.downlinkAsKey),
+            now=datetime.now(UTC),
+            max_deviation=settings.max_time_deviation,
+        )
+        request.app[REPLAYS].use(token, sent_at, settings.max_time_deviation)
+    except Unauthorized as exc:
+        log.warning("Downlink request not authenticated", connection=cid, error=str(exc))
+        raise ApiError(
+            401,
+            "unauthorized",
+            f"Sign the request with the connection's downlinkAsId and downlinkAsKey: {exc}.",
+            headers={"WWW-Authenticate": 'ThingPark-Token realm="iotflow downlinks"'},
+        ) from None
+    downlinks = daemon.downlinks
+    if downlinks is None:
+        raise ApiError(503, "not_ready", "The daemon is starting; try again shortly.")
+    try:
+        downlink = parse_downlink(body, default_port=config.downlinkPort)
+    except DownlinkRejected as rejection:
+        downlinks.rejected(cid, rejection)
+        raise _downlink_error(rejection) from None
+    try:
+        sent = await downlinks.send(cid, downlink, connection=connection)
+    except DownlinkRejected as rejection:
+        raise _downlink_error(rejection) from None
+    return json({"devEUI": sent.dev_eui, "fPort": sent.f_port, "topic": sent.topic}, status=202)
+
+
+def _downlink_error(rejection: DownlinkRejected) -> ApiError:
+    status = 503 if rejection.reason == "not_connected" else 422
+    details = [Problem(rejection.path, rejection.message)] if rejection.path else []
+    return ApiError(status, rejection.reason, f"Downlink refused: {rejection.message}.", details)

@@ -11,7 +11,8 @@ from iotflow.api.auth import auth_middleware
 from iotflow.api.body import json
 from iotflow.api.errors import error_middleware
 from iotflow.api.openapi import openapi_document
-from iotflow.api.routes import BASE, routes
+from iotflow.api.routes import BASE, DOWNLINK_ROUTE, REPLAYS, routes
+from iotflow.downlinks.signature import ReplayGuard
 
 if TYPE_CHECKING:
     from iotflow.app import Daemon
@@ -48,9 +49,10 @@ def create_app(daemon: Daemon) -> web.Application:
     tokens = [t.get_secret_value().encode() for t in api.tokens]
     app = web.Application(
         client_max_size=api.max_body_bytes,
-        middlewares=[error_middleware, auth_middleware(tokens)],
+        middlewares=[error_middleware, auth_middleware(tokens, exempt={DOWNLINK_ROUTE})],
     )
     app[DAEMON] = daemon
+    app[REPLAYS] = ReplayGuard()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from iotflow.config.types import Duration, Secret
-from iotflow.formats import FORMATS
+from iotflow.formats import FORMATS, Template
 
 
 class Section(BaseModel):
@@ -166,6 +166,32 @@ class AlarmSettings(Section):
     notify_topic: str = ""
 
 
+class DownlinkSettings(Section):
+    # Where ThingPark's network server takes downlinks on the source broker (its MQTT
+    # connection subscribes where its operator tells it to); `{DevEUI}`, `{FPort}` templates.
+    actility_topic: Annotated[str, Field(min_length=1)] = "tpx/things/{DevEUI}/downlink"
+    # HTTP downlinks: how far the request's signed `Time` may be from our clock, as
+    # ThingPark's "Max Time Deviation"; a captured request is worthless after it.
+    max_time_deviation: Duration = timedelta(minutes=5)
+    # How long the source broker may take to acknowledge a downlink (QoS 1).
+    publish_timeout: Duration = timedelta(seconds=10)
+
+    @field_validator("actility_topic")
+    @classmethod
+    def _publishable(cls, value: str) -> str:
+        Template(value)  # raises ValueError with the position of the mistake
+        if any(c in value for c in "+#"):
+            raise ValueError("a topic to publish on may not contain '+' or '#'")
+        return value
+
+    @field_validator("max_time_deviation", "publish_timeout")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be more than 0s")
+        return value
+
+
 class Config(Section):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
@@ -174,6 +200,7 @@ class Config(Section):
     log: LogSettings = Field(default_factory=LogSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     alarms: AlarmSettings = Field(default_factory=AlarmSettings)
+    downlinks: DownlinkSettings = Field(default_factory=DownlinkSettings)
     # Validated one by one against the connector catalog by the loader, so that each
     # problem is reported with its connector's own key paths.
     connections: list[dict[str, Any]] = Field(default_factory=list)

@@ -40,6 +40,7 @@ from iotflow.registry.store import (
     group_bindings,
     load_connection,
     load_connections,
+    load_device_source,
     load_migrations,
     plan_reconcile,
 )
@@ -570,6 +571,34 @@ class PostgresStore:
             except asyncpg.ForeignKeyViolationError:
                 raise NotFoundError(f"connection {state.connection_id!r} not found") from None
         return True
+
+    # -- device sources
+
+    async def remember_device_source(
+        self, dev_eui: str, fmt: str, source: Mapping[str, str]
+    ) -> None:
+        # One statement, no advisory lock: it touches neither connections nor bindings,
+        # and two instances writing the same device at once both write a true value.
+        async with self._read() as conn:
+            await conn.execute(
+                "INSERT INTO device_sources (dev_eui, format, source, updated_at)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (dev_eui) DO UPDATE SET"
+                " format = excluded.format, source = excluded.source,"
+                " updated_at = excluded.updated_at",
+                dev_eui,
+                fmt,
+                dict(source),
+                datetime.now(UTC),
+            )
+
+    async def device_source(self, dev_eui: str) -> tuple[str, dict[str, str]] | None:
+        async with self._read() as conn:
+            row = await conn.fetchrow(
+                "SELECT format, source FROM device_sources WHERE dev_eui = $1", dev_eui
+            )
+        if row is None:
+            return None
+        return load_device_source(row["format"], row["source"])
 
 
 async def _check_writable(conn: Any, connection_id: str) -> None:

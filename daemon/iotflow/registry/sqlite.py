@@ -37,6 +37,7 @@ from iotflow.registry.store import (
     group_bindings,
     load_connection,
     load_connections,
+    load_device_source,
     load_migrations,
     plan_reconcile,
 )
@@ -526,6 +527,31 @@ class SqliteStore:
             except sqlite3.IntegrityError:
                 raise NotFoundError(f"connection {state.connection_id!r} not found") from None
         return True
+
+    # -- device sources
+
+    async def remember_device_source(
+        self, dev_eui: str, fmt: str, source: Mapping[str, str]
+    ) -> None:
+        async with self._write() as tx:
+            await tx.db.execute(
+                "INSERT INTO device_sources (dev_eui, format, source, updated_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (dev_eui) DO UPDATE SET"
+                " format = excluded.format, source = excluded.source,"
+                " updated_at = excluded.updated_at",
+                (dev_eui, fmt, _dumps(dict(source)), _now()),
+            )
+
+    async def device_source(self, dev_eui: str) -> tuple[str, dict[str, str]] | None:
+        async with self._read() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT format, source FROM device_sources WHERE dev_eui = ?", (dev_eui,)
+                )
+            )
+        if not rows:
+            return None
+        return load_device_source(rows[0][0], orjson.loads(rows[0][1]))
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -95,7 +95,8 @@ class Reconciled:
 
 
 class Store(Protocol):
-    """Connections, device bindings and event logs, in SQLite or PostgreSQL.
+    """Connections, device bindings, event logs, alarm state and the network servers of
+    devices, in SQLite or PostgreSQL.
 
     Errors: NotFoundError and ConflictError as documented per method; any failure of the
     database itself is a RegistryError. DevEUIs are expected normalised (16 upper-case hex).
@@ -200,6 +201,17 @@ class Store(Protocol):
         another fingerprint, counts as not active); False, and nothing written, otherwise.
         This compare-and-set is what lets several instances evaluate one alarm: only the
         one whose write succeeds announces the raise or the clear."""
+        ...
+
+    async def remember_device_source(
+        self, dev_eui: str, fmt: str, source: Mapping[str, str]
+    ) -> None:
+        """Store the network server of a device's latest uplink: its input format and that
+        server's identifiers of the device (for downlinks), replacing what was stored."""
+        ...
+
+    async def device_source(self, dev_eui: str) -> tuple[str, dict[str, str]] | None:
+        """The input format and identifiers last stored for a device; None if none were."""
         ...
 
     def changes(self) -> ChangeFeed:
@@ -440,6 +452,13 @@ def load_connections(rows: Iterable[Sequence[Any]]) -> list[Connection]:
             error = str(exc)
         log.error("Stored connection skipped", connection=connection_id, error=error)
     return result
+
+
+def load_device_source(fmt: str, source: Any) -> tuple[str, dict[str, str]]:
+    """A stored device source as the directory uses it (an object of strings)."""
+    if not isinstance(source, dict):
+        return fmt, {}
+    return fmt, {str(k): str(v) for k, v in source.items() if v is not None}
 
 
 def check_page(offset: int, limit: int) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from iotflow.connectors.connection import Connection
+from iotflow.connectors.cumulocity import CumulocityConfig
 from iotflow.connectors.http import HttpConfig
+from iotflow.connectors.mqtt import AwsConfig, MqttConfig
 from iotflow.errors import PermanentSinkError
+from iotflow.sinks.aws import AwsSink
 from iotflow.sinks.base import Sink, SinkContext
+from iotflow.sinks.cumulocity import CumulocitySink
 from iotflow.sinks.http import HttpSink
+from iotflow.sinks.mqtt import MqttSink
 from iotflow.spool import Delivery
 
 
@@ -38,6 +43,12 @@ def create_sink(connection: Connection, context: SinkContext) -> Sink:
     config = connection.configuration
     if isinstance(config, HttpConfig):
         return HttpSink(config, timeout=context.timeout, max_in_flight=context.max_in_flight)
+    if isinstance(config, CumulocityConfig):
+        return CumulocitySink(connection.id, config, context)
+    if isinstance(config, MqttConfig):
+        return MqttSink(connection.id, config, context)
+    if isinstance(config, AwsConfig):
+        return AwsSink(connection.id, config, context)
     return UnavailableSink(connection.connectorId)
 
 

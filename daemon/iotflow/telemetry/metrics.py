@@ -6,8 +6,11 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from iotflow.downlinks.model import REASONS
+
 STATES = ("DEACTIVATED", "OPENING", "OPENED", "AUTHENTICATION_FAILED", "CLOSED")
 OUTCOMES = ("delivered", "expired", "failed", "dropped")
+DOWNLINK_OUTCOMES = ("sent", *REASONS)  # a downlink is sent, or refused for one reason
 
 
 class Metrics:
@@ -70,6 +73,12 @@ class Metrics:
         self.mqtt_connected = Gauge(
             "iotflow_mqtt_connected", "1 while connected to the source broker", registry=r
         )
+        self.downlinks = Counter(
+            "iotflow_downlinks",
+            "Downlinks from clouds, by connection and outcome (sent, or why it was refused)",
+            ["connection", "outcome"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "iotflow_config_reloads", "Config reloads, by result", ["result"], registry=r
         )
@@ -84,6 +93,8 @@ class Metrics:
             _remove(self.connection_state, connection, s)
         for outcome in OUTCOMES:
             _remove(self.deliveries, connection, outcome)
+        for outcome in DOWNLINK_OUTCOMES:
+            _remove(self.downlinks, connection, outcome)
         for metric in (self.retries, self.latency, self.spool_pending):
             _remove(metric, connection)
 
