@@ -162,7 +162,8 @@ class ConnectionWorker:
         if not self.connection.active:
             return
         await self._sink.start()
-        self._set_state("OPENED")
+        # A sink whose session opens at the first delivery (MQTT) stays OPENING until then.
+        self._set_state("OPENED" if await self._sink.healthcheck() else "OPENING")
         self._spawn(self._refill_loop())
         for _ in range(self.settings.max_in_flight):
             self._spawn(self._work_loop())
@@ -296,7 +297,7 @@ class ConnectionWorker:
             await self._circuit.release(probe)
             raise
         await self._circuit.success(probe)
-        if self._auth_failed:
+        if self._auth_failed or self.state == "OPENING":
             self._auth_failed = False
             self._set_state("OPENED")
 
