@@ -99,6 +99,17 @@ async def get(daemon: DaemonProcess, path: str) -> Any:
         return await r.json()
 
 
+def alarm_daemon(workdir: Path, mosquitto: Mosquitto, cloud: FakeCloud) -> DaemonProcess:
+    """A daemon watching one connection, notifying on NOTIFY, its alarm clock accelerated."""
+    return DaemonProcess(
+        workdir,
+        broker_url=mosquitto.url,
+        connections=[alarm_connection(cloud)],
+        extra=f'[alarms]\nnotify_topic = "{NOTIFY}"\n',
+        env={"IOTFLOW_TEST_CLOCK_SPEED": str(SPEED)},
+    )
+
+
 def evaluated(raised: bool) -> Any:
     return lambda e: e.get("event") == "Alarm evaluated" and e.get("raised") is raised
 
@@ -109,13 +120,7 @@ async def test_raise_and_clear_on_an_accelerated_clock(
     cloud: FakeCloud,
     notifications: asyncio.Queue[dict[str, Any]],
 ) -> None:
-    daemon = DaemonProcess(
-        tmp_path / "alarms",
-        broker_url=mosquitto.url,
-        connections=[alarm_connection(cloud)],
-        extra=f'[alarms]\nnotify_topic = "{NOTIFY}"\n',
-        env={"IOTFLOW_TEST_CLOCK_SPEED": str(SPEED)},
-    )
+    daemon = alarm_daemon(tmp_path / "alarms", mosquitto, cloud)
     try:
         await daemon.start()
         async with Publisher(mosquitto) as publisher:
@@ -162,13 +167,7 @@ async def test_a_raised_alarm_survives_a_restart_without_a_second_raise(
     cloud: FakeCloud,
     notifications: asyncio.Queue[dict[str, Any]],
 ) -> None:
-    daemon = DaemonProcess(
-        tmp_path / "restart",
-        broker_url=mosquitto.url,
-        connections=[alarm_connection(cloud)],
-        extra=f'[alarms]\nnotify_topic = "{NOTIFY}"\n',
-        env={"IOTFLOW_TEST_CLOCK_SPEED": str(SPEED)},
-    )
+    daemon = alarm_daemon(tmp_path / "restart", mosquitto, cloud)
     try:
         await daemon.start()
         # Nothing at all is published: once an hour is observed, it is raised.
