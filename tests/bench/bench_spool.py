@@ -1,6 +1,6 @@
 """Spool throughput and append latency under concurrent appends of ~600-byte documents.
 
-    PYTHONPATH=daemon .venv/bin/python bench/bench_spool.py -n 20000 --fanout 2
+    PYTHONPATH=daemon .venv/bin/python tests/bench/bench_spool.py -n 20000 --fanout 2
 
 `--concurrency` is the number of appends in flight at once, as an MQTT client with that
 many unacknowledged QoS 1 messages would have. The spool file goes in a temporary
