@@ -9,6 +9,7 @@ connections API would carry them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -291,10 +292,41 @@ async def test_a_wrong_certificate_shows_authentication_failed(
     assert document["statistics"]["delivered"] == 0
 
 
+def network_server_command(fmt: str, dev: str, payload: bytes) -> str:
+    """The topic on which the device's network server expects a downlink."""
+    if fmt == "chirpstack":
+        application_id = orjson.loads(payload)["deviceInfo"]["applicationId"]
+        return f"application/{application_id}/device/{dev.lower()}/command/down"
+    if fmt == "tts":
+        return f"v3/demo-app@ttn/devices/eui-{dev.lower()}/down/push"
+    return f"tpx/things/{dev}/downlink"
+
+
+def port_and_payload(fmt: str, command: Any) -> tuple[int, str]:
+    """FPort and hex payload of a downlink in the network server's own format."""
+    if fmt == "chirpstack":
+        return command["fPort"], base64.b64decode(command["data"]).hex()
+    if fmt == "tts":
+        (downlink,) = command["downlinks"]
+        return downlink["f_port"], base64.b64decode(downlink["frm_payload"]).hex()
+    inner = command["DevEUI_downlink"]
+    return int(inner["FPort"]), inner["payload_hex"]
+
+
+@pytest.mark.parametrize("fmt", ["chirpstack", "tts", "actility"])
 async def test_a_cloud_downlink_reaches_the_network_server(
-    tmp_path: Path, mosquitto: Mosquitto, cloud: Mosquitto, pki: Pki, daemons: list[DaemonProcess]
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    cloud: Mosquitto,
+    pki: Pki,
+    daemons: list[DaemonProcess],
+    fmt: str,
 ) -> None:
-    dev = "A840414FC1821D01"
+    dev = {
+        "chirpstack": "A840414FC1821D01",
+        "tts": "70B3D57ED0051D02",
+        "actility": "0018B20000001D03",
+    }[fmt]
     connections = [
         mqtt_connection(
             "commands",
@@ -308,12 +340,11 @@ async def test_a_cloud_downlink_reaches_the_network_server(
         )
     ]
     daemon = DaemonProcess(
-        tmp_path / "mqtt-downlink", broker_url=mosquitto.url, connections=connections
+        tmp_path / f"mqtt-downlink-{fmt}", broker_url=mosquitto.url, connections=connections
     )
     daemons.append(daemon)
-    topic, payload = uplink("chirpstack", dev, 1)
-    application_id = orjson.loads(payload)["deviceInfo"]["applicationId"]
-    command_topic = f"application/{application_id}/device/{dev.lower()}/command/down"
+    topic, payload = uplink(fmt, dev, 1)
+    command_topic = network_server_command(fmt, dev, payload)
     async with (
         CloudApplication(cloud, application_tls(pki), "tpx/things/+/uplink") as application,
         aiomqtt.Client(mosquitto.host, mosquitto.port) as network_server,
@@ -331,7 +362,5 @@ async def test_a_cloud_downlink_reaches_the_network_server(
             message = await anext(aiter(network_server.messages))
     assert message.topic.value == command_topic
     assert isinstance(message.payload, bytes)
-    command = orjson.loads(message.payload)
-    assert command["devEui"] == dev.lower()
-    assert command["fPort"] == 10  # the connection's downlinkPort
-    assert command["data"] == "AQID"  # 01 02 03
+    # The connection's downlinkPort fills the missing FPort; 01 02 03 as sent.
+    assert port_and_payload(fmt, orjson.loads(message.payload)) == (10, "010203")
