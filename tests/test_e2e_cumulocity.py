@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import aiomqtt
+import orjson
 import pytest
 import pytest_asyncio
 
@@ -126,6 +128,46 @@ async def test_wrong_password_sets_authentication_failed(
         assert c8y.count("GET", "/identity/", status=401) >= 1
         assert not c8y.managed_objects
         assert "not-the-password" not in "\n".join(daemon.output)
+        assert await daemon.stop() == 0
+    finally:
+        await daemon.close()
+
+
+async def test_an_operation_becomes_a_downlink_on_the_network_server(
+    tmp_path: Path, mosquitto: Mosquitto, c8y: FakeCumulocity
+) -> None:
+    dev = "A840414FC182F6E3"
+    topic, payload = uplink("chirpstack", dev, 1)
+    application_id = orjson.loads(payload)["deviceInfo"]["applicationId"]
+    command_topic = f"application/{application_id}/device/{dev.lower()}/command/down"
+    daemon = DaemonProcess(
+        tmp_path / "c8y-downlink",
+        broker_url=mosquitto.url,
+        connections=[cumulocity_connection("c8y-dl", c8y, [dev], downlinkEnabled=True)],
+    )
+    try:
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as network_server:
+            await network_server.subscribe(command_topic, qos=1)
+            await daemon.start()
+            # The uplink registers the device in Cumulocity and tells the daemon which
+            # network server the device belongs to.
+            await publish(mosquitto, [(topic, payload)])
+            await c8y.wait_until(lambda: len(c8y.measurements) == 1, what="the uplink")
+            device = c8y.device_of(dev)
+            assert device is not None
+            operation = c8y.add_operation(
+                str(device["id"]), "Open valve", c8y_LoRaDownlink={"fPort": 7, "payloadHex": "0a0b"}
+            )
+            async with asyncio.timeout(60):  # the connection polls every 10 s
+                message = await anext(aiter(network_server.messages))
+        assert message.topic.value == command_topic
+        assert isinstance(message.payload, bytes)
+        command = orjson.loads(message.payload)
+        assert (command["fPort"], command["data"]) == (7, "Cgs=")  # 0a 0b
+        await c8y.wait_until(
+            lambda: c8y.operation_history[operation][-1] == "SUCCESSFUL", what="SUCCESSFUL"
+        )
+        assert c8y.operation_history[operation] == ["PENDING", "EXECUTING", "SUCCESSFUL"]
         assert await daemon.stop() == 0
     finally:
         await daemon.close()
