@@ -500,6 +500,41 @@ async def test_downlinks_reach_the_handler_also_when_sent_while_away(
     assert await again.healthcheck()
 
 
+async def test_a_fleet_shares_the_downlink_subscription(
+    cloud: Mosquitto, pki: Pki, sinks: list[MqttClientSink]
+) -> None:
+    # Two instances of a fleet run the same connection; each downlink must reach one of
+    # them, not both (which would send it to the device twice).
+    changed = asyncio.Event()  # set by either instance's handler
+    first, second = Downlinks(changed=changed), Downlinks(changed=changed)
+    made = []
+    for name, handler in (("a", first), ("b", second)):
+        config = mqtt_config(
+            cloud,
+            pki,
+            downlinkEnabled=True,
+            downlinkTopicPattern="fleet/{DevEUI}/down",
+            downlinkPort=5,
+            clientId=f"iotflow-fleet-{name}",
+        )
+        shared = SinkContext(timeout=5, max_in_flight=32, downlink=handler, shared_group="g1")
+        sink = await started(sinks, MqttSink("fleet", config, shared))
+        await sink.send(delivery())  # opens the session and its subscription
+        made.append(sink)
+    tls = subscriber_tls(pki)
+    async with aiomqtt.Client(cloud.host, cloud.port, tls_context=tls) as app:
+        for n in range(10):
+            await app.publish("fleet/0018B20000000B20/down", b'{"payload_hex": "%02x"}' % n, qos=1)
+        async with asyncio.timeout(15):
+            while len(first.received) + len(second.received) < 10:
+                changed.clear()
+                await changed.wait()
+    payloads = sorted(r.payload for _, r in first.received + second.received)
+    assert payloads == [bytes([n]) for n in range(10)]  # each once, none twice
+    assert first.received
+    assert second.received
+
+
 # -- actility-aws-iot --------------------------------------------------------------------
 
 

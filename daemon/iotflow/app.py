@@ -118,7 +118,7 @@ class Daemon:
             metrics=self.metrics,
             settings=config.delivery,
             record=self.events,
-            sink_factory=make_sink_factory(self.downlinks),
+            sink_factory=make_sink_factory(self.downlinks, config.mqtt.shared_group),
         )
         await self.refresh()
         await self.settle()  # workers running before the first uplink arrives

@@ -21,7 +21,9 @@ log = get_logger("iotflow.delivery")
 SinkFactory = Callable[[Connection, DeliverySettings], Sink]
 
 
-def make_sink_factory(downlink: DownlinkHandler | None = None) -> SinkFactory:
+def make_sink_factory(
+    downlink: DownlinkHandler | None = None, shared_group: str = ""
+) -> SinkFactory:
     """Sinks made with the delivery settings of the moment and the daemon's downlink path."""
 
     def make(connection: Connection, settings: DeliverySettings) -> Sink:
@@ -29,6 +31,7 @@ def make_sink_factory(downlink: DownlinkHandler | None = None) -> SinkFactory:
             timeout=settings.timeout.total_seconds(),
             max_in_flight=settings.max_in_flight,
             downlink=downlink,
+            shared_group=shared_group,
         )
         return create_sink(connection, context)
 

@@ -315,6 +315,10 @@ class ThingRegistrar:
 class AwsSink(MqttClientSink):
     """`actility-aws-iot`: see the module docstring."""
 
+    # AWS IoT Core accepts shared subscriptions from MQTT 5 clients only; this sink speaks
+    # 3.1.1, so in a fleet each instance would receive each downlink (see docs/decisions.md).
+    shares_subscriptions = False
+
     def __init__(self, connection_id: str, config: AwsConfig, context: SinkContext) -> None:
         problem: str | None = None
         try:

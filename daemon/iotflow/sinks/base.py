@@ -21,6 +21,9 @@ class SinkContext:
     max_in_flight: int
     # Where a sink that receives commands from its cloud hands them (None: not available).
     downlink: DownlinkHandler | None = None
+    # The fleet's `[mqtt] shared_group`: instances of a fleet share their subscriptions to a
+    # cloud's downlink topic, so that each downlink is sent once, not once per instance.
+    shared_group: str = ""
 
 
 class Sink(Protocol):

@@ -445,6 +445,9 @@ class MqttClientSink:
     configurations; `_before_publish` is the hook for what a cloud does per uplink.
     """
 
+    # Whether a fleet's instances may share the downlink subscription (`$share/...`).
+    shares_subscriptions = True
+
     def __init__(
         self,
         connection_id: str,
@@ -770,21 +773,25 @@ class MqttClientSink:
         if error is not None:
             raise classify_connect_error(error, self.endpoint, socket_error)
 
+    def _subscription(self, downlinks: DownlinkTopic) -> str:
+        """The downlink filter, shared by the fleet's instances when there is a fleet."""
+        group = self._context.shared_group
+        if not group or not self.shares_subscriptions:
+            return downlinks.filter
+        return f"$share/{group}/{downlinks.filter}"
+
     async def _subscribe(self, client: aiomqtt.Client, downlinks: DownlinkTopic) -> None:
+        topic = self._subscription(downlinks)
         try:
-            granted = await client.subscribe(downlinks.filter, qos=self._qos)
+            granted = await client.subscribe(topic, qos=self._qos)
         except aiomqtt.MqttCodeError as exc:
             granted = [exc.rc] if isinstance(exc.rc, ReasonCode) else []
         codes = [g.value if isinstance(g, ReasonCode) else int(g) for g in granted]
         if any(code >= 0x80 for code in codes):
             # Uplinks still flow; the operator must fix the broker's ACL (or AWS policy).
-            log.warning(
-                "Downlink subscription refused",
-                connection=self.connection_id,
-                topic=downlinks.filter,
-            )
+            log.warning("Downlink subscription refused", connection=self.connection_id, topic=topic)
         else:
-            log.info("Downlinks subscribed", connection=self.connection_id, topic=downlinks.filter)
+            log.info("Downlinks subscribed", connection=self.connection_id, topic=topic)
 
     async def _settle(
         self, *, session: _Session | None = None, error: SinkError | None = None
