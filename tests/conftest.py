@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 
 from support.clouds import FakeCloud
+from support.daemon import DaemonProcess
 from support.mosquitto import Mosquitto
 from support.postgres import Postgres
 
@@ -69,3 +70,12 @@ async def cloud(request: pytest.FixtureRequest) -> AsyncIterator[FakeCloud]:
         yield fake
         if _failed(request):
             request.node.add_report_section("teardown", "fake cloud requests", fake.describe())
+
+
+@pytest_asyncio.fixture
+async def daemons() -> AsyncIterator[list[DaemonProcess]]:
+    """Daemon processes a test starts (append them); killed at its end whatever happened."""
+    made: list[DaemonProcess] = []
+    yield made
+    for daemon in made:
+        await daemon.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,6 @@ def connection(url: str, devices: list[str]) -> dict[str, Any]:
         "devices": devices,
         "configuration": {"destinationURL": url, "uplinkTimeValidity": "1h"},
     }
-
-
-@pytest.fixture
-async def daemons(tmp_path: Path) -> AsyncIterator[list[DaemonProcess]]:
-    made: list[DaemonProcess] = []
-    yield made
-    for daemon in made:
-        await daemon.close()
 
 
 def keys(cloud: FakeCloud) -> list[tuple[str, int]]:

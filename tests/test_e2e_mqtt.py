@@ -12,7 +12,7 @@ import asyncio
 import base64
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +46,6 @@ def cloud(pki: Pki, request: pytest.FixtureRequest) -> Iterator[Mosquitto]:
         yield broker
         # Shown only when the test fails.
         request.node.add_report_section("teardown", "cloud broker log", broker.log_text())
-
-
-@pytest.fixture
-async def daemons(tmp_path: Path) -> AsyncIterator[list[DaemonProcess]]:
-    made: list[DaemonProcess] = []
-    yield made
-    for daemon in made:
-        await daemon.close()
 
 
 def mqtt_connection(

@@ -20,11 +20,12 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
+
+from .server import LocalHttpServer
 
 HOST = "127.0.0.1"
 
@@ -129,7 +130,7 @@ def cayenne() -> Requirement:
 _Scope = str | None  # a request path, or None for every path
 
 
-class FakeCloud:
+class FakeCloud(LocalHttpServer):
     """An aiohttp server on a free port of 127.0.0.1, in the test's event loop."""
 
     def __init__(self) -> None:
@@ -179,28 +180,6 @@ class FakeCloud:
         for gate in self._gates.values():
             gate.set()
         await runner.cleanup()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("the fake cloud has no port before start()")
-        return self._port
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
 
     def url(self, path: str = "/") -> str:
         if not path.startswith("/"):

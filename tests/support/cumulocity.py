@@ -34,11 +34,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .server import LocalHttpServer
 
 HOST = "127.0.0.1"
 INFO = "https://cumulocity.com/guides/reference/rest-implementation"
@@ -82,7 +83,7 @@ class Failure:
         )
 
 
-class FakeCumulocity:
+class FakeCumulocity(LocalHttpServer):
     """An aiohttp server on a free port of 127.0.0.1, in the test's event loop."""
 
     def __init__(
@@ -140,28 +141,6 @@ class FakeCumulocity:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("the fake tenant has no port before start()")
-        return self._port
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
 
     # -- test controls ---------------------------------------------------------------------
 
