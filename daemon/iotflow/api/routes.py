@@ -145,11 +145,8 @@ async def replace_connection(request: web.Request) -> web.Response:
     body["configuration"] = unmask(body.get("configuration", {}), stored.get("configuration"))
     connection = parse_connection(body, default_id=cid)
     replaced = await daemon.registry.replace_connection(connection)
-    changed = sorted(
-        key
-        for key in set(stored) | set(replaced.document(reveal=True))
-        if stored.get(key) != replaced.document(reveal=True).get(key)
-    )
+    now = replaced.document(reveal=True)
+    changed = sorted(key for key in set(stored) | set(now) if stored.get(key) != now.get(key))
     daemon.record(cid, "configuration_changed", {"by": "api", "fields": changed})
     await daemon.refresh()
     return json(connection_document(daemon, replaced))
