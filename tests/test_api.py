@@ -13,7 +13,7 @@ import aiohttp
 import aiomqtt
 import pytest
 
-from fixtures_path import SHARED_FIXTURES
+from fixtures_path import SEEDS
 from support.clouds import FakeCloud, datacake
 from support.daemon import DaemonProcess
 from support.mosquitto import Mosquitto
@@ -23,7 +23,6 @@ pytestmark = pytest.mark.slow
 
 BASE = "/iot-flow/v1"
 AUTH = {"Authorization": "Bearer test-token"}
-SEEDS = SHARED_FIXTURES.parent / "seeds"
 
 
 class Api:

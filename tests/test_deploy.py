@@ -231,7 +231,7 @@ def exported_metric_names() -> set[str]:
 
 
 def test_the_exported_metrics_are_the_contract() -> None:
-    # DESIGN.md "Observability": the names the rules and the dashboard are written against.
+    # docs/architecture.md "Observability": the names the rules and the dashboard use.
     assert exported_metric_names() == {
         "iotflow_uplinks_received_total",
         "iotflow_uplinks_rejected_total",
@@ -246,7 +246,7 @@ def test_the_exported_metrics_are_the_contract() -> None:
         "iotflow_alarm_active",
         "iotflow_mqtt_connected",
         "iotflow_config_reloads_total",
-        # Added with downlinks (docs/downlinks.md), beyond DESIGN.md's table.
+        # Added with downlinks (docs/downlinks.md), beyond the table of docs/architecture.md.
         "iotflow_downlinks_total",
     }
 

@@ -17,7 +17,7 @@ import pytest_asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fixtures_path import SHARED_FIXTURES
+from fixtures_path import FIXTURES
 from iotflow.api.openapi import DownlinkInput, openapi_document
 from iotflow.config.model import DownlinkSettings
 from iotflow.connectors.connection import parse_connection
@@ -238,7 +238,7 @@ def test_what_thingpark_writes_reads_back(
 
 
 def source_of(fixture: str, fmt: str) -> tuple[str, dict[str, str]]:
-    uplink = decode(fmt, (SHARED_FIXTURES / fixture).read_bytes())
+    uplink = decode(fmt, (FIXTURES / fixture).read_bytes())
     return uplink.dev_eui, uplink.source
 
 

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 BASE = "/iot-flow/v1"
 AUTH = {"Authorization": "Bearer test-token"}
-# As in the product's own example connection (shared/seeds/connections-api.md).
+# As in the product's own example connection (tests/seeds/connections-api.md).
 AS_ID, AS_KEY = "TWA_199983788.1972.AS", "9311e33d7d44fc52215b0dc789aa1d22"
 
 DEVICES = {

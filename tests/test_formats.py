@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fixtures_path import SHARED_FIXTURES
+from fixtures_path import FIXTURES
 from iotflow.errors import Rejection
 from iotflow.formats import (
     FORMATS,
@@ -34,7 +34,7 @@ FIXTURE_FORMATS = {
 
 
 def raw(name: str) -> bytes:
-    return (SHARED_FIXTURES / name).read_bytes()
+    return (FIXTURES / name).read_bytes()
 
 
 def fixture(name: str) -> dict[str, Any]:

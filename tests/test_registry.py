@@ -46,7 +46,7 @@ D3 = "0018B20000000B03"
 D9 = "0018B20000000B09"
 SECRET = "Token secret"
 # Generous: a safety net for a stuck test, not a measure. Cross-instance delivery has its
-# own bound (one second, DESIGN.md "Running it").
+# own bound (one second, docs/architecture.md "Running it").
 WAIT = 5.0
 
 

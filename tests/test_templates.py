@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fixtures_path import SHARED_FIXTURES
+from fixtures_path import FIXTURES
 from iotflow.formats import Template, actility_document, decode, render_template, resolve_path
 
 
 def document(name: str = "actility_uplink.json", fmt: str = "actility") -> dict[str, Any]:
-    return actility_document(decode(fmt, (SHARED_FIXTURES / name).read_bytes()))
+    return actility_document(decode(fmt, (FIXTURES / name).read_bytes()))
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Uplinks of each network server's format, made from the shared fixtures with fresh values."""
+"""Uplinks of each network server's format, made from the suite's fixtures with fresh values."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any
 
 import orjson
 
-from fixtures_path import SHARED_FIXTURES
+from fixtures_path import FIXTURES
 
 
 def _fixture(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = orjson.loads((SHARED_FIXTURES / name).read_bytes())
+    data: dict[str, Any] = orjson.loads((FIXTURES / name).read_bytes())
     return data
 
 

@@ -1,6 +1,6 @@
 """The alarm evaluator: trailing-hour uplink rates, raised and cleared during windows.
 
-Semantics (DESIGN.md "Alarms"):
+Semantics (docs/architecture.md "Alarms"):
 - The rate of a connection is the number of uplinks routed to it in the trailing 60 minutes,
   counted in minute buckets. Buckets live in the registry, so that several instances sharing
   one database (and one MQTT share group) count every uplink once, whoever received it.

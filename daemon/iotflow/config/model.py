@@ -1,4 +1,4 @@
-"""The config file, as typed and validated models (TOML, see DESIGN.md "Config file")."""
+"""The config file, as typed and validated models (TOML, see docs/architecture.md "Config file")."""
 
 from __future__ import annotations
 

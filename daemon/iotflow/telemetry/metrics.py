@@ -1,4 +1,4 @@
-"""Prometheus metrics; the names are part of the contract (DESIGN.md "Observability")."""
+"""Prometheus metrics; the names are part of the contract (docs/architecture.md "Observability")."""
 
 from __future__ import annotations
 
