@@ -167,7 +167,7 @@ async def ingest_uplink(request: web.Request) -> web.StreamResponse:
             # status event; counted, and not logged (they are routine).
             daemon.metrics.uplinks_rejected.labels("not_uplink").inc()
             requests.labels(label, "rejected").inc()
-            log.debug("Ingest event that is not an uplink", ingest=label, event=event[:40])
+            log.debug("Ingest event that is not an uplink", ingest=label, kind=event[:40])
             return web.Response(status=204)
     try:
         commit = daemon.accept(entry.format, body, ingest=label)
