@@ -9,6 +9,7 @@ written out here by hand: neither goes through iotflow's own helpers.
 from __future__ import annotations
 
 import hashlib
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -539,3 +540,19 @@ async def test_503_with_retry_after_when_the_spool_cannot_commit(
         )
     finally:
         await daemon.shutdown()
+
+
+@pytest.mark.slow
+async def test_a_reload_rotates_the_credentials_without_a_restart(
+    daemon: DaemonProcess, cloud: FakeCloud, http: aiohttp.ClientSession
+) -> None:
+    url = f"{daemon.api}{INGEST}/tts"
+    assert (await post(http, url, tts(DEV, 80), **{"X-Api-Key": TTS_KEY}))[0] == 200
+    daemon.extra = INGEST_TOML.replace(TTS_KEY, "rotated-key")
+    daemon.write_config([connection(cloud.url("/up"))])
+    await daemon.signal(signal.SIGHUP)
+    await daemon.wait_log(lambda e: e.get("event") == "Config reloaded")
+    assert (await post(http, url, tts(DEV, 81), **{"X-Api-Key": TTS_KEY}))[0] == 401
+    assert (await post(http, url, tts(DEV, 82), **{"X-Api-Key": "rotated-key"}))[0] == 200
+    await cloud.wait_for(2)
+    assert sorted(fcnts(cloud)) == [80, 82]
