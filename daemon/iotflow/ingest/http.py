@@ -122,7 +122,7 @@ async def ingest_uplink(request: web.Request) -> web.StreamResponse:
 
     if entry is None:
         hmac.compare_digest(_DUMMY, _DUMMY)  # about the time a wrong credential takes
-        raise refuse("unauthorized", _unauthorized(), "no such ingest id")
+        raise refuse("unauthorized", _unauthorized(), "no such ingest id", id=ingest_id[:64])
     # Credentials that do not depend on the body are checked before reading it.
     if entry.auth == "header":
         assert entry.header is not None
