@@ -110,7 +110,13 @@ CONFIG: dict[str, Any] = {
                     "expected-statuses": ["2XX", "401", "404", "409", "422"]
                 }
             },
-        }
+        },
+        {
+            # No [[ingest]] entry is configured here: every ingest id is unknown, and an
+            # unknown id is answered as bad credentials are (401).
+            "include-path": f"{BASE}/ingest/{{ingestId}}",
+            "checks": {"positive_data_acceptance": {"expected-statuses": ["2XX", "401"]}},
+        },
     ],
 }
 
@@ -318,6 +324,8 @@ PATHS = [
     f"{BASE}/openapi.json",
     f"{BASE}/downlinkMessages/{PROVISIONED}",
     f"{BASE}/downlinkMessages/..%2Fconnections",
+    f"{BASE}/ingest/nothing",
+    f"{BASE}/ingest/..%2Fconnections",
     f"{BASE}/",
     f"{BASE}/nothing/here",
 ]

@@ -246,6 +246,7 @@ def test_the_exported_metrics_are_the_contract() -> None:
         "iotflow_alarm_active",
         "iotflow_mqtt_connected",
         "iotflow_config_reloads_total",
+        "iotflow_ingest_requests_total",
         # Added with downlinks (docs/downlinks.md), beyond the table of docs/architecture.md.
         "iotflow_downlinks_total",
     }

@@ -294,21 +294,38 @@ class Daemon:
         Returns None when the message can be acknowledged at once (rejected, unrouted),
         else the commit to wait for before acknowledging it.
         """
-        received_at = time.time()
         subscription = incoming.subscription
         if subscription is None:
-            self._reject(incoming, Rejection("no_subscription", "topic matches no subscription"))
+            self._reject(
+                Rejection("no_subscription", "topic matches no subscription"),
+                incoming.payload,
+                topic=incoming.topic,
+            )
             return None
-        self.metrics.uplinks_received.labels(subscription.format).inc()
         try:
-            uplink = decode(subscription.format, incoming.payload)
-        except Rejection as rejection:
-            self._reject(incoming, rejection)
+            return self.accept(subscription.format, incoming.payload, topic=incoming.topic)
+        except Rejection:
             return None
+
+    def accept(self, fmt: str, payload: bytes, **origin: str) -> Awaitable[None] | None:
+        """One uplink of format `fmt`, from the MQTT source or the HTTP ingest: decode,
+        route, count, and start committing its deliveries to the spool.
+
+        `origin` names where it came from in log lines (`topic=`, `ingest=`). Returns None
+        when there is nothing to commit (unrouted), else the commit; a message that is not
+        an uplink raises Rejection, counted and logged already.
+        """
+        received_at = time.time()
+        self.metrics.uplinks_received.labels(fmt).inc()
+        try:
+            uplink = decode(fmt, payload)
+        except Rejection as rejection:
+            self._reject(rejection, payload, **origin)
+            raise
         targets = self.index.route(uplink.dev_eui)
         if not targets:
             self.metrics.uplinks_unrouted.inc()
-            log.debug("Uplink of an unbound device", devEUI=uplink.dev_eui, topic=incoming.topic)
+            log.debug("Uplink of an unbound device", devEUI=uplink.dev_eui, **origin)
             return None
         if self.alarms is not None:
             self.alarms.count(targets)
@@ -344,7 +361,7 @@ class Daemon:
         )
         self.deliveries.dispatch(deliveries)
 
-    def _reject(self, incoming: Incoming, rejection: Rejection) -> None:
+    def _reject(self, rejection: Rejection, payload: bytes, **origin: str) -> None:
         self.metrics.uplinks_rejected.labels(rejection.reason).inc()
         # One line per message, but a flood of garbage must not drown the log: at most
         # _REJECT_LINES a minute, the rest only counted (iotflow_uplinks_rejected_total).
@@ -359,11 +376,11 @@ class Daemon:
             return
         log.warning(
             "Uplink rejected",
-            topic=incoming.topic,
+            **origin,
             reason=rejection.reason,
             error=rejection.message,
-            payload=incoming.payload[:_LOGGED_PAYLOAD].decode("utf-8", "replace"),
-            size=len(incoming.payload),
+            payload=payload[:_LOGGED_PAYLOAD].decode("utf-8", "replace"),
+            size=len(payload),
         )
 
     async def _notify(self, message: dict[str, Any]) -> None:

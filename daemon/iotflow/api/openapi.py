@@ -17,6 +17,7 @@ from iotflow.connectors.cumulocity import CumulocityConfig
 from iotflow.connectors.http import BRANDS, HttpConfig
 from iotflow.connectors.mqtt import AwsConfig, MqttConfig
 from iotflow.downlinks.parse import MAX_CORRELATION_ID, MAX_PAYLOAD_BYTES
+from iotflow.ingest.http import INGEST_ROUTE, RETRY_AFTER_SECONDS
 from iotflow.telemetry.metrics import STATES
 
 
@@ -444,6 +445,70 @@ def _paths() -> dict[str, Any]:
                                 503,
                                 "Source broker not connected (not_connected), or registry"
                                 " unavailable",
+                            ),
+                        )
+                    },
+                },
+            }
+        },
+        INGEST_ROUTE: {
+            "post": {
+                "summary": "An uplink pushed by a network server, to an [[ingest]] entry",
+                "description": "Not bearer-authenticated: each [[ingest]] entry checks its own"
+                " credentials (auth = thingpark: ThingPark's AS_ID, Time and Token query"
+                " parameters; header: the entry's header and token; bearer: Authorization:"
+                " Bearer <token>). 200 only once the uplink's deliveries are committed to the"
+                " spool. See docs/ingest.md.",
+                "security": [],
+                "parameters": [
+                    {
+                        "name": "ingestId",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "event",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "ChirpStack's event type; only 'up' is an uplink",
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "accepted": {"type": "boolean"},
+                                "routed": {"type": "boolean"},
+                            },
+                            "required": ["accepted", "routed"],
+                        },
+                        "Committed to the spool (routed), or bound to no connection",
+                    ),
+                    "204": {"description": "A ChirpStack event that is not an uplink"},
+                    **{
+                        str(status): _json(_ref("Error"), text)
+                        for status, text in (
+                            (
+                                400,
+                                "Not an uplink of the entry's format; code: not_json,"
+                                " wrong_shape, bad_dev_eui",
+                            ),
+                            (
+                                401,
+                                "Unknown ingest id, or missing, wrong, stale or replayed"
+                                " credentials",
+                            ),
+                            (413, "Body larger than the entry's max_body_bytes"),
+                            (
+                                503,
+                                f"The spool could not commit it; Retry-After:"
+                                f" {RETRY_AFTER_SECONDS}",
                             ),
                         )
                     },

@@ -13,6 +13,8 @@ from iotflow.api.errors import error_middleware
 from iotflow.api.openapi import openapi_document
 from iotflow.api.routes import BASE, DOWNLINK_ROUTE, REPLAYS, routes
 from iotflow.downlinks.signature import ReplayGuard
+from iotflow.ingest.http import INGEST_REPLAYS, INGEST_ROUTE, ingest_uplink
+from iotflow.ingest.thingpark import ReplayGuard as IngestReplayGuard
 
 if TYPE_CHECKING:
     from iotflow.app import Daemon
@@ -49,13 +51,18 @@ def create_app(daemon: Daemon) -> web.Application:
     tokens = [t.get_secret_value().encode() for t in api.tokens]
     app = web.Application(
         client_max_size=api.max_body_bytes,
-        middlewares=[error_middleware, auth_middleware(tokens, exempt={DOWNLINK_ROUTE})],
+        middlewares=[
+            error_middleware,
+            auth_middleware(tokens, exempt={DOWNLINK_ROUTE, INGEST_ROUTE}),
+        ],
     )
     app[DAEMON] = daemon
     app[REPLAYS] = ReplayGuard()
+    app[INGEST_REPLAYS] = IngestReplayGuard()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get(f"{BASE}/openapi.json", openapi)
     app.router.add_routes(routes)
+    app.router.add_post(INGEST_ROUTE, ingest_uplink)
     return app

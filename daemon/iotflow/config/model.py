@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from iotflow.config.types import Duration, Secret
-from iotflow.formats import FORMATS, Template
+from iotflow.formats import FORMATS, MAX_UPLINK_BYTES, Template
 
 
 class Section(BaseModel):
@@ -192,6 +193,77 @@ class DownlinkSettings(Section):
         return value
 
 
+INGEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class IngestEndpoint(Section):
+    """One `[[ingest]]` entry: POST /iot-flow/v1/ingest/{id} (see docs/ingest.md)."""
+
+    id: Annotated[str, Field(pattern=INGEST_ID_PATTERN)]
+    format: str
+    auth: Literal["thingpark", "header", "bearer"]
+    as_id: str | None = None
+    as_key: Secret | None = None
+    # How far ThingPark's signed `Time` may be from our clock; replays are refused within it.
+    max_clock_skew: Duration = timedelta(minutes=2)
+    header: str | None = None
+    token: Secret | None = None
+    # Real uplinks are a few KiB; the decoder refuses more than MAX_UPLINK_BYTES anyway.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=MAX_UPLINK_BYTES)] = MAX_UPLINK_BYTES
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"unknown format {value!r}; expected one of {sorted(FORMATS)}")
+        return value
+
+    @field_validator("max_clock_skew")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be more than 0s")
+        return value
+
+    @field_validator("header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        # An HTTP token (RFC 9110 5.6.2): what a header name may be.
+        if value is not None and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", value):
+            raise ValueError("not a valid HTTP header name")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> IngestEndpoint:
+        # Each auth kind needs its own keys, and only those: a stray key is a mistake.
+        needs = {
+            "thingpark": ("as_id", "as_key"),
+            "header": ("header", "token"),
+            "bearer": ("token",),
+        }
+        missing = [k for k in needs[self.auth] if not _present(getattr(self, k))]
+        if missing:
+            raise ValueError(f"auth = {self.auth!r} needs {', '.join(missing)}")
+        stray = [
+            k
+            for k in ("as_id", "as_key", "header", "token")
+            if k not in needs[self.auth] and getattr(self, k) is not None
+        ]
+        if stray:
+            raise ValueError(f"auth = {self.auth!r} does not use {', '.join(stray)}")
+        if self.auth == "thingpark" and self.format != "actility":
+            raise ValueError(
+                "auth = 'thingpark' signs ThingPark uplinks: format must be 'actility'"
+            )
+        return self
+
+
+def _present(value: object) -> bool:
+    if isinstance(value, SecretStr):
+        return bool(value.get_secret_value())
+    return bool(value)
+
+
 class Config(Section):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
@@ -201,6 +273,16 @@ class Config(Section):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     alarms: AlarmSettings = Field(default_factory=AlarmSettings)
     downlinks: DownlinkSettings = Field(default_factory=DownlinkSettings)
+    ingest: list[IngestEndpoint] = Field(default_factory=list)
     # Validated one by one against the connector catalog by the loader, so that each
     # problem is reported with its connector's own key paths.
     connections: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("ingest")
+    @classmethod
+    def _unique_ingest_ids(cls, value: list[IngestEndpoint]) -> list[IngestEndpoint]:
+        ids = [entry.id for entry in value]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate ingest id {', '.join(duplicates)}")
+        return value

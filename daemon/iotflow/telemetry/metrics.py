@@ -79,6 +79,13 @@ class Metrics:
             ["connection", "outcome"],
             registry=r,
         )
+        self.ingest_requests = Counter(
+            "iotflow_ingest_requests",
+            "HTTP ingest requests, by [[ingest]] id and result"
+            " (accepted, rejected, unauthorized, unavailable)",
+            ["ingest", "result"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "iotflow_config_reloads", "Config reloads, by result", ["result"], registry=r
         )
