@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from iotflow import __version__
-from iotflow.config.load import Settings, default_path, load_settings
+from iotflow.config.load import Settings, default_source, load_settings
 from iotflow.errors import ConfigError
 
 
@@ -57,7 +57,12 @@ async def _migrate(settings: Settings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    path = args.config or default_path()
+    if args.config:
+        path = args.config
+    else:
+        path, why = default_source()
+        # Say which file, or a missing /etc/iotflow/iotflow.toml is a riddle.
+        print(f"config: {path} ({why})", file=sys.stderr)
     settings = _load(path)
     if settings is None:
         return 1
