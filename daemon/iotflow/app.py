@@ -23,7 +23,7 @@ from iotflow.downlinks.service import Downlinks
 from iotflow.errors import ConfigError, Rejection
 from iotflow.events import EventLog
 from iotflow.formats import actility_document, decode
-from iotflow.registry import Store, open_store
+from iotflow.registry import Store, open_registry
 from iotflow.routing import RoutingIndex
 from iotflow.sources.mqtt import Incoming, MqttSource
 from iotflow.spool import Spool
@@ -88,7 +88,7 @@ class Daemon:
 
     async def start(self) -> None:
         config = self.settings.config
-        self.store = open_store(config.registry.url)
+        self.store = open_registry(config)
         version = await self.store.migrate()
         log.info("Registry ready", schema_version=version)
         self.events = EventLog(self.store)
@@ -265,7 +265,7 @@ class Daemon:
         new = settings.config
         restart_needed = [
             name
-            for name in ("mqtt", "registry", "spool", "api", "alarms")
+            for name in ("mqtt", "registry", "spool", "api", "alarms", "events")
             if getattr(old, name) != getattr(new, name)
         ]
         if restart_needed:

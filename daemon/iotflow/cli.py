@@ -44,9 +44,9 @@ def _load(path: str) -> Settings | None:
 
 
 async def _migrate(settings: Settings) -> int:
-    from iotflow.registry import open_store
+    from iotflow.registry import open_registry
 
-    store = open_store(settings.config.registry.url)
+    store = open_registry(settings.config)
     try:
         version = await store.migrate()
     finally:
