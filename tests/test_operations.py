@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 import pytest
 
+from support.clouds import FakeCloud
 from support.daemon import DaemonProcess
 from support.mosquitto import Mosquitto
 from support.ports import free_port
@@ -285,3 +286,34 @@ configuration = {{ destinationURL = "http://127.0.0.1:9/" }}
     finally:
         loop.set_exception_handler(previous)
     assert unhandled == []
+
+
+@pytest.mark.slow
+async def test_a_stop_says_what_it_waits_for(
+    daemon_factory: Callable[..., DaemonProcess], cloud: FakeCloud, mosquitto: Mosquitto
+) -> None:
+    import aiomqtt
+
+    from support.uplinks import uplink
+
+    # Two devices: one device's uplinks go out one at a time, in order.
+    devices = ["0018B20000000D01", "0018B20000000D02"]
+    cloud.hang(path="/slow")
+    connection = {
+        "id": "slow",
+        "name": "slow",
+        "connectorId": "actility-http-iot",
+        "devices": devices,
+        "configuration": {"destinationURL": cloud.url("/slow")},
+    }
+    daemon = daemon_factory(connections=[connection], delivery={"drain_timeout": "1s"})
+    await daemon.start()
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+        for dev in devices:
+            await client.publish(*uplink("actility", dev, 1), qos=1)
+    await cloud.wait_for_requests(2, path="/slow")
+    assert await daemon.stop() == 0
+    (waiting,) = [e for e in daemon.logs if e.get("event") == "Waiting for in-flight deliveries"]
+    assert waiting["connections"] == {"slow": 2}
+    assert waiting["in_flight"] == 2
+    assert waiting["timeout"] == "1s"
