@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from support.mosquitto import Mosquitto
 from support.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+HAVE_MOSQUITTO = bool(shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
 
 
 @pytest.fixture
@@ -317,3 +320,147 @@ async def test_a_stop_says_what_it_waits_for(
     assert waiting["connections"] == {"slow": 2}
     assert waiting["in_flight"] == 2
     assert waiting["timeout"] == "1s"
+
+
+# -- make run: the first run of a new user --------------------------------------------------
+
+
+def dev_config(tmp_path: Path, broker_port: int, api_port: int) -> Path:
+    """config/iotflow.toml with its addresses and state moved to `tmp_path`."""
+    text = (ROOT / "config" / "iotflow.toml").read_text()
+    replaced = (
+        text.replace("mqtt://127.0.0.1:1883", f"mqtt://127.0.0.1:{broker_port}")
+        .replace("127.0.0.1:8080", f"127.0.0.1:{api_port}")
+        .replace("sqlite:///var/registry.db", f"sqlite:///{tmp_path}/registry.db")
+        .replace('"var/spool.db"', f'"{tmp_path}/spool.db"')
+    )
+    assert replaced.count(str(tmp_path)) == 2
+    path = tmp_path / "iotflow.toml"
+    path.write_text(replaced)
+    return path
+
+
+@pytest.fixture
+def var_dir() -> Iterator[Path]:
+    """A `var/` that Mosquitto can reach after dropping to its own user (pytest's tmp_path
+    is under a root-only directory; the repository's var/ is not)."""
+    path = Path(tempfile.mkdtemp(prefix="iotflow-var-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ROOT / "deploy" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **env},
+    )
+
+
+def listens(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_dev_token_is_made_once_private_and_explained(tmp_path: Path) -> None:
+    config = dev_config(tmp_path, 1883, 18080)
+    first = script("dev-token.sh", CONFIG=str(config), VAR=str(tmp_path / "var"))
+    assert first.returncode == 0, first.stderr
+    token_file = tmp_path / "var" / "api-token"
+    token = token_file.read_text().strip()
+    assert len(token) >= 32
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert "made a token" in first.stdout
+    assert 'curl -H "Authorization: Bearer $(cat ' in first.stdout
+    assert "http://127.0.0.1:18080/iot-flow/v1/connections" in first.stdout
+    again = script("dev-token.sh", CONFIG=str(config), VAR=str(tmp_path / "var"))
+    assert again.returncode == 0, again.stderr
+    assert "made a token" not in again.stdout
+    assert token_file.read_text().strip() == token
+
+
+@pytest.mark.slow
+def test_dev_broker_follows_config_and_stops_by_its_pid_file(tmp_path: Path, var_dir: Path) -> None:
+    if not HAVE_MOSQUITTO:
+        pytest.skip("mosquitto is not installed")
+    port = free_port()
+    env = {"CONFIG": str(dev_config(tmp_path, port, free_port())), "VAR": str(var_dir)}
+    started = script("dev-broker.sh", **env)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert f"started Mosquitto on 127.0.0.1:{port}" in started.stdout
+        assert listens(port)
+        pidfile = var_dir / "mosquitto" / "mosquitto.pid"
+        pid = int(pidfile.read_text())
+        # A second run finds it and leaves it alone.
+        again = script("dev-broker.sh", **env)
+        assert f"using the one listening on 127.0.0.1:{port}" in again.stdout
+    finally:
+        stopped = script("dev-broker.sh", "stop", **env)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert f"stopped Mosquitto (pid {pid})" in stopped.stdout
+    assert not Path(f"/proc/{pid}").exists()
+    assert not pidfile.exists()
+    assert not listens(port)
+    twice = script("dev-broker.sh", "stop", **env)
+    assert twice.returncode == 0
+    assert "no Mosquitto started by make run" in twice.stdout
+
+
+@pytest.mark.slow
+async def test_make_run_works_on_the_first_run_and_make_stop_stops_its_broker(
+    tmp_path: Path, var_dir: Path
+) -> None:
+    """What README's first run says, as a new user does it: `make run`, the printed curl
+    with the token it made, Ctrl-C, `make stop`."""
+    if not HAVE_MOSQUITTO:
+        pytest.skip("mosquitto is not installed")
+    broker, api = free_port(), free_port()
+    args = [f"CONFIG={dev_config(tmp_path, broker, api)}", f"VAR={var_dir}"]
+    env = {k: v for k, v in os.environ.items() if k != "IOTFLOW_API_TOKEN"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    make = await asyncio.create_subprocess_exec(
+        "make",
+        "--no-print-directory",
+        "run",
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    output: list[str] = []
+    try:
+        assert make.stdout is not None
+        async with asyncio.timeout(120):
+            async for raw in make.stdout:
+                output.append(raw.decode().rstrip())
+                if '"Consuming uplinks"' in output[-1]:
+                    break
+        text = "\n".join(output)
+        assert "Consuming uplinks" in text, text
+        token = (var_dir / "api-token").read_text().strip()
+        assert "No API token configured" not in text
+        url = f"http://127.0.0.1:{api}/iot-flow/v1/connections"
+        assert url in text
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, headers={"Authorization": f"Bearer {token}"}) as r,
+        ):
+            assert r.status == 200, await r.text()
+    finally:
+        if make.returncode is None:
+            os.killpg(make.pid, signal.SIGINT)  # Ctrl-C
+        await asyncio.wait_for(make.wait(), 60)
+    stop = await asyncio.create_subprocess_exec(
+        "make", "--no-print-directory", "stop", *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    stopped, _ = await asyncio.wait_for(stop.communicate(), 60)
+    assert stop.returncode == 0, stopped
+    assert b"stopped Mosquitto" in stopped
+    assert not listens(broker)
