@@ -464,3 +464,48 @@ async def test_make_run_works_on_the_first_run_and_make_stop_stops_its_broker(
     assert stop.returncode == 0, stopped
     assert b"stopped Mosquitto" in stopped
     assert not listens(broker)
+
+
+# -- the env file of a gateway ----------------------------------------------------------------
+
+
+def installed_env_file(token: str) -> str:
+    """The iotflow.env that deploy/install.sh writes, as it writes it."""
+    source = (ROOT / "deploy" / "install.sh").read_text()
+    start = source.index('cat >"$etc/iotflow.env" <<EOF\n') + len('cat >"$etc/iotflow.env" <<EOF\n')
+    body = source[start : source.index("\nEOF\n", start) + 1]
+    return body.replace("$token", token).replace("\\$", "$")
+
+
+def test_the_env_file_loads_as_documented_and_says_restart(tmp_path: Path) -> None:
+    text = installed_env_file("tok-123_abc")
+    (tmp_path / "iotflow.env").write_text(text + "DATACAKE_TOKEN='with space & $dollar'\n")
+    # The command of config/iotflow.production.toml and docs/operations.md, outside systemd.
+    show = "import os; print(os.environ['IOTFLOW_API_TOKEN']); print(os.environ['DATACAKE_TOKEN'])"
+    result = subprocess.run(
+        ["sh", "-c", f'set -a; . ./iotflow.env; set +a; exec "{sys.executable}" -c "{show}"'],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["tok-123_abc", "with space & $dollar"]
+    # What a changed secret needs: the same answer everywhere (systemd reads the file at
+    # start only; SIGHUP re-reads the TOML file with the environment the daemon started with).
+    comments = " ".join(line for line in text.splitlines() if line.startswith("#"))
+    assert "systemctl restart iotflow" in comments
+    assert "systemctl reload" not in comments
+    production = (ROOT / "config" / "iotflow.production.toml").read_text()
+    assert "set -a; . /etc/iotflow/iotflow.env; set +a" in production
+    assert "needs `systemctl restart iotflow`" in production
+    assert "**A changed secret needs a restart**" in (ROOT / "docs" / "operations.md").read_text()
+
+
+def test_no_document_suggests_env_cat_of_the_env_file() -> None:
+    """`env $(cat iotflow.env)` splits on the file's own comments and fails."""
+    files = [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("config/*")]
+    files += [p for p in ROOT.glob("deploy/**/*") if p.is_file()]
+    offenders = [str(p) for p in files if "env $(" in p.read_text(errors="replace")]
+    assert offenders == []
