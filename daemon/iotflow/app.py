@@ -97,6 +97,8 @@ class Daemon:
         finally:
             self.notifier.stopping()
             await self.shutdown()
+            for sock in self._api_sockets:  # closed with the API, unless start failed first
+                sock.close()
             watchdog.cancel()
             await asyncio.gather(watchdog, return_exceptions=True)
             self.notifier.close()
