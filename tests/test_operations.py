@@ -509,3 +509,22 @@ def test_no_document_suggests_env_cat_of_the_env_file() -> None:
     files += [p for p in ROOT.glob("deploy/**/*") if p.is_file()]
     offenders = [str(p) for p in files if "env $(" in p.read_text(errors="replace")]
     assert offenders == []
+
+
+def test_a_flood_of_malformed_requests_is_bounded_in_the_log() -> None:
+    code = """
+import logging
+from aiohttp.http_exceptions import BadHttpMessage
+from iotflow.telemetry import logging as logs
+
+logs.configure("info", "json")
+server = logging.getLogger("aiohttp.server")
+for _ in range(logs.MALFORMED_LINES + 50):
+    server.exception("Error handling request from %s", "127.0.0.1", exc_info=BadHttpMessage("x"))
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    lines = json_objects(result.stdout.splitlines() + result.stderr.splitlines())
+    assert [e["event"] for e in lines] == ["Malformed HTTP request"] * 100 + [
+        "Too many malformed HTTP requests; logging them paused for a minute"
+    ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from typing import Any
 
 import orjson
@@ -26,6 +27,8 @@ _LEVELS = {
 }
 # Libraries say what matters at WARNING and above; their INFO/DEBUG is chatter.
 _LIBRARY_LEVEL = logging.WARNING
+# Malformed HTTP requests logged per minute at most: a scanner must not drown the log.
+MALFORMED_LINES = 100
 
 log = structlog.get_logger("iotflow")
 
@@ -37,11 +40,32 @@ def _dumps(obj: Any, default: Any = None) -> str:
 class _MalformedRequests(logging.Filter):
     """aiohttp logs a request it cannot parse (garbage, a TLS hello, a bad request line) as
     "Error handling request" with a traceback. That is the client's mistake, expected on
-    any open port: one warning line with the reason, no traceback."""
+    any open port: one warning line with the reason, no traceback, at most
+    MALFORMED_LINES a minute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._window = (0.0, 0)  # (minute start, lines in it)
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
+            now = time.monotonic()
+            start, lines = self._window
+            if now - start >= 60:
+                start, lines = now, 0
+            self._window = (start, lines + 1)
+            if lines > MALFORMED_LINES:
+                return False
+            if lines == MALFORMED_LINES:
+                record.msg, record.args, record.exc_info, record.exc_text = (
+                    "Too many malformed HTTP requests; logging them paused for a minute",
+                    (),
+                    None,
+                    None,
+                )
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+                return True
             remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
             record.msg, record.args, record.exc_info, record.exc_text = (
                 "Malformed HTTP request",
@@ -52,8 +76,8 @@ class _MalformedRequests(logging.Filter):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             # aiohttp's message goes on with the offending bytes and a caret: the first
             # line says what is wrong, the rest is the client's garbage.
-            lines = str(exc.message).splitlines()
-            record.error = lines[0].rstrip(": ") if lines else "malformed request"
+            first = str(exc.message).splitlines()
+            record.error = first[0].rstrip(": ") if first else "malformed request"
             record.status = exc.code
             record.remote = str(remote) if remote is not None else None
         return True
