@@ -1,11 +1,13 @@
-# One entry point for people and CI: `make run`, `make test`, `make bench`.
+# One entry point for people and CI: `make run`, `make test`, `make bench`; `make stop`
+# stops the Mosquitto that `make run` started.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/iotflow.toml
+VAR    ?= var
 
-.PHONY: setup run test lint typecheck pytest bench clean
+.PHONY: setup run stop broker-stop test lint typecheck pytest bench clean
 
 setup: $(STAMP)
 
@@ -16,10 +18,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The broker at [mqtt] url of $(CONFIG) (started when none listens), the API token of
+# $(VAR)/api-token (made on the first run; $$IOTFLOW_API_TOKEN wins when set), the daemon.
 run: setup
-	deploy/dev-broker.sh
-	mkdir -p var
-	$(BIN)/iotflow run -c $(CONFIG)
+	CONFIG=$(CONFIG) VAR=$(VAR) deploy/dev-broker.sh
+	CONFIG=$(CONFIG) VAR=$(VAR) deploy/dev-token.sh
+	IOTFLOW_API_TOKEN="$${IOTFLOW_API_TOKEN:-$$(cat $(VAR)/api-token)}" $(BIN)/iotflow run -c $(CONFIG)
+
+# The daemon stops with Ctrl-C; its broker, if `make run` started one, with this.
+stop broker-stop:
+	VAR=$(VAR) deploy/dev-broker.sh stop
 
 lint: setup
 	$(BIN)/ruff check daemon tests

@@ -142,7 +142,10 @@ else
         cat >"$etc/iotflow.env" <<EOF
 # Secrets of iotflow, as environment variables that iotflow.toml reads as \${VAR}.
 # systemd reads this file as root (EnvironmentFile=); keep it mode 0600, owner root.
-# After a change: systemctl reload iotflow (or restart, for [mqtt]/[api] secrets).
+# After a change: systemctl restart iotflow. The daemon gets these variables at start only;
+# a reload re-reads iotflow.toml with the environment it started with.
+# NAME=value, one a line; quote a value in '...' if it has spaces or shell characters.
+# Outside systemd: set -a; . ./iotflow.env; set +a
 IOTFLOW_API_TOKEN=$token
 # IOTFLOW_MQTT_PASSWORD=
 # DATACAKE_TOKEN=

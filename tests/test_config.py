@@ -203,3 +203,75 @@ def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     err = capsys.readouterr().err
     assert "log.level" in err
     assert "api.listen" in err
+
+
+def test_every_problem_of_every_connection_at_once(tmp_path: Path) -> None:
+    """A connection-level error (here DATACAKE's Authorization header) used to hide the
+    problems found after it (its bad DevEUI), and an unknown field of the envelope hid
+    those of the configuration: one `iotflow check` lists them all."""
+    text = """
+[[connections]]
+id = "dc"
+name = "datacake"
+connectorId = "actility-http-iot"
+brand = "DATACAKE"
+devices = ["0018B20000000B20", "not-a-deveui"]
+configuration = { headers = { Authorization = "Bearer wrong-scheme" } }
+
+[[connections]]
+id = "second"
+name = "second"
+connectorId = "actility-http-iot"
+colour = "blue"
+devices = ["XYZ"]
+configuration = { destinationURL = "ftp://nowhere", uplinkTimeValidity = "soon" }
+
+[[connections]]
+id = "third"
+name = "third"
+connectorId = "no-such-connector"
+devices = [42]
+"""
+    found = problems(tmp_path, text)
+    assert "connections[0].configuration.headers.Authorization" in found
+    assert found["connections[0].devices[1]"] == "expected a DevEUI of 16 hex digits"
+    assert found["connections[1].colour"] == "unknown field"
+    assert "connections[1].configuration.destinationURL" in found
+    assert "connections[1].configuration.uplinkTimeValidity" in found
+    assert found["connections[1].devices[0]"] == "expected a DevEUI of 16 hex digits"
+    assert "connections[2].connectorId" in found
+    assert found["connections[2].devices[0]"] == "expected a DevEUI of 16 hex digits"
+
+
+@pytest.mark.parametrize("from_env", [True, False], ids=["IOTFLOW_CONFIG", "default"])
+def test_check_without_c_says_which_file_and_why(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    from_env: bool,
+) -> None:
+    import iotflow.config.load as load
+
+    good = write(tmp_path, "[log]\nlevel = 'info'\n")
+    if from_env:
+        monkeypatch.setenv("IOTFLOW_CONFIG", str(good))
+    else:
+        monkeypatch.delenv("IOTFLOW_CONFIG", raising=False)
+        monkeypatch.setattr(load, "DEFAULT_PATH", str(tmp_path / "absent.toml"))
+    code = main(["check"])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    if from_env:
+        assert code == 0
+        assert f"{good} (from $IOTFLOW_CONFIG)" in text
+    else:
+        assert code == 1
+        assert f"{tmp_path / 'absent.toml'} (the default: $IOTFLOW_CONFIG is not set" in text
+        assert "-c PATH" in text
+
+
+def test_events_bound_is_a_validated_setting(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, ""), env={}).config.events.max_per_connection == 1000
+    text = "[events]\nmax_per_connection = 50\n"
+    assert load_settings(write(tmp_path, text), env={}).config.events.max_per_connection == 50
+    assert "events.max_per_connection" in problems(tmp_path, "[events]\nmax_per_connection = 0\n")

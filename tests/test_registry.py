@@ -655,3 +655,20 @@ async def test_device_sources_outlive_bindings_and_feed_no_change(store: Store) 
     await store.delete_connection("c1")
     # It describes the device, not a route: a device bound again later is addressable.
     assert await store.device_source(D1) == ("actility", {})
+
+
+async def test_the_events_setting_bounds_the_event_log(backend: Backend, tmp_path: Path) -> None:
+    """`[events] max_per_connection` of the config file reaches the store the daemon opens."""
+    from iotflow.config.load import load_settings
+    from iotflow.registry import open_registry
+
+    path = tmp_path / "iotflow.toml"
+    path.write_text(f'[registry]\nurl = "{backend.url}"\n[events]\nmax_per_connection = 2\n')
+    store = open_registry(load_settings(path, env={}).config)
+    backend.stores.append(store)
+    await store.migrate()
+    await store.create_connection(connection("c1"))
+    for n in range(4):
+        await store.add_event("c1", "alarm", {"n": n})
+    events, total = await store.list_events("c1")
+    assert (total, [e.data["n"] for e in events]) == (2, [3, 2])

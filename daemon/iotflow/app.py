@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import socket
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -15,15 +16,16 @@ from aiohttp import web
 
 from iotflow.alarms.clock import Clock
 from iotflow.alarms.evaluator import Alarms
+from iotflow.api.listen import bind
 from iotflow.api.server import create_app
 from iotflow.config.load import Settings, load_settings
 from iotflow.delivery.manager import Deliveries, make_sink_factory
 from iotflow.downlinks.directory import DeviceDirectory
 from iotflow.downlinks.service import Downlinks
-from iotflow.errors import ConfigError, Rejection
+from iotflow.errors import ConfigError, IotflowError, Rejection
 from iotflow.events import EventLog
 from iotflow.formats import actility_document, decode
-from iotflow.registry import Store, open_store
+from iotflow.registry import Store, open_registry
 from iotflow.routing import RoutingIndex
 from iotflow.sources.mqtt import Incoming, MqttSource
 from iotflow.spool import Spool
@@ -52,6 +54,7 @@ class Daemon:
         self.directory: DeviceDirectory | None = None
         self.downlinks: Downlinks | None = None
         self._runner: web.AppRunner | None = None
+        self._api_sockets: list[socket.socket] = []
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._changed = asyncio.Event()
@@ -66,11 +69,19 @@ class Daemon:
         config = self.settings.config
         logs.configure(config.log.level, config.log.format)
         loop = asyncio.get_running_loop()
+        logs.install_loop_handler(loop)
+        try:
+            self._api_sockets = bind(config.api.host, config.api.port)
+        except OSError as exc:
+            # Expected (another process has the port): one line, exit 1, nothing started.
+            log.error("Cannot listen for the API", listen=config.api.listen, error=_os_error(exc))
+            return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         # From the event loop, for the whole life of the process (start and drain too).
         watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="watchdog")
+        code = 0
         try:
             await self.start()
             # What start-up allocated lives as long as the process: keep it out of the
@@ -78,17 +89,24 @@ class Daemon:
             gc.freeze()
             log.info("iotflow running", config=self.settings.path)
             await self._serve()
+        except IotflowError as exc:
+            # An expected failure (the registry refuses us, a bad registry URL): said in
+            # one line; a bug still leaves with its traceback, in the line's `exception`.
+            log.error("Cannot start", error=str(exc))
+            code = 1
         finally:
             self.notifier.stopping()
             await self.shutdown()
+            for sock in self._api_sockets:  # closed with the API, unless start failed first
+                sock.close()
             watchdog.cancel()
             await asyncio.gather(watchdog, return_exceptions=True)
             self.notifier.close()
-        return 0
+        return code
 
     async def start(self) -> None:
         config = self.settings.config
-        self.store = open_store(config.registry.url)
+        self.store = open_registry(config)
         version = await self.store.migrate()
         log.info("Registry ready", schema_version=version)
         self.events = EventLog(self.store)
@@ -126,9 +144,17 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self._follow_changes(), name="registry-changes"))
         self._runner = web.AppRunner(create_app(self), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, config.api.host, config.api.port)
-        await site.start()
+        if not self._api_sockets:  # started without run()
+            self._api_sockets = bind(config.api.host, config.api.port)
+        for sock in self._api_sockets:
+            await web.SockSite(self._runner, sock).start()
         log.info("API listening", listen=config.api.listen)
+        if not config.api.tokens:
+            log.warning(
+                "No API token configured",
+                effect="every management API call is refused (401)",
+                fix='set [api] tokens, e.g. tokens = ["${IOTFLOW_API_TOKEN}"]',
+            )
         self.source = MqttSource(config.mqtt, self.handle, self.metrics)
         self._tasks.append(asyncio.create_task(self.source.run(), name="source"))
         self._tasks.append(asyncio.create_task(self._announce_ready(), name="systemd-ready"))
@@ -255,7 +281,8 @@ class Daemon:
             settings = load_settings(self.settings.path)
         except ConfigError as exc:
             self.metrics.config_reloads.labels("failure").inc()
-            log.exception(
+            # Expected (a typo in the file): the problems are the message, no traceback.
+            log.error(
                 "Reload refused; keeping the running config",
                 error=str(exc),
                 problems=[str(p) for p in exc.problems],
@@ -265,7 +292,7 @@ class Daemon:
         new = settings.config
         restart_needed = [
             name
-            for name in ("mqtt", "registry", "spool", "api", "alarms")
+            for name in ("mqtt", "registry", "spool", "api", "alarms", "events")
             if getattr(old, name) != getattr(new, name)
         ]
         if restart_needed:
@@ -338,9 +365,11 @@ class Daemon:
         document = memoryview(orjson.dumps(actility_document(uplink))).tobytes()
         # Started now, not when the acknowledgement loop gets to it: commits of consecutive
         # uplinks must be in flight together for the spool to group them.
-        return asyncio.ensure_future(
+        commit = asyncio.ensure_future(
             self._commit(document, uplink.dev_eui, uplink.time.timestamp(), received_at, targets)
         )
+        commit.add_done_callback(_retrieved)
+        return commit
 
     async def _commit(
         self,
@@ -404,6 +433,20 @@ class Daemon:
                 registry = False
         broker = self.source is not None and self.source.connected.is_set()
         return {"broker": broker, "registry": registry}
+
+
+def _retrieved(commit: asyncio.Future[None]) -> None:
+    """Mark a failed commit's exception as seen. The source awaits commits in order and
+    stops at the first failure (it reconnects and the broker redelivers the rest): those
+    behind it are abandoned, and their failure must not surface as "Task exception was
+    never retrieved". An awaiter still gets the exception."""
+    if not commit.cancelled():
+        commit.exception()
+
+
+def _os_error(exc: OSError) -> str:
+    """`Address already in use`, `Name or service not known`: what the operator can act on."""
+    return exc.strerror or str(exc)
 
 
 async def run(settings: Settings) -> int:

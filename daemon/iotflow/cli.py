@@ -8,8 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from iotflow import __version__
-from iotflow.config.load import Settings, default_path, load_settings
+from iotflow.config.load import Settings, default_source, load_settings
 from iotflow.errors import ConfigError
+from iotflow.telemetry import logging as logs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,9 +45,9 @@ def _load(path: str) -> Settings | None:
 
 
 async def _migrate(settings: Settings) -> int:
-    from iotflow.registry import open_store
+    from iotflow.registry import open_registry
 
-    store = open_store(settings.config.registry.url)
+    store = open_registry(settings.config)
     try:
         version = await store.migrate()
     finally:
@@ -55,17 +56,46 @@ async def _migrate(settings: Settings) -> int:
     return 0
 
 
+def _run(path: str, why: str | None) -> int:
+    """The daemon: from its first line on, everything it prints is one JSON object a line."""
+    logs.configure()  # the file's [log] takes over once it is read
+    log = logs.get_logger("iotflow")
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        log.error(
+            "Invalid configuration; not starting",
+            config=path,
+            **({"config_source": why} if why else {}),
+            problems=[str(p) for p in exc.problems],
+        )
+        return 1
+    from iotflow.app import run
+
+    try:
+        return asyncio.run(run(settings))
+    except Exception as exc:
+        # A bug: one line still, with the traceback in its `exception` field.
+        log.exception("iotflow crashed", error=f"{type(exc).__name__}: {exc}")
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    path = args.config or default_path()
+    why: str | None = None
+    if args.config:
+        path = args.config
+    else:
+        path, why = default_source()
+    if args.command == "run":
+        return _run(path, why)
+    if why is not None:
+        # Say which file, or a missing /etc/iotflow/iotflow.toml is a riddle.
+        print(f"config: {path} ({why})", file=sys.stderr)
     settings = _load(path)
     if settings is None:
         return 1
     if args.command == "check":
         print(f"{path}: OK ({len(settings.connections)} provisioned connections)")
         return 0
-    if args.command == "migrate":
-        return asyncio.run(_migrate(settings))
-    from iotflow.app import run
-
-    return asyncio.run(run(settings))
+    return asyncio.run(_migrate(settings))

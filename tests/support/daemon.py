@@ -173,6 +173,10 @@ class DaemonProcess:
             self.process.send_signal(signal.SIGTERM)
         return await self._wait_exit(timeout)
 
+    async def wait_exit(self, timeout: float = 60) -> int:
+        """The exit code of a daemon that exits by itself (no signal sent)."""
+        return await self._wait_exit(timeout)
+
     async def kill(self) -> None:
         assert self.process is not None
         self.process.kill()

@@ -15,6 +15,12 @@ from aiohttp.typedefs import Middleware
 from iotflow.api.errors import ApiError, Handler
 
 API_PREFIX = "/iot-flow/"
+_BAD_TOKEN = "A valid bearer token is required (Authorization: Bearer <token>)."
+# Says what the operator must do; it reveals nothing a caller could use (no call works).
+_NO_TOKENS = (
+    "A valid bearer token is required, and no API token is configured: set [api] tokens "
+    "in the config file (every call is refused until then)."
+)
 
 
 def authenticated(header: str | None, tokens: list[bytes]) -> bool:
@@ -47,7 +53,7 @@ def auth_middleware(tokens: list[bytes], exempt: Collection[str] = ()) -> Middle
             raise ApiError(
                 401,
                 "unauthorized",
-                "A valid bearer token is required (Authorization: Bearer <token>).",
+                _NO_TOKENS if not tokens else _BAD_TOKEN,
                 headers={"WWW-Authenticate": 'Bearer realm="iotflow"'},
             )
         return await handler(request)

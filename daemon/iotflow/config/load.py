@@ -39,7 +39,15 @@ class Settings:
 
 
 def default_path() -> str:
-    return os.environ.get("IOTFLOW_CONFIG") or DEFAULT_PATH
+    return default_source()[0]
+
+
+def default_source() -> tuple[str, str]:
+    """The config file used without `-c`, and why that one (said to the operator)."""
+    from_env = os.environ.get("IOTFLOW_CONFIG")
+    if from_env:
+        return from_env, "from $IOTFLOW_CONFIG"
+    return DEFAULT_PATH, "the default: $IOTFLOW_CONFIG is not set and no -c PATH was given"
 
 
 def expand(value: Any, env: Mapping[str, str], path: str, problems: list[Problem]) -> Any:
@@ -92,6 +100,8 @@ def parse_settings(raw: dict[str, Any], source: str, env: Mapping[str, str]) -> 
             continue  # already reported by Config
         body = dict(item)
         devices = body.pop("devices", [])
+        # The devices are checked whatever the rest says: every problem at once.
+        eui_list = _devices(devices, f"{prefix}.devices", problems)
         try:
             connection = parse_connection(body)
         except ConfigError as exc:
@@ -102,7 +112,6 @@ def parse_settings(raw: dict[str, Any], source: str, env: Mapping[str, str]) -> 
         if connection.id in seen:
             problems.append(Problem(f"{prefix}.id", f"duplicate connection id {connection.id!r}"))
         seen.add(connection.id)
-        eui_list = _devices(devices, f"{prefix}.devices", problems)
         provisioned.append(
             Provisioned(connection.model_copy(update={"provisioned": True}), eui_list)
         )

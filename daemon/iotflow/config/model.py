@@ -163,6 +163,12 @@ class DeliverySettings(Section):
     circuit_failures: Annotated[int, Field(ge=1)] = 5
 
 
+class EventSettings(Section):
+    # The event log keeps this many events per connection, the newest; older ones are
+    # deleted as new ones are written (both registry stores).
+    max_per_connection: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+
+
 class AlarmSettings(Section):
     notify_topic: str = ""
 
@@ -272,6 +278,7 @@ class Config(Section):
     log: LogSettings = Field(default_factory=LogSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     alarms: AlarmSettings = Field(default_factory=AlarmSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
     downlinks: DownlinkSettings = Field(default_factory=DownlinkSettings)
     ingest: list[IngestEndpoint] = Field(default_factory=list)
     # Validated one by one against the connector catalog by the loader, so that each

@@ -71,23 +71,36 @@ def parse_connection(data: Any, *, default_id: str | None = None) -> Connection:
 
     Raises ConfigError listing every problem with its key path.
     """
+    # Every stage that can run does, so that one call lists every problem: an error in the
+    # envelope does not hide those of the configuration, nor the reverse.
+    problems: list[Problem] = []
+    envelope: _Envelope | None = None
     try:
         envelope = _Envelope.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(problems_of(exc)) from None
-    connector = CATALOG.get(envelope.connectorId)
-    if connector is None:
+        problems.extend(problems_of(exc))
+    raw = data if isinstance(data, dict) else {}
+    connector_id = envelope.connectorId if envelope is not None else raw.get("connectorId")
+    connector = CATALOG.get(connector_id) if isinstance(connector_id, str) else None
+    if connector is None and isinstance(connector_id, str):
         known = ", ".join(sorted(CATALOG))
-        raise ConfigError([Problem("connectorId", f"unknown connector; known: {known}")])
-    try:
-        config = connector.config_model.model_validate(envelope.configuration)
-    except ValidationError as exc:
-        raise ConfigError(problems_of(exc, "configuration")) from None
-    problems: list[Problem] = []
+        problems.append(Problem("connectorId", f"unknown connector; known: {known}"))
+    raw_configuration = (
+        envelope.configuration if envelope is not None else raw.get("configuration", {})
+    )
+    config: CommonConfig | None = None
+    if connector is not None and isinstance(raw_configuration, dict):
+        try:
+            config = connector.config_model.model_validate(raw_configuration)
+        except ValidationError as exc:
+            problems.extend(problems_of(exc, "configuration"))
+    if envelope is None or config is None:
+        raise ConfigError(problems)
     if isinstance(config, HttpConfig):
-        config, problems = apply_brand(envelope.brand, config)
+        config, brand_problems = apply_brand(envelope.brand, config)
+        problems.extend(brand_problems)
     elif envelope.brand is not None:
-        problems.append(Problem("brand", f"connector {connector.id} has no brands"))
+        problems.append(Problem("brand", f"connector {connector_id} has no brands"))
     connection_id = envelope.id or default_id
     if connection_id is None:
         problems.append(Problem("id", "is required"))

@@ -6,8 +6,10 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from iotflow.config.model import DeliverySettings
+from iotflow.config.types import format_duration
 from iotflow.connectors.connection import Connection
 from iotflow.delivery.worker import ConnectionWorker, EventRecorder
 from iotflow.downlinks import DownlinkHandler
@@ -189,4 +191,13 @@ class Deliveries:
         """SIGTERM: every worker finishes its in-flight sends within `drain` seconds."""
         deadline = time.monotonic() + drain
         async with self._lock:
+            busy = {cid: w.in_flight for cid, w in self.workers.items() if w.in_flight}
+            if busy:
+                # A stop that takes `drain` seconds says why, and for whom.
+                log.info(
+                    "Waiting for in-flight deliveries",
+                    connections=busy,
+                    in_flight=sum(busy.values()),
+                    timeout=format_duration(timedelta(seconds=drain)),
+                )
             await asyncio.gather(*(w.stop(deadline) for w in self.workers.values()))

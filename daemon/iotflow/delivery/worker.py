@@ -181,6 +181,11 @@ class ConnectionWorker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._sink.close()
 
+    @property
+    def in_flight(self) -> int:
+        """Sends on the wire now (what a stop waits for)."""
+        return len(self._sending)
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro, name=f"worker:{self.id}")
         self._tasks.add(task)

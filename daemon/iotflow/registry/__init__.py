@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iotflow.errors import ConfigError, Problem
 from iotflow.registry.postgres import PostgresStore
@@ -16,6 +16,9 @@ from iotflow.registry.store import (
     Store,
 )
 
+if TYPE_CHECKING:
+    from iotflow.config.model import Config
+
 __all__ = [
     "AlarmState",
     "ChangeFeed",
@@ -25,6 +28,7 @@ __all__ = [
     "Reconciled",
     "SqliteStore",
     "Store",
+    "open_registry",
     "open_store",
     "sqlite_path",
 ]
@@ -63,4 +67,11 @@ def open_store(url: str, **kw: Any) -> Store:
         return PostgresStore(url, **kw)
     raise ConfigError(
         [Problem("registry.url", f"unsupported scheme {scheme!r}; use sqlite: or postgresql:")]
+    )
+
+
+def open_registry(config: Config) -> Store:
+    """The daemon's registry, as its config file says (URL, event log bound)."""
+    return open_store(
+        config.registry.url, max_events_per_connection=config.events.max_per_connection
     )
