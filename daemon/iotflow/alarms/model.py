@@ -141,18 +141,3 @@ class Alarm(BaseModel):
                     f" {local_end.isoformat()} local time"
                 )
         return self
-
-    @model_validator(mode="after")
-    def _schedulable(self) -> Alarm:
-        # The ranges above keep every computation inside the calendar; asking the schedule
-        # for its first and its last windows here proves it for this alarm, so that what is
-        # accepted can always be evaluated (a refusal here would be a bug, never a crash).
-        from iotflow.alarms.schedule import Schedule  # schedule.py imports this module
-
-        try:
-            schedule = Schedule(self)
-            schedule.next_window(EARLIEST)
-            schedule.windows(LATEST - 2 * MAX_WINDOW, LATEST + 2 * MAX_WINDOW)
-        except (ArithmeticError, ValueError) as exc:
-            raise ValueError(f"cannot be scheduled: {exc}") from None
-        return self
