@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from iotflow.alarms.evaluator import Alarms
 from iotflow.alarms.model import Alarm
 from iotflow.alarms.schedule import Schedule
+from iotflow.config.load import load_settings
 from iotflow.config.model import DeliverySettings
 from iotflow.connectors.connection import Connection, parse_connection
 from iotflow.delivery.manager import Deliveries
@@ -330,3 +331,29 @@ def test_unusable_connection_values_are_field_errors(
     assert any(p.path == path and message in p.message for p in caught.value.problems), (
         caught.value.problems
     )
+
+
+def test_the_config_file_gets_the_same_field_errors(tmp_path: Path) -> None:
+    # TOML has native offset datetimes and inf: both reach the same checks as JSON strings.
+    path = tmp_path / "iotflow.toml"
+    path.write_text(
+        """
+[[connections]]
+id = "edge"
+name = "edge"
+connectorId = "actility-http-iot"
+configuration = { destinationURL = "http://127.0.0.1:9/x" }
+[[connections.alarms]]
+startTime = 9999-12-31T22:00:00-12:00
+endTime = 9999-12-31T23:00:00-12:00
+uplinkRateMinPerHour = inf
+"""
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={})
+    paths = {p.path for p in caught.value.problems}
+    assert {
+        "connections[0].alarms.0.startTime",
+        "connections[0].alarms.0.endTime",
+        "connections[0].alarms.0.uplinkRateMinPerHour",
+    } <= paths, paths
