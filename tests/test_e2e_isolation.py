@@ -145,4 +145,5 @@ async def test_a_connection_broken_in_the_registry_is_out_of_service_alone(
     assert orjson.loads(late.body)["DevEUI_uplink"]["DevEUI"] == DEV
     status, shown = await call(daemon, "GET", "/connections/poisoned")
     assert shown["state"] in ("OPENING", "OPENED")
+    assert shown["statistics"]["lastError"] is None
     assert not [e for e in daemon.logs if e.get("event") == "API request failed"]

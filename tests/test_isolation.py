@@ -149,6 +149,7 @@ async def test_a_sink_that_fails_takes_only_its_connection_out_of_service(
         repaired = deliveries.worker("bad")
         assert repaired is not None
         assert repaired.out_of_service is None
+        assert repaired.stats.lastError is None
     finally:
         await deliveries.stop(5)
 

@@ -155,6 +155,8 @@ class Deliveries:
             ):
                 new = self._make(connection, old, fault=fault)
                 new.startup_time = old.startup_time
+                if new.out_of_service is None and old.out_of_service is not None:
+                    new.stats.lastError = None  # repaired: the reason is no longer true
                 # New offers go to the successor, which holds them in the spool until it starts.
                 self.workers[connection.id] = new
                 transition.replaced.append((old, new))
