@@ -96,7 +96,6 @@ async def test_a_connection_broken_in_the_registry_is_out_of_service_alone(
     for cid in ("healthy", "poisoned"):
         status, answer = await call(daemon, "POST", "/connections", http_body(cloud, cid))
         assert status == 201, answer
-        status, answer = await call(daemon, "PUT", f"/devices/{DEV}", {"connections": [cid]})
     status, answer = await call(
         daemon, "PUT", f"/devices/{DEV}", {"connections": ["healthy", "poisoned"]}
     )
