@@ -268,15 +268,42 @@ async def test_provisioned_connections_are_read_only(store: Store) -> None:
     assert (got.name, got.provisioned) == ("x", True)
 
 
-async def test_an_invalid_stored_document_is_skipped_not_fatal(
+async def test_an_invalid_stored_document_is_quarantined_not_fatal(
     store: Store, backend: Backend
 ) -> None:
-    await store.create_connection(connection("c1"))
+    await store.create_connection(connection("c1", secret=True))
     await store.create_connection(connection("c2"))
-    await backend.raw("""UPDATE connections SET document = '{"name": 1}' WHERE id = 'c1'""")
+    # An older version's document that today's validation refuses (and a name that is no string).
+    await backend.raw(
+        """UPDATE connections SET document = '{"name": 1, "connectorId": "actility-http-iot",
+        "configuration": {"headers": {"Authorization": "Token secret"}},
+        "alarms": [{"startTime": "9999-12-31T22:00:00-12:00",
+                    "endTime": "9999-12-31T23:00:00-12:00", "uplinkRateMinPerHour": 1}]}'
+        WHERE id = 'c1'"""
+    )
+    listed = await store.list_connections()
+    assert [(c.id, c.fault is None) for c in listed] == [("c1", False), ("c2", True)]
+    broken = await store.get_connection("c1")
+    assert broken == listed[0]
+    assert broken.fault is not None
+    assert "alarms.0.startTime" in broken.fault
+    assert "name" in broken.fault
+    # Shown without what cannot be told apart from a secret; kept whole for a PUT to unmask.
+    assert broken.document() == {
+        "id": "c1",
+        "name": "c1",
+        "connectorId": "actility-http-iot",
+        "active": True,
+        "alarms": [],
+        "configuration": {},
+    }
+    assert SECRET not in repr(broken)
+    assert broken.document(reveal=True)["configuration"]["headers"]["Authorization"] == SECRET
+    # It can be repaired and deleted like any other.
+    await store.replace_connection(connection("c1"))
+    assert (await store.get_connection("c1")).fault is None
+    await store.delete_connection("c1")
     assert [c.id for c in await store.list_connections()] == ["c2"]
-    with pytest.raises(RegistryError, match="c1"):
-        await store.get_connection("c1")
 
 
 # -- reconcile

@@ -250,12 +250,13 @@ class Daemon:
             connections = await self.store.list_connections()
             bindings = await self.store.bindings()
             pending = await self.spool.pending_counts()
+            # Per connection: one whose alarms cannot be watched is taken out of service by
+            # `register`, never stops the refresh of the others (issue #10).
+            faults = self.alarms.watch(connections) if self.alarms is not None else {}
             transition = self.deliveries.register(
-                connections, self.settings.config.delivery, pending
+                connections, self.settings.config.delivery, pending, faults
             )
             self.index = RoutingIndex(connections, bindings)
-            if self.alarms is not None:
-                self.alarms.watch(connections)
         task = asyncio.create_task(self.deliveries.complete(transition), name="transition")
         self._transitions.add(task)
         task.add_done_callback(self._transitions.discard)

@@ -90,6 +90,7 @@ class Alarms:
         self._last: dict[tuple[str, int], dict[str, Any]] = {}  # what the API shows
         self._task: asyncio.Task[None] | None = None
         self._ticks = 0
+        self._failed: dict[tuple[str, int], str] = {}  # alarms whose window failed, by fingerprint
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -99,24 +100,35 @@ class Alarms:
         for connection_id in connection_ids:
             self._counts[(connection_id, minute)] += 1
 
-    def watch(self, connections: Sequence[Connection]) -> None:
-        """The connections whose alarms are evaluated (active ones with alarms)."""
+    def watch(self, connections: Sequence[Connection]) -> dict[str, str]:
+        """The connections whose alarms are evaluated (active ones with alarms).
+
+        Returns the connections whose alarms cannot be watched, with why: the daemon takes
+        them out of service, and every other connection's alarms are watched as usual.
+        """
         watched: dict[tuple[str, int], _Watched] = {}
         schedules: dict[str, Schedule] = {}
+        faults: dict[str, str] = {}
         for connection in connections:
-            if not connection.active:
+            if not connection.active or connection.fault is not None:
                 continue
+            mine: dict[tuple[str, int], _Watched] = {}
             for index, alarm in enumerate(connection.alarms):
-                fp = fingerprint(alarm)
-                schedule = self._schedules.get(fp) or Schedule(alarm)
+                try:
+                    fp = fingerprint(alarm)
+                    schedule = self._schedules.get(fp) or Schedule(alarm)
+                except Exception as exc:
+                    faults[connection.id] = f"alarm {index} cannot be scheduled: {_describe(exc)}"
+                    break
                 schedules[fp] = schedule
-                watched[(connection.id, index)] = _Watched(
-                    connection.id, index, alarm, schedule, fp
-                )
+                mine[(connection.id, index)] = _Watched(connection.id, index, alarm, schedule, fp)
+            else:
+                watched.update(mine)
         for key in set(self._watched) - set(watched):
             self._forget(key)
         self._watched = watched
         self._schedules = schedules
+        return faults
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -174,7 +186,12 @@ class Alarms:
         for key, watched in list(self._watched.items()):
             state = self._states.get(key)
             active = bool(state and state.active and state.fingerprint == watched.fingerprint)
-            window = watched.schedule.active_window(moment)
+            try:
+                window = watched.schedule.active_window(moment)
+            except Exception as exc:
+                # Validation makes this unreachable; should it happen, this alarm alone waits.
+                self._unschedulable(watched, exc)
+                continue
             threshold = watched.alarm.uplinkRateMinPerHour
             if window is None:
                 self._last[key] = {"state": "RAISED" if active else "OUTSIDE_WINDOW"}
@@ -267,7 +284,24 @@ class Alarms:
             except Exception as exc:
                 log.warning("Alarm notification not published", error=str(exc))
 
+    def _unschedulable(self, watched: _Watched, exc: Exception) -> None:
+        key = (watched.connection_id, watched.index)
+        if self._failed.get(key) == watched.fingerprint:
+            return  # said once per definition, not every minute
+        self._failed[key] = watched.fingerprint
+        error = _describe(exc)
+        log.error(
+            "Alarm not evaluated",
+            connection=watched.connection_id,
+            alarm=watched.index,
+            error=error,
+        )
+        self._record(
+            watched.connection_id, "alarm_failed", {"alarm": watched.index, "error": error}
+        )
+
     def _forget(self, key: tuple[str, int]) -> None:
+        self._failed.pop(key, None)
         self._last.pop(key, None)
         with contextlib.suppress(KeyError):
             self._metrics.alarm_active.remove(key[0], str(key[1]))
@@ -308,6 +342,10 @@ class Alarms:
                 }
             )
         return result
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _window(window: Window) -> dict[str, str | None]:

@@ -6,7 +6,7 @@ module only refuses what that schedule could not make sense of.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -17,13 +17,43 @@ Weekday = Literal["monday", "tuesday", "wednesday", "thursday", "friday", "satur
 MAX_WINDOW = timedelta(days=31)
 """The longest first window: longer ones are almost certainly a mistaken date."""
 
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+"""Every instant of an alarm (startTime, endTime, until) lies in [EARLIEST, LATEST].
+
+Far enough inside what ``datetime`` can hold (years 1 to 9999, in every offset) that the
+schedule's arithmetic never leaves it: a local time is within a day of UTC, a window lasts
+at most 31 days, occurrences merge over about four years, and recurrences stop at LATEST
+(``schedule.py``). The epoch as the floor: the evaluator works in epoch seconds.
+"""
+
+MAX_INTERVAL = 1000
+"""The largest recurrence interval: every 1000 days, weeks or months is plenty, and the
+value must stay a JSON integer every store and client can read back (orjson's 64 bits)."""
+
+MAX_RATE = 1e9
+"""The largest uplinkRateMinPerHour: finite, so that it is stored and read back as given."""
+
+
+def check_instant(value: datetime, example: str) -> datetime:
+    """An aware datetime inside [EARLIEST, LATEST]; ValueError (a field error) otherwise."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"needs a UTC offset, e.g. {example}")
+    # Compared as instants (aware comparison never converts, so it cannot overflow).
+    if not EARLIEST <= value <= LATEST:
+        raise ValueError(
+            f"must lie between {EARLIEST.isoformat()} and {LATEST.isoformat()}"
+            f" (as an instant in UTC)"
+        )
+    return value
+
 
 class Recurrence(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     frequency: Literal["daily", "weekly", "monthly"]
     byDays: list[Weekday] | None = None
-    interval: Annotated[int, Field(ge=1)] = 1
+    interval: Annotated[int, Field(ge=1, le=MAX_INTERVAL)] = 1
     until: datetime | None = None
 
     @field_validator("byDays")
@@ -41,8 +71,8 @@ class Recurrence(BaseModel):
     @field_validator("until")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            raise ValueError("needs a UTC offset, e.g. 2019-12-31T18:00:00+01:00")
+        if value is not None:
+            check_instant(value, "2019-12-31T18:00:00+01:00")
         return value
 
     @model_validator(mode="after")
@@ -61,15 +91,13 @@ class Alarm(BaseModel):
     endTime: datetime
     timezone: str = "UTC"
     recurrence: list[Recurrence] = Field(default_factory=list)
-    uplinkRateMinPerHour: Annotated[float, Field(ge=0)]
+    uplinkRateMinPerHour: Annotated[float, Field(ge=0, le=MAX_RATE, allow_inf_nan=False)]
     message: str = ""
 
     @field_validator("startTime", "endTime")
     @classmethod
     def _aware(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
-            raise ValueError("needs a UTC offset, e.g. 2019-01-31T09:00:00+01:00")
-        return value
+        return check_instant(value, "2019-01-31T09:00:00+01:00")
 
     @field_validator("timezone")
     @classmethod

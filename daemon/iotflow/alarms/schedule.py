@@ -54,6 +54,13 @@ ends there: the two windows touch and never overlap. This cut happens at most on
 The instants asked about may be in any time zone (a naive one is a ``ValueError``);
 windows are returned in UTC.
 
+Range. Every instant of a valid alarm lies in ``[EARLIEST, LATEST]`` (years 1970 to 9000,
+``model.py``), and a recurrence without ``until`` ends at ``LATEST``: no occurrence, local
+date or window end comes near the ends of ``datetime``'s calendar. An instant asked about
+outside that range (year 1 in +14:00, say) is first held to its edge, where the answer is
+the same (nothing starts before EARLIEST; everything has ended long before the ceiling), so
+every question about every valid alarm has an answer and never an ``OverflowError``.
+
 Cost. Occurrence dates come from arithmetic on the date asked about, never from a walk from
 D0, so a question years after the first window costs what one about its first week does.
 Merging walks occurrence to occurrence within one span at most, and jumps over a stretch
@@ -69,7 +76,7 @@ from itertools import pairwise
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from iotflow.alarms.model import Alarm, Recurrence
+from iotflow.alarms.model import EARLIEST, LATEST, MAX_WINDOW, Alarm, Recurrence
 
 __all__ = ["MERGE_SPAN_DAYS", "Schedule", "Window"]
 
@@ -77,6 +84,10 @@ MERGE_SPAN_DAYS = 1456
 """Days of local dates within which occurrences merge: 208 weeks, about four years."""
 
 _DAY = timedelta(days=1)
+# Instants asked about are held inside these: before every window, after every window's end
+# (an occurrence starts by LATEST and lasts at most MAX_WINDOW plus a clock change).
+_FLOOR = EARLIEST - 2 * _DAY
+_CEILING = LATEST + 2 * MAX_WINDOW
 _WEEKDAY_INDEX = {
     "monday": 0,
     "tuesday": 1,
@@ -259,8 +270,10 @@ class Schedule:
         self._duration = local_end.replace(tzinfo=None) - local_start.replace(tzinfo=None)
         # Occurrences D and D + k days overlap or touch on the wall clock iff k <= this.
         self._link_days = self._duration // _DAY
+        # A recurrence without until ends at LATEST, inside the calendar (see "Range").
         self._rules = tuple(
-            _Rule(entry, self._d0, self._last_date(entry.until)) for entry in alarm.recurrence
+            _Rule(entry, self._d0, self._last_date(entry.until or LATEST))
+            for entry in alarm.recurrence
         )
         # Rules whose own dates are never further apart than the link distance: while one
         # of them runs, every occurrence is linked to the next, so a merge can jump over
@@ -452,4 +465,9 @@ class Schedule:
 def _utc(at: datetime) -> datetime:
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError(f"{at.isoformat()} needs a UTC offset")
+    # Compared before converting: converting year 1 in +14:00 to UTC would overflow.
+    if at < _FLOOR:
+        return _FLOOR
+    if at > _CEILING:
+        return _CEILING
     return at.astimezone(UTC)

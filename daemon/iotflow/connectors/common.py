@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from iotflow.config.types import Duration, Secret
 
@@ -12,6 +13,23 @@ ReconnectStrategy = Literal["CALM", "NORMAL", "AGGRESSIVE"]
 
 # Upper bound of the probe backoff of a CLOSED connection, by reconnectStrategy.
 PROBE_BACKOFF_CAP_SECONDS: dict[str, float] = {"AGGRESSIVE": 180.0, "NORMAL": 300.0, "CALM": 600.0}
+
+
+MIN_VALIDITY = timedelta(seconds=1)
+MAX_VALIDITY = timedelta(days=3650)
+
+
+def _validity(value: timedelta) -> timedelta:
+    """A usable uplinkTimeValidity: within bounds, and whole milliseconds, the resolution it is
+    written back with (finer would change the value across a store and a restart)."""
+    if not MIN_VALIDITY <= value <= MAX_VALIDITY:
+        raise ValueError("must be between 1s and 3650d")
+    if value % timedelta(milliseconds=1):
+        raise ValueError("must be a whole number of milliseconds")
+    return value
+
+
+Validity = Annotated[Duration, AfterValidator(_validity)]
 
 
 class CommonConfig(BaseModel):
@@ -22,7 +40,7 @@ class CommonConfig(BaseModel):
     createDevices: bool = True
     sendMetadata: bool = False
     sendRawDecodedFormat: bool = False
-    uplinkTimeValidity: Duration | None = None
+    uplinkTimeValidity: Validity | None = None
     downlinkEnabled: bool = True
     downlinkPort: Annotated[int, Field(ge=1, le=223)] | None = None
     downlinkAsId: str | None = None

@@ -42,9 +42,27 @@ class Connection(BaseModel):
     alarms: list[Alarm] = Field(default_factory=list)
     configuration: SerializeAsAny[CommonConfig]
     provisioned: bool = Field(default=False, exclude=True)
+    # Set on a stored connection that no longer validates (see `quarantined`): why it cannot
+    # run, and the stored document as it is (secrets in clear, so never shown or logged).
+    fault: str | None = Field(default=None, exclude=True)
+    stored: dict[str, Any] | None = Field(default=None, exclude=True, repr=False)
 
     def document(self, *, reveal: bool = False) -> dict[str, Any]:
         """The wire form; secrets masked unless `reveal` (only the registry asks)."""
+        if self.fault is not None:
+            if reveal:
+                # What a PUT unmasks "*****" against and compares with: what is stored.
+                return dict(self.stored or {})
+            # Without its validated configuration nothing says which values are secrets:
+            # only the envelope is shown.
+            return {
+                "id": self.id,
+                "name": self.name,
+                "connectorId": self.connectorId,
+                "active": self.active,
+                "alarms": [],
+                "configuration": {},
+            }
         return self.model_dump(mode="json", context={"reveal": reveal}, exclude_none=True)
 
     @property
@@ -66,6 +84,26 @@ def problems_of(error: ValidationError, prefix: str = "") -> list[Problem]:
     return problems
 
 
+def _nul_paths(value: Any, path: str = "") -> list[str]:
+    """Key paths of the strings (keys or values) holding U+0000, which PostgreSQL's JSON
+    cannot store: refused here rather than accepted on SQLite and failing on PostgreSQL."""
+    found: list[str] = []
+    if isinstance(value, str):
+        if "\x00" in value:
+            found.append(path)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and "\x00" in key:
+                found.append(where)
+            else:
+                found += _nul_paths(item, where)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found += _nul_paths(item, f"{path}.{index}" if path else str(index))
+    return found
+
+
 def parse_connection(data: Any, *, default_id: str | None = None) -> Connection:
     """Validate a connection object as the API and the config file receive it.
 
@@ -73,7 +111,9 @@ def parse_connection(data: Any, *, default_id: str | None = None) -> Connection:
     """
     # Every stage that can run does, so that one call lists every problem: an error in the
     # envelope does not hide those of the configuration, nor the reverse.
-    problems: list[Problem] = []
+    problems: list[Problem] = [
+        Problem(path, "must not contain NUL characters") for path in _nul_paths(data)
+    ]
     envelope: _Envelope | None = None
     try:
         envelope = _Envelope.model_validate(data)
@@ -115,4 +155,24 @@ def parse_connection(data: Any, *, default_id: str | None = None) -> Connection:
         active=envelope.active,
         alarms=envelope.alarms,
         configuration=config,
+    )
+
+
+def quarantined(
+    connection_id: str, document: Any, reason: str, *, provisioned: bool = False
+) -> Connection:
+    """A stored connection that does not validate (stored by an older version, say), as a
+    Connection that nothing can run: it keeps its id, name and bindings, and the daemon takes
+    it out of service with `reason` instead of refusing to start or to list the others."""
+    raw = document if isinstance(document, dict) else {}
+    name, connector, active = raw.get("name"), raw.get("connectorId"), raw.get("active", True)
+    return Connection(
+        id=connection_id,
+        name=name if isinstance(name, str) and name else connection_id,
+        connectorId=connector if isinstance(connector, str) else "",
+        active=active if isinstance(active, bool) else True,
+        configuration=CommonConfig(),
+        provisioned=provisioned,
+        fault=reason,
+        stored=dict(raw),
     )

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from iotflow.config.model import DeliverySettings
 from iotflow.config.types import format_duration
+from iotflow.connectors.common import CommonConfig
 from iotflow.connectors.connection import Connection
 from iotflow.delivery.worker import ConnectionWorker, EventRecorder
 from iotflow.downlinks import DownlinkHandler
+from iotflow.errors import PermanentSinkError
 from iotflow.sinks import Sink, SinkContext, create_sink
 from iotflow.spool import Delivery, Spool
 from iotflow.telemetry.logging import get_logger
@@ -38,6 +40,29 @@ def make_sink_factory(
         return create_sink(connection, context)
 
     return make
+
+
+class _OutOfServiceSink:
+    """The sink of a connection taken out of service: its worker is never started."""
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+
+    async def start(self) -> None:
+        return None
+
+    async def send(self, delivery: Delivery) -> None:
+        raise PermanentSinkError(self._reason)
+
+    async def healthcheck(self) -> bool:
+        return False
+
+    async def close(self) -> None:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 @dataclass
@@ -96,13 +121,19 @@ class Deliveries:
         connections: Sequence[Connection],
         settings: DeliverySettings | None,
         pending: dict[str, int],
+        faults: Mapping[str, str] | None = None,
     ) -> Transition:
         """Put the new workers in place at once, without waiting for anything.
 
         After this returns, every connection of `connections` has a worker to hand its
         deliveries to (a new one holds them in the spool until `complete` starts it), so the
         routing index may switch to `connections` right away. `complete` does the slow part.
+
+        A connection that cannot run (its `fault`, one in `faults` such as an alarm that
+        cannot be scheduled, or a sink that cannot be made) gets a worker taken out of
+        service instead: never one connection's problem stops the others.
         """
+        faults = faults or {}
         settings_changed = settings is not None and settings != self._settings
         if settings is not None:
             self._settings = settings
@@ -112,15 +143,22 @@ class Deliveries:
             orphans={cid: n for cid, n in pending.items() if cid not in wanted},
         )
         for connection in connections:
+            fault = connection.fault or faults.get(connection.id)
             old = self.workers.get(connection.id)
             if old is None:
-                worker = self._make(connection)
+                worker = self._make(connection, fault=fault)
                 worker.stats.pending = pending.get(connection.id, 0)
                 self.workers[connection.id] = worker
                 transition.started.append(worker)
-            elif old.connection != connection or settings_changed:
-                new = self._make(connection, old)
+            elif (
+                old.connection != connection
+                or settings_changed
+                or (fault is not None and old.out_of_service is None)
+            ):
+                new = self._make(connection, old, fault=fault)
                 new.startup_time = old.startup_time
+                if new.out_of_service is None and old.out_of_service is not None:
+                    new.stats.lastError = None  # repaired: the reason is no longer true
                 # New offers go to the successor, which holds them in the spool until it starts.
                 self.workers[connection.id] = new
                 transition.replaced.append((old, new))
@@ -134,12 +172,20 @@ class Deliveries:
         """
         async with self._lock:
             for worker in transition.removed:
-                await self._remove(worker)
+                try:
+                    await self._remove(worker)
+                except Exception as exc:
+                    # One worker that fails to stop must not keep the others from changing.
+                    log.error(
+                        "Connection not removed cleanly", connection=worker.id, error=str(exc)
+                    )
             for worker in transition.started:
                 if self.workers.get(worker.id) is worker:  # not superseded meanwhile
                     await self._start(worker)
             for old, new in transition.replaced:
-                await old.stop(time.monotonic() + self._settings.drain_timeout.total_seconds())
+                await self._stop(
+                    old, time.monotonic() + self._settings.drain_timeout.total_seconds()
+                )
                 await self._spool.flush()  # what the old worker finished is gone before we reload
                 if self.workers.get(new.id) is new:
                     await self._start(new)
@@ -157,11 +203,25 @@ class Deliveries:
                 )
 
     def _make(
-        self, connection: Connection, old: ConnectionWorker | None = None
+        self,
+        connection: Connection,
+        old: ConnectionWorker | None = None,
+        *,
+        fault: str | None = None,
+    ) -> ConnectionWorker:
+        if fault is None:
+            try:
+                return self._worker(connection, self._sink_factory(connection, self._settings), old)
+            except Exception as exc:
+                fault = f"could not be set up: {_describe(exc)}"
+        return self._out_of_service(connection, fault, old)
+
+    def _worker(
+        self, connection: Connection, sink: Sink, old: ConnectionWorker | None
     ) -> ConnectionWorker:
         return ConnectionWorker(
             connection,
-            self._sink_factory(connection, self._settings),
+            sink,
             spool=self._spool,
             metrics=self._metrics,
             settings=self._settings,
@@ -169,17 +229,41 @@ class Deliveries:
             stats=old.stats if old is not None else None,
         )
 
+    def _out_of_service(
+        self, connection: Connection, reason: str, old: ConnectionWorker | None
+    ) -> ConnectionWorker:
+        """A worker that holds the connection's place (routing, statistics, the API) and
+        sends nothing: built on the common defaults, so that nothing of the connection
+        that failed can fail again here."""
+        inert = connection.model_copy(update={"configuration": CommonConfig(), "alarms": []})
+        worker = self._worker(inert, _OutOfServiceSink(reason), old)
+        worker.connection = connection  # compared by `register`: replaced once edited
+        self._take_out_of_service(worker, reason)
+        return worker
+
+    def _take_out_of_service(self, worker: ConnectionWorker, reason: str) -> None:
+        worker.take_out_of_service(reason)
+        log.error("Connection out of service", connection=worker.id, error=reason)
+        self._record(worker.id, "out_of_service", {"reason": reason, "state": worker.state})
+
     async def _start(self, worker: ConnectionWorker) -> None:
+        if worker.out_of_service is not None:
+            return
         try:
             await worker.start()
         except Exception as exc:
             # A sink that cannot even start (bad TLS material, say) must not stop the others.
-            log.error("Connection could not start", connection=worker.id, error=str(exc))
-            self._record(worker.id, "start_failed", {"error": str(exc)})
+            self._take_out_of_service(worker, f"could not start: {_describe(exc)}")
+
+    async def _stop(self, worker: ConnectionWorker, deadline: float) -> None:
+        try:
+            await worker.stop(deadline)
+        except Exception as exc:
+            log.error("Connection not stopped cleanly", connection=worker.id, error=str(exc))
 
     async def _remove(self, worker: ConnectionWorker) -> None:
         connection_id = worker.id
-        await worker.stop(time.monotonic())
+        await self._stop(worker, time.monotonic())
         if connection_id in self.workers:
             return  # deleted and created again: what is pending belongs to the new one
         dropped = await self._spool.drop_connection(connection_id)
@@ -200,4 +284,4 @@ class Deliveries:
                     in_flight=sum(busy.values()),
                     timeout=format_duration(timedelta(seconds=drain)),
                 )
-            await asyncio.gather(*(w.stop(deadline) for w in self.workers.values()))
+            await asyncio.gather(*(self._stop(w, deadline) for w in self.workers.values()))

@@ -129,6 +129,7 @@ class ConnectionWorker:
         self.stats = stats if stats is not None else Statistics()
         self.startup_time: float | None = None
         self.state = "OPENING" if connection.active else "DEACTIVATED"
+        self.out_of_service: str | None = None  # why, once taken out of service
         self._auth_failed = False
         self._backlog = _Backlog()
         self._spilled = True  # at start, what is pending is in the spool
@@ -382,6 +383,18 @@ class ConnectionWorker:
             self._set_state("AUTHENTICATION_FAILED" if self._auth_failed else "OPENED")
         elif not self._auth_failed:
             self._set_state("CLOSED")
+
+    def take_out_of_service(self, reason: str) -> None:
+        """This connection cannot run (see Deliveries): CLOSED, with the reason as lastError.
+
+        Nothing is sent until the connection is replaced; what is routed to it meanwhile
+        waits in the spool. The caller logs it once, so no state-change line here.
+        """
+        self.out_of_service = reason
+        self.stats.lastError = reason
+        self.state = "CLOSED" if self.connection.active else "DEACTIVATED"
+        self._metrics.set_state(self.id, self.state)
+        self._pending_gauge.set(self.stats.pending)
 
     def _set_state(self, state: str) -> None:
         previous, self.state = self.state, state

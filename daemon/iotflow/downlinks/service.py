@@ -138,6 +138,8 @@ class Downlinks:
                 raise _NoConnection(
                     "disabled", f"connection {connection_id!r} does not exist"
                 ) from None
+        if connection.fault is not None:
+            raise DownlinkRejected("disabled", f"connection {connection_id!r} is out of service")
         if not connection.configuration.downlinkEnabled:
             raise DownlinkRejected(
                 "disabled", f"connection {connection_id!r} has downlinkEnabled set to false"

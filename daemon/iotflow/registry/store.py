@@ -17,7 +17,7 @@ from importlib import resources
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from iotflow.connectors.connection import Connection, parse_connection
+from iotflow.connectors.connection import Connection, parse_connection, quarantined
 from iotflow.errors import ConfigError, RegistryError
 from iotflow.telemetry.logging import get_logger
 
@@ -318,13 +318,15 @@ def load_connection(
 ) -> Connection:
     """A stored document as a Connection, validated again as at the edge.
 
-    A document that the current catalog refuses (after an upgrade, say) is a RegistryError
-    naming the connection and the problems, never a ConfigError from the wrong place.
+    A document that the current validation refuses (stored by an older version, say) is a
+    quarantined Connection carrying the problems as its `fault`: listed and shown like the
+    others, taken out of service by the daemon, repaired or deleted through the API.
     """
     try:
         connection = parse_connection(document)
     except ConfigError as exc:
-        raise RegistryError(f"stored connection {connection_id!r} is not valid: {exc}") from None
+        reason = f"stored connection is not valid: {exc}"
+        return quarantined(connection_id, document, reason, provisioned=provisioned)
     return connection.model_copy(update={"provisioned": provisioned})
 
 
@@ -439,19 +441,15 @@ def group_bindings(rows: Iterable[Sequence[str]]) -> list[DeviceBinding]:
 
 
 def load_connections(rows: Iterable[Sequence[Any]]) -> list[Connection]:
-    """(id, document, provisioned) rows as Connections, skipping (and logging) invalid ones.
+    """(id, document, provisioned) rows as Connections; invalid ones quarantined, not skipped.
 
-    One row that the current catalog refuses must not stop routing for all the others.
+    One row that the current validation refuses must not stop routing for all the others,
+    nor vanish from the API where the operator can repair it.
     """
-    result: list[Connection] = []
-    for connection_id, document, provisioned in rows:
-        try:
-            result.append(load_connection(document, bool(provisioned), connection_id))
-            continue
-        except RegistryError as exc:
-            error = str(exc)
-        log.error("Stored connection skipped", connection=connection_id, error=error)
-    return result
+    return [
+        load_connection(document, bool(provisioned), connection_id)
+        for connection_id, document, provisioned in rows
+    ]
 
 
 def load_device_source(fmt: str, source: Any) -> tuple[str, dict[str, str]]:
