@@ -47,6 +47,7 @@ class MqttSource:
         self.consuming = asyncio.Event()  # subscribed at least once: READY for systemd
         self._stopping = asyncio.Event()
         self._client: aiomqtt.Client | None = None
+        self._commits_failing = False  # logged once per episode, not once per reconnect
 
     def _filters(self) -> list[tuple[str, Subscription]]:
         group = self.settings.shared_group
@@ -139,8 +140,10 @@ class MqttSource:
                 stop_task.cancel()
                 if self._stopping.is_set() and not ack_task.done():
                     # Stop: commits under way finish and are acknowledged before we leave.
-                    await acks.put((-1, 0, None))
+                    # The marker waits for room in a full queue only while the ack loop lives.
+                    marker = asyncio.ensure_future(acks.put((-1, 0, None)))
                     await asyncio.wait({ack_task}, timeout=10)
+                    marker.cancel()
                 ack_task.cancel()
                 self._client = None
 
@@ -180,8 +183,15 @@ class MqttSource:
                     await pending
                 except Exception as exc:
                     # Not acknowledged: the broker redelivers it on the next session.
-                    log.exception("Uplink not committed; reconnecting for redelivery")
+                    if not self._commits_failing and not self._stopping.is_set():
+                        self._commits_failing = True
+                        log.warning(
+                            "Uplink not committed; reconnecting for redelivery", error=str(exc)
+                        )
                     raise _Reconnect(str(exc)) from exc
+                if self._commits_failing:
+                    self._commits_failing = False
+                    log.info("Uplinks committed again")
             acker.ack(mid, qos)
 
     async def publish(self, topic: str, payload: bytes) -> None:
