@@ -206,6 +206,10 @@ async def test_sigterm_while_the_disk_is_full_exits_non_zero_and_loses_nothing(
         elapsed = asyncio.get_running_loop().time() - stopping
         assert code != 0
         assert elapsed < drain, f"shutdown took {elapsed:.1f}s"
+        # Only the spool failed: every other step still ran, or the process would not exit.
+        failed = [e for e in daemon.logs if e.get("event") == "Shutdown step failed"]
+        assert [e["step"] for e in failed] == ["spool"]
+        assert "full" in failed[0]["error"]
         assert any(e.get("event") == "Stopped with errors" for e in daemon.logs)
         assert len(cloud.accepted) == 1
 

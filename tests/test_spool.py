@@ -544,7 +544,6 @@ async def test_wal_stays_small_under_a_steady_stream(tmp_path: Path) -> None:
         # The backlog is a few uplinks; SQLite alone lets the WAL reach ~4 MB.
         assert peak < 1.5 * 2**20
         assert spool.stats.wal_peak < 1.5 * 2**20
-        assert spool.stats.checkpoints >= 1
         assert await spool.pending_counts() == {}
     finally:
         await spool.close()
