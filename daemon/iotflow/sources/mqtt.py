@@ -93,7 +93,8 @@ class MqttSource:
                 await self._session()
                 backoff = self.settings.reconnect_initial.total_seconds()
             except (aiomqtt.MqttError, _Reconnect) as exc:
-                self._disconnected(str(exc))
+                # Our own reconnect is logged once per episode by the ack loop.
+                self._disconnected(None if isinstance(exc, _Reconnect) else str(exc))
                 delay = random.uniform(0, backoff)
                 backoff = min(backoff * 2, self.settings.reconnect_max.total_seconds())
                 with contextlib.suppress(TimeoutError):
@@ -169,7 +170,17 @@ class MqttSource:
             payload = message.payload if isinstance(message.payload, bytes) else b""
             incoming = Incoming(message.topic.value, payload, self._match(message.topic))
             pending = self._handler(incoming)
-            await acks.put((message.mid, message.qos, pending))
+            if not acks.full():
+                acks.put_nowait((message.mid, message.qos, pending))
+                continue
+            # A broker over our quota: wait for room, but not past a stop or a failed commit.
+            put = asyncio.ensure_future(acks.put((message.mid, message.qos, pending)))
+            await asyncio.wait({put, stop_task, ack_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not put.done():
+                put.cancel()
+                if ack_task.done():
+                    ack_task.result()  # raises _Reconnect: a commit failed
+                return
 
     async def _ack_loop(
         self, acks: asyncio.Queue[tuple[int, int, Awaitable[None] | None]], acker: ManualAck
