@@ -656,3 +656,25 @@ async def test_close_while_full_closes_and_raises_then_nothing_is_lost(tmp_path:
             assert await spool.load("a") == kept
         finally:
             await spool.close()
+
+
+async def test_a_spool_with_room_for_a_probe_only_stays_quiet_and_backs_off(
+    tmp_path: Path,
+) -> None:
+    spool = await Spool.open(tmp_path / "spool.db", retry_initial=0.01, retry_max=0.08)
+    try:
+        await add(spool, 1, "a")
+        await cap_pages(spool)  # the one-row probe fits, a 200 kB uplink does not
+        with capture_logs() as logs:
+            for _ in range(6):
+                with pytest.raises(SpoolFullError):
+                    await big(spool)
+                async with asyncio.timeout(5):
+                    await spool.wait_writable()  # the probe committed: try again
+            assert spool._backoff == 0.08  # flapping backs off as failing does
+            await spool._writer.execute("PRAGMA max_page_count = 1073741823")
+            await big(spool)
+        events = [e["event"] for e in logs if e["log_level"] != "debug"]
+        assert events == ["Spool cannot commit", "Spool commits again"]
+    finally:
+        await spool.close()

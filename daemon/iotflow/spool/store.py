@@ -532,6 +532,14 @@ class Spool:
             self._record(batch, dropped)
             if self._fault is not None:
                 self._recovered()
+            if self._warned and not empty:
+                self._warned = False  # a probe alone does not end the episode in the log
+                log.info(
+                    "Spool commits again",
+                    path=str(self.path),
+                    seconds=round(self._now() - self._fault_since, 3),
+                    failed_transactions=self.stats.failed_transactions,
+                )
             for op in batch.ops:
                 _resolve(op, dropped)
             await self._checkpoint_if_due(idle=False)
@@ -543,12 +551,15 @@ class Spool:
         """A transaction failed: the spool is unavailable until one commits."""
         now = self._now()
         if self._fault is None:
-            self._fault_since = now
+            if not self._warned:  # a flap within a logged episode keeps its start
+                self._fault_since = now
             self.stats.unavailable += 1
             self._writable.clear()
-            # A spool that flaps (space for a probe, not for a batch) keeps its backoff.
+            # A spool that flaps (room for a probe, not for a batch) backs off further.
             if now - self._recovered_at > _REMINDER:
                 self._backoff = self._retry_initial
+            else:
+                self._backoff = min(self._backoff * 2, self._retry_max)
             self._retry_at = now + self._backoff
             if now - self._warned_at >= _REMINDER:
                 self._warned_at = now
@@ -565,19 +576,10 @@ class Spool:
         self._fault = exc
 
     def _recovered(self) -> None:
-        now = self._now()
         self._fault = None
         self._writable.set()
-        self._recovered_at = now
+        self._recovered_at = self._now()
         self._wakeup.set()  # completes that waited go in the next batch
-        if self._warned:
-            self._warned = False
-            log.info(
-                "Spool commits again",
-                path=str(self.path),
-                seconds=round(now - self._fault_since, 3),
-                failed_transactions=self.stats.failed_transactions,
-            )
 
     async def _retry(self) -> None:
         """While unavailable: free the WAL if possible, then commit what waits (or a probe)."""
