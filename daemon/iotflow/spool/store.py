@@ -30,8 +30,8 @@ written, and never blocks the writer.
 The WAL is kept as small as the backlog: SQLite's own checkpoint runs only once the WAL
 holds ~4 MB (1000 pages) and never shrinks the file, so on a disk with a few MB free the
 WAL alone fills it, every commit fails, and no checkpoint can run after a failed commit.
-So SQLite checkpoints once the WAL holds `wal_limit` bytes (1 MiB) and truncates the
-file back to that size when the WAL starts over; the writer itself checkpoints with
+So SQLite checkpoints once the WAL holds `wal_limit` bytes (1 MiB) and starts it over
+from the beginning (the file is reused, not grown); the writer itself checkpoints with
 TRUNCATE when it goes idle (at most once per `_IDLE_CHECKPOINT` seconds), while it
 cannot commit, and as a backstop past twice the limit: the WAL stays under `wal_limit`
 plus one batch and is empty between bursts. The database file keeps the pages of the
@@ -704,12 +704,14 @@ async def _prepare(db: aiosqlite.Connection, path: Path, wal_limit: int) -> int:
     await db.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
     await db.execute("PRAGMA busy_timeout = 5000")
     # SQLite's checkpoint after a commit (in the same call: no extra thread hop) once the
-    # WAL holds `wal_limit` bytes of pages, not its default 1000 pages (~4 MB); when the WAL
-    # starts over, the file is truncated back to `wal_limit`. A RESTART with a size limit:
-    # measured as fast as no limit, where a TRUNCATE per MB cost ~15% flat out.
+    # WAL holds `wal_limit` bytes of pages, not its default 1000 pages (~4 MB). The file is
+    # truncated when the WAL starts over only past 4 x `wal_limit` (a huge batch): under
+    # steady load it is reused at ~`wal_limit`, since truncating it at every restart and
+    # growing it again cost ~35% of throughput flat out (bench_spool.py); an idle writer
+    # empties it anyway.
     page_size = await _scalar(db, "PRAGMA page_size")
     await db.execute(f"PRAGMA wal_autocheckpoint = {max(wal_limit // page_size, 1)}")
-    await db.execute(f"PRAGMA journal_size_limit = {wal_limit}")
+    await db.execute(f"PRAGMA journal_size_limit = {4 * wal_limit}")
     version = await _scalar(db, "PRAGMA user_version")
     if version == 0:
         await db.executescript(_SCHEMA)
