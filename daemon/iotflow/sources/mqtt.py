@@ -14,6 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from iotflow.config.model import MqttSettings, Subscription
+from iotflow.errors import IotflowError
 from iotflow.sources.ack import ManualAck
 from iotflow.telemetry.logging import get_logger
 from iotflow.telemetry.metrics import Metrics
@@ -197,7 +198,9 @@ class MqttSource:
                     if not self._commits_failing and not self._stopping.is_set():
                         self._commits_failing = True
                         log.warning(
-                            "Uplink not committed; reconnecting for redelivery", error=str(exc)
+                            "Uplink not committed; reconnecting for redelivery",
+                            error=str(exc),
+                            exc_info=not isinstance(exc, IotflowError),  # a bug: its traceback
                         )
                     raise _Reconnect(str(exc)) from exc
                 if self._commits_failing:
