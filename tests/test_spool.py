@@ -24,6 +24,7 @@ from hypothesis.stateful import (
 )
 from structlog.testing import capture_logs
 
+import iotflow.spool.store as spool_store
 from iotflow.spool import (
     SCHEMA_VERSION,
     Delivery,
@@ -678,3 +679,62 @@ async def test_a_spool_with_room_for_a_probe_only_stays_quiet_and_backs_off(
         assert events == ["Spool cannot commit", "Spool commits again"]
     finally:
         await spool.close()
+
+
+class LogRecorder:
+    """Stands in for the module's structlog logger: records events, and they can be awaited."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self._changed = asyncio.Condition()
+
+    def _record(self, level: str, event: str) -> None:
+        self.events.append((level, event))
+
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._record("debug", event)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._record("info", event)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._record("warning", event)
+
+    async def wait_for(self, event: str, count: int) -> None:
+        async with asyncio.timeout(10), self._changed:
+            await self._changed.wait_for(lambda: [e for _, e in self.events].count(event) >= count)
+
+
+async def test_a_long_episode_logs_a_reminder_per_interval_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = LogRecorder()
+    monkeypatch.setattr(spool_store, "log", recorder)
+    monkeypatch.setattr(spool_store, "_REMINDER", 0.3)
+    with small_disk(tmp_path / "small", "2m") as disk:
+        spool = await Spool.open(disk.path / "spool.db", retry_initial=0.01, retry_max=0.02)
+        try:
+            await add(spool, 1, "a")
+            disk.fill()
+            with pytest.raises(SpoolFullError):
+                await big(spool)
+            await recorder.wait_for("Spool still cannot commit", 2)
+            warnings = [e for level, e in recorder.events if level == "warning"]
+            retries = [e for level, e in recorder.events if e == "Spool write failed"]
+            assert warnings == ["Spool cannot commit", *["Spool still cannot commit"] * 2]
+            assert len(retries) >= 10  # it kept retrying all along, quietly
+            disk.free_up()
+            async with asyncio.timeout(10):
+                await spool.wait_writable()
+            await add(spool, 2, "a")
+            assert [e for _, e in recorder.events if e.startswith("Spool commits")] == [
+                "Spool commits again"
+            ]
+        finally:
+            await spool.close()
