@@ -249,6 +249,8 @@ def test_the_exported_metrics_are_the_contract() -> None:
         "iotflow_ingest_requests_total",
         # Added with downlinks (docs/downlinks.md), beyond the table of docs/architecture.md.
         "iotflow_downlinks_total",
+        # Added with the disk-full handling (docs/operations.md "Disk full").
+        "iotflow_spool_writable",
     }
 
 

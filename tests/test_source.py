@@ -9,10 +9,12 @@ from collections.abc import Awaitable
 
 import aiomqtt
 import pytest
+from structlog.testing import capture_logs
 
 from iotflow.config.model import MqttSettings
 from iotflow.sources.ack import ManualAck
 from iotflow.sources.mqtt import Incoming, MqttSource
+from iotflow.spool import SpoolFullError
 from iotflow.telemetry.metrics import Metrics
 from support.mosquitto import Mosquitto
 
@@ -165,3 +167,44 @@ async def test_acknowledgements_leave_in_arrival_order(
     assert acked == sorted(acked)
     source.stop()
     await asyncio.wait_for(task, 30)
+
+
+async def test_failing_commits_are_logged_once_and_their_end_too(mosquitto: Mosquitto) -> None:
+    attempts = 0
+    recovered = asyncio.Event()
+
+    def handle(incoming: Incoming) -> Awaitable[None] | None:
+        nonlocal attempts
+        attempts += 1
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if attempts <= 4:  # the spool cannot commit: reconnect, the broker redelivers
+            future.set_exception(SpoolFullError("spool write failed: database or disk is full"))
+        else:
+            future.set_result(None)
+            recovered.set()
+        return future
+
+    settings = MqttSettings.model_validate(
+        {
+            "url": mosquitto.url,
+            "client_id": "commit-episode",
+            "reconnect_initial": "10ms",
+            "reconnect_max": "50ms",
+            "subscriptions": [{"topic": "commit-episode/#", "format": "actility"}],
+        }
+    )
+    source = MqttSource(settings, handle, Metrics())
+    with capture_logs() as logs:
+        task = asyncio.create_task(source.run())
+        await asyncio.wait_for(source.consuming.wait(), 30)
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as publisher:
+            await publisher.publish("commit-episode/1", b"x", qos=1)
+        await asyncio.wait_for(recovered.wait(), 30)
+        source.stop()
+        await asyncio.wait_for(task, 30)
+
+    assert attempts == 5  # redelivered after each failed commit, never acknowledged before
+    warnings = [e for e in logs if e["log_level"] in ("warning", "error")]
+    assert [e["event"] for e in warnings] == ["Uplink not committed; reconnecting for redelivery"]
+    assert "full" in warnings[0]["error"]
+    assert [e["event"] for e in logs].count("Uplinks committed again") == 1

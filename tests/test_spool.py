@@ -22,15 +22,19 @@ from hypothesis.stateful import (
     invariant,
     rule,
 )
+from structlog.testing import capture_logs
 
+import iotflow.spool.store as spool_store
 from iotflow.spool import (
     SCHEMA_VERSION,
     Delivery,
     Spool,
     SpoolClosedError,
     SpoolError,
+    SpoolFullError,
     SpoolWriteError,
 )
+from support.smalldisk import small_disk
 
 DAEMON = Path(__file__).resolve().parents[1] / "daemon"
 DEV_EUI = "0018B20000000B20"
@@ -498,3 +502,239 @@ class SpoolMachine(RuleBasedStateMachine):
 
 SpoolMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
 TestSpoolModel = SpoolMachine.TestCase
+
+
+# -- a small disk: the WAL stays small, a full disk is survived ----------------------------
+
+DOCUMENT = b'{"DevEUI_uplink": {"payload_hex": "%s"}}' % (b"ab" * 280)  # ~600 bytes
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+async def stream(spool: Spool, n: int, *, concurrency: int = 16) -> int:
+    """Append and complete `n` uplinks as a steady stream; return the largest WAL seen."""
+    wal = Path(f"{spool.path}-wal")
+    peak = 0
+    next_n = 0
+
+    async def client() -> None:
+        nonlocal next_n, peak
+        while next_n < n:
+            next_n += 1
+            deliveries = await spool.append(
+                DOCUMENT, dev_eui=DEV_EUI, uplink_time=0.0, received_at=0.0, connection_ids=["a"]
+            )
+            for d in deliveries:
+                spool.complete(d.id)
+            peak = max(peak, file_size(wal))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await spool.flush()
+    return peak
+
+
+async def test_wal_stays_small_under_a_steady_stream(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool.db")
+    try:
+        peak = await stream(spool, 4000)
+        # The backlog is a few uplinks; SQLite alone lets the WAL reach ~4 MB.
+        assert peak < 1.5 * 2**20
+        assert spool.stats.wal_peak < 1.5 * 2**20
+        assert await spool.pending_counts() == {}
+    finally:
+        await spool.close()
+
+
+async def test_a_steady_stream_does_not_fill_a_small_disk(tmp_path: Path) -> None:
+    """The issue's jam: 3 MB free, a backlog of a few KB, and yet "database or disk is full"."""
+    with small_disk(tmp_path / "small", "3m") as disk:
+        spool = await Spool.open(disk.path / "spool.db")
+        try:
+            await stream(spool, 6000)
+            assert spool.stats.failed_transactions == 0
+            assert disk.free() > 1 * 2**20
+        finally:
+            await spool.close()
+
+
+async def cap_pages(spool: Spool, extra: int = 0) -> None:
+    """A real SQLITE_FULL without root: cap the database near its current size."""
+    async with spool._writer.execute("PRAGMA page_count") as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    await spool._writer.execute(f"PRAGMA max_page_count = {row[0] + extra}")
+
+
+async def big(spool: Spool) -> list[Delivery]:
+    return await spool.append(
+        b"x" * 200_000, dev_eui=DEV_EUI, uplink_time=0.0, received_at=0.0, connection_ids=["a"]
+    )
+
+
+async def test_full_database_is_a_typed_error_logged_once_and_recovers_by_itself(
+    tmp_path: Path,
+) -> None:
+    spool = await Spool.open(tmp_path / "spool.db", retry_initial=0.01, retry_max=0.05)
+    try:
+        first = await add(spool, 1, "a")
+        await cap_pages(spool)
+        with capture_logs() as logs:
+            for _ in range(20):
+                with pytest.raises(SpoolFullError, match="full"):
+                    await big(spool)
+            assert not spool.writable
+            await spool._writer.execute("PRAGMA max_page_count = 1073741823")
+            async with asyncio.timeout(5):
+                await spool.wait_writable()  # retried by the spool itself
+            assert spool.writable
+            second = await big(spool)
+        assert await spool.load("a") == first + second
+        warnings = [e for e in logs if e["log_level"] in ("warning", "error")]
+        assert [e["event"] for e in warnings] == ["Spool cannot commit"]
+        assert "full" in warnings[0]["error"]
+        assert [e["event"] for e in logs if e["log_level"] == "info"] == ["Spool commits again"]
+        assert spool.stats.unavailable >= 1
+    finally:
+        await spool.close()
+
+
+async def test_a_full_disk_fails_appends_fast_keeps_completes_and_recovers(
+    tmp_path: Path,
+) -> None:
+    with small_disk(tmp_path / "small", "2m") as disk:
+        spool = await Spool.open(disk.path / "spool.db", retry_initial=0.05, retry_max=0.2)
+        try:
+            done = [d for n in range(10) for d in await add(spool, n, "a")]
+            await spool.flush()
+            disk.fill()
+            with capture_logs() as logs:
+                # Appends fail (typed, at once), completes are kept: nothing wedges.
+                for n in range(50):
+                    with pytest.raises(SpoolFullError):
+                        async with asyncio.timeout(5):
+                            await big(spool)
+                    spool.complete(done[n % 10].id)
+                assert not spool.writable
+                assert await spool.load("a") == []  # completed, if not yet committed
+                with pytest.raises(SpoolFullError):
+                    await spool.flush()
+                disk.free_up()
+                async with asyncio.timeout(10):
+                    await spool.wait_writable()
+                later = await add(spool, 99, "a")
+                await spool.flush()
+            assert count_rows(spool.path) == (1, 1)  # the ten completes went through
+            assert await spool.load("a") == later
+            warnings = [e["event"] for e in logs if e["log_level"] in ("warning", "error")]
+            assert warnings == ["Spool cannot commit"]
+        finally:
+            await spool.close()
+
+
+async def test_close_while_full_closes_and_raises_then_nothing_is_lost(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "small", "2m") as disk:
+        path = disk.path / "spool.db"
+        spool = await Spool.open(path)
+        kept = [d for n in range(5) for d in await add(spool, n, "a")]
+        disk.fill()
+        with pytest.raises(SpoolFullError):
+            await big(spool)
+        spool.complete(kept[0].id)
+
+        with pytest.raises(SpoolFullError, match="1 completes"):
+            async with asyncio.timeout(10):
+                await spool.close()
+
+        disk.free_up()
+        spool = await Spool.open(path)
+        try:
+            # The complete was not committed: delivered again (at least once), not lost.
+            assert await spool.load("a") == kept
+        finally:
+            await spool.close()
+
+
+async def test_a_spool_with_room_for_a_probe_only_stays_quiet_and_backs_off(
+    tmp_path: Path,
+) -> None:
+    spool = await Spool.open(tmp_path / "spool.db", retry_initial=0.01, retry_max=0.08)
+    try:
+        await add(spool, 1, "a")
+        await cap_pages(spool)  # the one-row probe fits, a 200 kB uplink does not
+        with capture_logs() as logs:
+            for _ in range(6):
+                with pytest.raises(SpoolFullError):
+                    await big(spool)
+                async with asyncio.timeout(5):
+                    await spool.wait_writable()  # the probe committed: try again
+            assert spool._backoff == 0.08  # flapping backs off as failing does
+            await spool._writer.execute("PRAGMA max_page_count = 1073741823")
+            await big(spool)
+        events = [e["event"] for e in logs if e["log_level"] != "debug"]
+        assert events == ["Spool cannot commit", "Spool commits again"]
+    finally:
+        await spool.close()
+
+
+class LogRecorder:
+    """Stands in for the module's structlog logger: records events, and they can be awaited."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self._changed = asyncio.Condition()
+
+    def _record(self, level: str, event: str) -> None:
+        self.events.append((level, event))
+
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._record("debug", event)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._record("info", event)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._record("warning", event)
+
+    async def wait_for(self, event: str, count: int) -> None:
+        async with asyncio.timeout(10), self._changed:
+            await self._changed.wait_for(lambda: [e for _, e in self.events].count(event) >= count)
+
+
+async def test_a_long_episode_logs_a_reminder_per_interval_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = LogRecorder()
+    monkeypatch.setattr(spool_store, "log", recorder)
+    monkeypatch.setattr(spool_store, "_REMINDER", 0.3)
+    with small_disk(tmp_path / "small", "2m") as disk:
+        spool = await Spool.open(disk.path / "spool.db", retry_initial=0.01, retry_max=0.02)
+        try:
+            await add(spool, 1, "a")
+            disk.fill()
+            with pytest.raises(SpoolFullError):
+                await big(spool)
+            await recorder.wait_for("Spool still cannot commit", 2)
+            warnings = [e for level, e in recorder.events if level == "warning"]
+            retries = [e for level, e in recorder.events if e == "Spool write failed"]
+            assert warnings == ["Spool cannot commit", *["Spool still cannot commit"] * 2]
+            assert len(retries) >= 10  # it kept retrying all along, quietly
+            disk.free_up()
+            async with asyncio.timeout(10):
+                await spool.wait_writable()
+            await add(spool, 2, "a")
+            assert [e for _, e in recorder.events if e.startswith("Spool commits")] == [
+                "Spool commits again"
+            ]
+        finally:
+            await spool.close()

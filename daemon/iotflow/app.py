@@ -8,7 +8,7 @@ import gc
 import signal
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -28,7 +28,7 @@ from iotflow.formats import actility_document, decode
 from iotflow.registry import Store, open_registry
 from iotflow.routing import RoutingIndex
 from iotflow.sources.mqtt import Incoming, MqttSource
-from iotflow.spool import Spool
+from iotflow.spool import Spool, SpoolUnavailableError
 from iotflow.telemetry import logging as logs
 from iotflow.telemetry.metrics import Metrics
 from iotflow.telemetry.systemd import Notifier
@@ -96,7 +96,7 @@ class Daemon:
             code = 1
         finally:
             self.notifier.stopping()
-            await self.shutdown()
+            code = max(code, await self.shutdown())
             for sock in self._api_sockets:  # closed with the API, unless start failed first
                 sock.close()
             watchdog.cancel()
@@ -131,6 +131,8 @@ class Daemon:
             settings=lambda: self.settings.config.downlinks,
         )
         self.spool = await Spool.open(config.spool.path)
+        spool = self.spool
+        self.metrics.spool_writable.set_function(lambda: float(spool.writable))
         self.deliveries = Deliveries(
             spool=self.spool,
             metrics=self.metrics,
@@ -178,9 +180,24 @@ class Daemon:
                     await self.reload()
             reload.cancel()
 
-    async def shutdown(self) -> None:
-        """Stop consuming, let in-flight sends finish, commit, close."""
+    async def shutdown(self) -> int:
+        """Stop consuming, let in-flight sends finish, commit, close.
+
+        Every step runs even when one before it failed (a full disk must not leave the
+        registry open). Returns the exit code: 0, or 1 when a step failed, e.g. the spool
+        could not commit; what it could not commit was not acknowledged, so nothing is lost.
+        """
         log.info("Stopping")
+        self._stop.set()  # commits waiting for the spool give up: not acknowledged
+        failed: list[str] = []
+
+        async def step(name: str, action: Callable[[], Awaitable[object]]) -> None:
+            try:
+                await action()
+            except Exception as exc:
+                failed.append(name)
+                log.error("Shutdown step failed", step=name, error=str(exc))
+
         if self.source is not None:
             self.source.stop()
         for task in self._tasks:
@@ -189,22 +206,28 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.settle()
+        await step("transitions", self.settle)
         if self.alarms is not None:
-            await self.alarms.close()
+            await step("alarms", self.alarms.close)
         if self.deliveries is not None:
-            await self.deliveries.stop(self.settings.config.delivery.drain_timeout.total_seconds())
+            drain = self.settings.config.delivery.drain_timeout.total_seconds()
+            deliveries = self.deliveries
+            await step("deliveries", lambda: deliveries.stop(drain))
         if self.spool is not None:
-            await self.spool.close()
+            await step("spool", self.spool.close)
         if self._runner is not None:
-            await self._runner.cleanup()
+            await step("api", self._runner.cleanup)
         if self.directory is not None:
-            await self.directory.close()
+            await step("directory", self.directory.close)
         if self.events is not None:
-            await self.events.close()
+            await step("events", self.events.close)
         if self.store is not None:
-            await self.store.close()
+            await step("registry", self.store.close)
+        if failed:
+            log.error("Stopped with errors", failed=failed)
+            return 1
         log.info("Stopped")
+        return 0
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -335,13 +358,18 @@ class Daemon:
         except Rejection:
             return None
 
-    def accept(self, fmt: str, payload: bytes, **origin: str) -> Awaitable[None] | None:
+    def accept(
+        self, fmt: str, payload: bytes, *, hold: bool = True, **origin: str
+    ) -> Awaitable[None] | None:
         """One uplink of format `fmt`, from the MQTT source or the HTTP ingest: decode,
         route, count, and start committing its deliveries to the spool.
 
         `origin` names where it came from in log lines (`topic=`, `ingest=`). Returns None
         when there is nothing to commit (unrouted), else the commit; a message that is not
-        an uplink raises Rejection, counted and logged already.
+        an uplink raises Rejection, counted and logged already. With `hold`, a commit that
+        finds the spool unavailable waits until it commits again (the MQTT source: the
+        broker keeps what is not acknowledged); without, it fails at once (the HTTP ingest
+        answers 503 and the sender retries).
         """
         received_at = time.time()
         self.metrics.uplinks_received.labels(fmt).inc()
@@ -367,7 +395,9 @@ class Daemon:
         # Started now, not when the acknowledgement loop gets to it: commits of consecutive
         # uplinks must be in flight together for the spool to group them.
         commit = asyncio.ensure_future(
-            self._commit(document, uplink.dev_eui, uplink.time.timestamp(), received_at, targets)
+            self._commit(
+                document, uplink.dev_eui, uplink.time.timestamp(), received_at, targets, hold
+            )
         )
         commit.add_done_callback(_retrieved)
         return commit
@@ -379,17 +409,41 @@ class Daemon:
         uplink_time: float,
         received_at: float,
         targets: tuple[str, ...],
+        hold: bool,
     ) -> None:
         assert self.spool is not None
         assert self.deliveries is not None
-        deliveries = await self.spool.append(
-            document,
-            dev_eui=dev_eui,
-            uplink_time=uplink_time,
-            received_at=received_at,
-            connection_ids=targets,
-        )
+        while True:
+            try:
+                deliveries = await self.spool.append(
+                    document,
+                    dev_eui=dev_eui,
+                    uplink_time=uplink_time,
+                    received_at=received_at,
+                    connection_ids=targets,
+                )
+                break
+            except SpoolUnavailableError:
+                # Wait for the spool (it retries by itself) rather than reconnect to the
+                # broker for a redelivery that would fail the same way; unacknowledged
+                # meanwhile, and the broker sends no more than our receive maximum.
+                if not hold or not await self._until_writable():
+                    raise
         self.deliveries.dispatch(deliveries)
+
+    async def _until_writable(self) -> bool:
+        """Wait until the spool commits again (True) or the daemon stops (False)."""
+        assert self.spool is not None
+        if self._stop.is_set():
+            return False
+        writable = asyncio.ensure_future(self.spool.wait_writable())
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({writable, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        writable.cancel()
+        if self._stop.is_set() or not writable.done() or writable.cancelled():
+            return False
+        return writable.exception() is None  # SpoolClosedError: give up
 
     def _reject(self, rejection: Rejection, payload: bytes, **origin: str) -> None:
         self.metrics.uplinks_rejected.labels(rejection.reason).inc()

@@ -42,6 +42,31 @@ class ConflictError(RegistryError):
     """A change that contradicts the registry (duplicate id, read-only connection)."""
 
 
+class SpoolError(IotflowError):
+    """The spool could not do what was asked."""
+
+
+class SpoolClosedError(SpoolError):
+    """The spool is closed (or closing): nothing more can be queued."""
+
+
+class SpoolWriteError(SpoolError):
+    """A transaction failed (disk full, I/O error): what it carried was not committed."""
+
+
+class SpoolUnavailableError(SpoolWriteError):
+    """The spool cannot commit for now: nothing of the request was written; try again later.
+
+    Public: what an ingest answers with 503 and the MQTT source does not acknowledge (the
+    broker keeps the uplink). The spool retries by itself with backoff;
+    `Spool.wait_writable()` returns once it commits again.
+    """
+
+
+class SpoolFullError(SpoolUnavailableError):
+    """The spool cannot commit because its disk (or its database's page limit) is full."""
+
+
 class SinkError(IotflowError):
     """A delivery to a cloud did not succeed."""
 

@@ -43,6 +43,7 @@ class DaemonProcess:
         extra: str = "",
         api_port: int | None = None,
         env: dict[str, str] | None = None,
+        spool_path: Path | None = None,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -53,6 +54,7 @@ class DaemonProcess:
         self.delivery = delivery or {}
         self.extra = extra
         self.env = env or {}
+        self.spool_path = spool_path or workdir / "spool.db"
         self.logs: list[LogEvent] = []
         self.output: list[str] = []
         self.process: asyncio.subprocess.Process | None = None
@@ -81,7 +83,7 @@ class DaemonProcess:
             "[registry]",
             f'url = "sqlite:///{self.workdir}/registry.db"',
             "[spool]",
-            f'path = "{self.workdir}/spool.db"',
+            f'path = "{self.spool_path}"',
             "[api]",
             f'listen = "127.0.0.1:{self.api_port}"',
             'tokens = ["test-token"]',

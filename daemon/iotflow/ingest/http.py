@@ -170,7 +170,7 @@ async def ingest_uplink(request: web.Request) -> web.StreamResponse:
             log.debug("Ingest event that is not an uplink", ingest=label, kind=event[:40])
             return web.Response(status=204)
     try:
-        commit = daemon.accept(entry.format, body, ingest=label)
+        commit = daemon.accept(entry.format, body, hold=False, ingest=label)
     except Rejection as rejection:
         requests.labels(label, "rejected").inc()  # logged by the daemon, rate-limited
         status = 413 if rejection.reason == "too_large" else 400

@@ -14,6 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from iotflow.config.model import MqttSettings, Subscription
+from iotflow.errors import IotflowError
 from iotflow.sources.ack import ManualAck
 from iotflow.telemetry.logging import get_logger
 from iotflow.telemetry.metrics import Metrics
@@ -47,6 +48,7 @@ class MqttSource:
         self.consuming = asyncio.Event()  # subscribed at least once: READY for systemd
         self._stopping = asyncio.Event()
         self._client: aiomqtt.Client | None = None
+        self._commits_failing = False  # logged once per episode, not once per reconnect
 
     def _filters(self) -> list[tuple[str, Subscription]]:
         group = self.settings.shared_group
@@ -92,7 +94,8 @@ class MqttSource:
                 await self._session()
                 backoff = self.settings.reconnect_initial.total_seconds()
             except (aiomqtt.MqttError, _Reconnect) as exc:
-                self._disconnected(str(exc))
+                # Our own reconnect is logged once per episode by the ack loop.
+                self._disconnected(None if isinstance(exc, _Reconnect) else str(exc))
                 delay = random.uniform(0, backoff)
                 backoff = min(backoff * 2, self.settings.reconnect_max.total_seconds())
                 with contextlib.suppress(TimeoutError):
@@ -139,8 +142,10 @@ class MqttSource:
                 stop_task.cancel()
                 if self._stopping.is_set() and not ack_task.done():
                     # Stop: commits under way finish and are acknowledged before we leave.
-                    await acks.put((-1, 0, None))
+                    # The marker waits for room in a full queue only while the ack loop lives.
+                    marker = asyncio.ensure_future(acks.put((-1, 0, None)))
                     await asyncio.wait({ack_task}, timeout=10)
+                    marker.cancel()
                 ack_task.cancel()
                 self._client = None
 
@@ -166,7 +171,17 @@ class MqttSource:
             payload = message.payload if isinstance(message.payload, bytes) else b""
             incoming = Incoming(message.topic.value, payload, self._match(message.topic))
             pending = self._handler(incoming)
-            await acks.put((message.mid, message.qos, pending))
+            if not acks.full():
+                acks.put_nowait((message.mid, message.qos, pending))
+                continue
+            # A broker over our quota: wait for room, but not past a stop or a failed commit.
+            put = asyncio.ensure_future(acks.put((message.mid, message.qos, pending)))
+            await asyncio.wait({put, stop_task, ack_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not put.done():
+                put.cancel()
+                if ack_task.done():
+                    ack_task.result()  # raises _Reconnect: a commit failed
+                return
 
     async def _ack_loop(
         self, acks: asyncio.Queue[tuple[int, int, Awaitable[None] | None]], acker: ManualAck
@@ -180,8 +195,17 @@ class MqttSource:
                     await pending
                 except Exception as exc:
                     # Not acknowledged: the broker redelivers it on the next session.
-                    log.exception("Uplink not committed; reconnecting for redelivery")
+                    if not self._commits_failing and not self._stopping.is_set():
+                        self._commits_failing = True
+                        log.warning(
+                            "Uplink not committed; reconnecting for redelivery",
+                            error=str(exc),
+                            exc_info=not isinstance(exc, IotflowError),  # a bug: its traceback
+                        )
                     raise _Reconnect(str(exc)) from exc
+                if self._commits_failing:
+                    self._commits_failing = False
+                    log.info("Uplinks committed again")
             acker.ack(mid, qos)
 
     async def publish(self, topic: str, payload: bytes) -> None:

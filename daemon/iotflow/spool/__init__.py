@@ -9,7 +9,9 @@ from iotflow.spool.store import (
     Spool,
     SpoolClosedError,
     SpoolError,
+    SpoolFullError,
     SpoolStats,
+    SpoolUnavailableError,
     SpoolWriteError,
 )
 
@@ -19,6 +21,8 @@ __all__ = [
     "Spool",
     "SpoolClosedError",
     "SpoolError",
+    "SpoolFullError",
     "SpoolStats",
+    "SpoolUnavailableError",
     "SpoolWriteError",
 ]

@@ -70,6 +70,11 @@ class Metrics:
             ["connection", "alarm"],
             registry=r,
         )
+        self.spool_writable = Gauge(
+            "iotflow_spool_writable",
+            "0 while the spool cannot commit (disk full): uplinks are not acknowledged",
+            registry=r,
+        )
         self.mqtt_connected = Gauge(
             "iotflow_mqtt_connected", "1 while connected to the source broker", registry=r
         )
