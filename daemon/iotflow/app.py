@@ -207,6 +207,9 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await step("transitions", self.settle)
+        # The API writes through the spool (HTTP ingest, re-sends): it closes before them.
+        if self._runner is not None:
+            await step("api", self._runner.cleanup)
         if self.alarms is not None:
             await step("alarms", self.alarms.close)
         if self.deliveries is not None:
@@ -215,8 +218,6 @@ class Daemon:
             await step("deliveries", lambda: deliveries.stop(drain))
         if self.spool is not None:
             await step("spool", self.spool.close)
-        if self._runner is not None:
-            await step("api", self._runner.cleanup)
         if self.directory is not None:
             await step("directory", self.directory.close)
         if self.events is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from iotflow.delivery.worker import ConnectionWorker, EventRecorder
 from iotflow.downlinks import DownlinkHandler
 from iotflow.errors import PermanentSinkError
 from iotflow.sinks import Sink, SinkContext, create_sink
-from iotflow.spool import Delivery, Spool
+from iotflow.spool import Delivery, Spool, SpoolUnavailableError
 from iotflow.telemetry.logging import get_logger
 from iotflow.telemetry.metrics import Metrics
 
@@ -186,7 +187,11 @@ class Deliveries:
                 await self._stop(
                     old, time.monotonic() + self._settings.drain_timeout.total_seconds()
                 )
-                await self._spool.flush()  # what the old worker finished is gone before we reload
+                # What the old worker finished is gone before we reload. While the spool
+                # cannot commit, its completes wait in memory and `load` leaves them out
+                # already: the new worker may start all the same.
+                with contextlib.suppress(SpoolUnavailableError):
+                    await self._spool.flush()
                 if self.workers.get(new.id) is new:
                     await self._start(new)
                     log.info("Connection reconfigured", connection=new.id)
