@@ -376,3 +376,31 @@ async def test_stop_lets_in_flight_sends_finish(spool: Spool) -> None:
     gate.set()
     await stopping
     assert worker.stats.delivered == 2
+
+
+async def test_any_exception_fails_one_delivery_and_the_worker_goes_on(spool: Spool) -> None:
+    """A bug or a bad value in a sink (here a ValueError, as aiohttp raises for a header
+    with a line break) ends that delivery as failed; the one worker delivers the next."""
+
+    def poisoned(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        if len(sink.calls) == 1:
+            raise ValueError("Newline or carriage return character detected in HTTP header")
+        return None
+
+    sink, outcomes = ScriptedSink(poisoned), Outcomes()
+    worker = make_worker(spool, sink, outcomes, delivery=settings(max_in_flight=1))
+    await worker.start()
+    await feed(spool, worker, ["A", "A", "B"])
+    await outcomes.completed_count(3)
+    assert (worker.stats.failed, worker.stats.delivered, worker.stats.pending) == (1, 2, 0)
+    reason = "ValueError: Newline or carriage return character detected in HTTP header"
+    assert worker.stats.lastError == reason
+    (event,) = outcomes.kinds("delivery_failed")
+    assert event["reason"] == reason
+    assert event["attempts"] == 1
+    failed = worker._metrics.registry.get_sample_value(
+        "iotflow_deliveries_total", {"connection": "c1", "outcome": "failed"}
+    )
+    assert failed == 1
+    assert worker.state == "OPENED"
+    await worker.stop(time.monotonic())

@@ -20,6 +20,7 @@ from iotflow.api.errors import ApiError, invalid
 from iotflow.config.types import secret_value, unmask
 from iotflow.connectors import CATALOG, Connection, connector_document, parse_connection
 from iotflow.connectors.connection import CONNECTION_ID
+from iotflow.connectors.secrets import unmask_url
 from iotflow.delivery.worker import Statistics, iso
 from iotflow.downlinks import DownlinkRejected, parse_downlink
 from iotflow.downlinks.signature import ReplayGuard, Unauthorized, verify
@@ -142,7 +143,9 @@ async def replace_connection(request: web.Request) -> web.Response:
         raise invalid([Problem("id", f"must be {cid!r}, the connection's id in the path")])
     # A secret read back as "*****" and sent again keeps its stored value.
     stored = current.document(reveal=True)
-    body["configuration"] = unmask(body.get("configuration", {}), stored.get("configuration"))
+    body["configuration"] = unmask(
+        body.get("configuration", {}), stored.get("configuration"), unmask_url
+    )
     connection = parse_connection(body, default_id=cid)
     replaced = await daemon.registry.replace_connection(connection)
     now = replaced.document(reveal=True)
