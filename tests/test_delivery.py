@@ -404,3 +404,22 @@ async def test_any_exception_fails_one_delivery_and_the_worker_goes_on(spool: Sp
     assert failed == 1
     assert worker.state == "OPENED"
     await worker.stop(time.monotonic())
+
+
+async def test_a_late_offer_of_what_the_refill_read_is_not_sent_twice(spool: Spool) -> None:
+    """The refill may read a delivery from the spool between its commit and its offer (a
+    race the suite hit now and then): the offer must not queue it a second time."""
+    now = time.time()
+    (late,) = await spool.append(
+        b"{}", dev_eui="A", uplink_time=now, received_at=now, connection_ids=["c1"]
+    )
+    sink, outcomes = ScriptedSink(), Outcomes()
+    worker = make_worker(spool, sink, outcomes)
+    await worker.start()
+    await outcomes.completed_count(1)  # read back from the spool and sent
+    worker.offer(late)  # ... and only now its offer arrives
+    await feed(spool, worker, ["A"])
+    await outcomes.completed_count(2)
+    await spool.flush()
+    assert [d.id for _, d in sink.calls] == [late.id, late.id + 1]
+    await worker.stop(time.monotonic())

@@ -204,6 +204,10 @@ class ConnectionWorker:
         self._pending_gauge.inc()
         if not self.connection.active or self._stopping:
             return
+        if delivery.id <= self._last_loaded:
+            # The refill read it from the spool between its commit and this offer: it is in
+            # the backlog already, and pushing it again would send it twice.
+            return
         if self._spilled or self._backlog.size >= self.settings.memory_queue:
             self._spilled = True
             self._dirty = True
