@@ -197,17 +197,15 @@ async def test_url_templates_are_rendered_and_encoded_per_uplink(
     """`{DevEUI}` in the path and query of destinationURL, as in headers; an uplink value
     with `/`, `?`, `&`, `#` or CR/LF stays one value and never changes the URL's shape."""
     _, api = running
+    url = cloud.url("/devices/{DevEUI}/up") + "?name={CustomerData.name|'none'}&fixed=1"
     body = {
         "name": "Templated URL",
         "connectorId": "actility-http-iot",
-        "configuration": {
-            "destinationURL": cloud.url("/devices/{DevEUI}/up")
-            + "?name={CustomerData.name|'none'}&fixed=1"
-        },
+        "configuration": {"destinationURL": url},
     }
     status, created, _ = await api.call("POST", "/connections", body)
     assert status == 201, created
-    assert created["configuration"]["destinationURL"] == body["configuration"]["destinationURL"]
+    assert created["configuration"]["destinationURL"] == url
     dev = "0018B20000002003"
     status, _, _ = await api.call("PUT", f"/devices/{dev}", {"connections": [created["id"]]})
     assert status == 200
