@@ -423,3 +423,30 @@ async def test_a_late_offer_of_what_the_refill_read_is_not_sent_twice(spool: Spo
     await spool.flush()
     assert [d.id for _, d in sink.calls] == [late.id, late.id + 1]
     await worker.stop(time.monotonic())
+
+
+async def test_a_probe_that_raises_frees_the_circuit_for_the_next(spool: Spool) -> None:
+    """CLOSED, one probe at a time: a probe ended by an arbitrary exception must give its
+    slot back, or every later delivery would wait for it until it expires."""
+
+    def script(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        if len(sink.calls) == 1:
+            return RetryableSinkError("connection refused")  # opens the circuit
+        if len(sink.calls) == 2:
+            raise RuntimeError("bug in the sink")  # the probe
+        return None
+
+    sink, outcomes = ScriptedSink(script), Outcomes()
+    worker = make_worker(
+        spool, sink, outcomes, validity="20s", delivery=settings(circuit_failures=1)
+    )
+    await worker.start()
+    await feed(spool, worker, ["A"])
+    await outcomes.completed_count(1)
+    assert worker.state == "CLOSED"
+    assert worker.stats.failed == 1
+    await feed(spool, worker, ["A"])
+    await outcomes.completed_count(2)
+    assert worker.stats.delivered == 1
+    assert worker.state == "OPENED"
+    await worker.stop(time.monotonic())
