@@ -88,7 +88,7 @@ class HttpSink:
         session = self._session
         if session is None or session.closed:
             # Closed under a delivery's feet (shutdown): not sent, tried again later.
-            raise RetryableSinkError("the sink is closed")
+            raise RetryableSinkError("the sink is not open")
         url, body, headers = self._request(delivery)
         try:
             async with session.post(
