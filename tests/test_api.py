@@ -14,10 +14,10 @@ import aiomqtt
 import pytest
 
 from fixtures_path import SEEDS
-from support.clouds import FakeCloud, datacake
+from support.clouds import Behaviour, FakeCloud, datacake, tago
 from support.daemon import DaemonProcess
 from support.mosquitto import Mosquitto
-from support.uplinks import uplink
+from support.uplinks import TOPICS, actility, uplink
 
 pytestmark = pytest.mark.slow
 
@@ -139,6 +139,109 @@ async def test_create_bind_deliver_repoint_delete(
     assert len(cloud.requests_to("/dc2")) == 1
     status, _, _ = await api.call("GET", f"/connections/{cid}")
     assert status == 404
+
+
+async def test_secrets_in_the_url_are_masked_kept_and_never_quoted_back(
+    running: tuple[DaemonProcess, Api], cloud: FakeCloud, mosquitto: Mosquitto
+) -> None:
+    """TagoIO takes its credential in `?authorization=`: shown as *****, kept when sent
+    back so, and a cloud error that quotes it is stored redacted (issue #10, defect 6)."""
+    daemon, api = running
+    secret, token = "tago-5ecret-a1b2", "t0ken-c3d4"
+    cloud.require(tago(secret), path="/tago")
+    url = cloud.url(f"/tago?authorization={secret}&site=paris&access_token={token}")
+    body = {
+        "name": "To TagoIO",
+        "connectorId": "actility-http-iot",
+        "brand": "TAGO",
+        "configuration": {"destinationURL": url, "headers": {"Authorization": f"Bearer {token}"}},
+    }
+    status, created, _ = await api.call("POST", "/connections", body)
+    assert status == 201, created
+    cid = created["id"]
+    masked = cloud.url("/tago?authorization=*****&site=paris&access_token=*****")
+    assert created["configuration"]["destinationURL"] == masked
+    status, listed, _ = await api.call("GET", "/connections")
+    (shown,) = [c for c in listed if c["id"] == cid]
+    assert shown["configuration"]["destinationURL"] == masked
+
+    # Sent back as read (a client that edits the name only): the secrets are kept.
+    shown["name"] = "To TagoIO, renamed"
+    status, replaced, _ = await api.call("PUT", f"/connections/{cid}", shown)
+    assert status == 200, replaced
+    assert replaced["configuration"]["destinationURL"] == masked
+    dev = "0018B20000002002"
+    status, _, _ = await api.call("PUT", f"/devices/{dev}", {"connections": [cid]})
+    assert status == 200
+    await publish(mosquitto, uplink("actility", dev, 1))
+    (first,) = await cloud.wait_for(1, path="/tago")
+    assert first.query == {"authorization": secret, "site": "paris", "access_token": token}
+
+    # The cloud refuses the next one and quotes the credentials it received.
+    cloud.set_behaviour(Behaviour(status=400, echo=True), path="/tago", times=1)
+    await publish(mosquitto, uplink("actility", dev, 2))
+    await daemon.wait_log(lambda e: e.get("event") == "Delivery failed")
+    status, got, _ = await api.call("GET", f"/connections/{cid}")
+    status, events, _ = await api.call("GET", f"/connections/{cid}/events")
+    (failed,) = [e for e in events if e["type"] == "delivery_failed"]
+    assert failed["details"]["status"] == 400
+    assert "*****" in failed["details"]["body"]
+    everything = json.dumps([got, events]) + "\n".join(daemon.output)
+    assert secret not in everything
+    assert token not in everything
+
+
+async def test_url_templates_are_rendered_and_encoded_per_uplink(
+    running: tuple[DaemonProcess, Api], cloud: FakeCloud, mosquitto: Mosquitto
+) -> None:
+    """`{DevEUI}` in the path and query of destinationURL, as in headers; an uplink value
+    with `/`, `?`, `&`, `#` or CR/LF stays one value and never changes the URL's shape."""
+    _, api = running
+    url = cloud.url("/devices/{DevEUI}/up") + "?name={CustomerData.name|'none'}&fixed=1"
+    body = {
+        "name": "Templated URL",
+        "connectorId": "actility-http-iot",
+        "configuration": {"destinationURL": url},
+    }
+    status, created, _ = await api.call("POST", "/connections", body)
+    assert status == 201, created
+    assert created["configuration"]["destinationURL"] == url
+    dev = "0018B20000002003"
+    status, _, _ = await api.call("PUT", f"/devices/{dev}", {"connections": [created["id"]]})
+    assert status == 200
+    evil = "a/b?c=1&d=e#f\r\nX-Injected: yes %41"
+    plain = actility(dev, 1)
+    del plain["DevEUI_uplink"]["CustomerData"]  # the fallback literal then
+    tricky = actility(dev, 2)
+    tricky["DevEUI_uplink"]["CustomerData"] = {"name": evil}
+    topic = TOPICS["actility"].format(dev=dev.lower())
+    await publish(mosquitto, *[(topic, json.dumps(doc).encode()) for doc in (plain, tricky)])
+    first, second = await cloud.wait_for(2, path=f"/devices/{dev}/up")
+    assert first.raw_path == f"/devices/{dev}/up?name=none&fixed=1"
+    assert first.query == {"name": "none", "fixed": "1"}
+    assert second.query == {"name": evil, "fixed": "1"}
+    assert "X-Injected" not in second.headers
+
+
+async def test_templates_are_refused_where_they_would_pick_the_server(
+    running: tuple[DaemonProcess, Api], cloud: FakeCloud
+) -> None:
+    _, api = running
+    for url, why in [
+        ("http://{DevEUI}.example.com/up", "path and the query only"),
+        (f"http://127.0.0.1:{cloud.port}/up/{{DevEUI", "unclosed"),
+        ("http://example.com/{DevEUI}#frag", "fragment"),
+    ]:
+        body = {
+            "name": "bad",
+            "connectorId": "actility-http-iot",
+            "configuration": {"destinationURL": url},
+        }
+        status, error, _ = await api.call("POST", "/connections", body)
+        assert status == 422, error
+        (detail,) = error["details"]
+        assert detail["path"] == "configuration.destinationURL"
+        assert why in detail["message"]
 
 
 def seed_bodies() -> list[tuple[str, dict[str, Any]]]:

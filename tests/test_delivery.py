@@ -376,3 +376,77 @@ async def test_stop_lets_in_flight_sends_finish(spool: Spool) -> None:
     gate.set()
     await stopping
     assert worker.stats.delivered == 2
+
+
+async def test_any_exception_fails_one_delivery_and_the_worker_goes_on(spool: Spool) -> None:
+    """A bug or a bad value in a sink (here a ValueError, as aiohttp raises for a header
+    with a line break) ends that delivery as failed; the one worker delivers the next."""
+
+    def poisoned(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        if len(sink.calls) == 1:
+            raise ValueError("Newline or carriage return character detected in HTTP header")
+        return None
+
+    sink, outcomes = ScriptedSink(poisoned), Outcomes()
+    worker = make_worker(spool, sink, outcomes, delivery=settings(max_in_flight=1))
+    await worker.start()
+    await feed(spool, worker, ["A", "A", "B"])
+    await outcomes.completed_count(3)
+    assert (worker.stats.failed, worker.stats.delivered, worker.stats.pending) == (1, 2, 0)
+    reason = "ValueError: Newline or carriage return character detected in HTTP header"
+    assert worker.stats.lastError == reason
+    (event,) = outcomes.kinds("delivery_failed")
+    assert event["reason"] == reason
+    assert event["attempts"] == 1
+    failed = worker._metrics.registry.get_sample_value(
+        "iotflow_deliveries_total", {"connection": "c1", "outcome": "failed"}
+    )
+    assert failed == 1
+    assert worker.state == "OPENED"
+    await worker.stop(time.monotonic())
+
+
+async def test_a_late_offer_of_what_the_refill_read_is_not_sent_twice(spool: Spool) -> None:
+    """The refill may read a delivery from the spool between its commit and its offer (a
+    race the suite hit now and then): the offer must not queue it a second time."""
+    now = time.time()
+    (late,) = await spool.append(
+        b"{}", dev_eui="A", uplink_time=now, received_at=now, connection_ids=["c1"]
+    )
+    sink, outcomes = ScriptedSink(), Outcomes()
+    worker = make_worker(spool, sink, outcomes)
+    await worker.start()
+    await outcomes.completed_count(1)  # read back from the spool and sent
+    worker.offer(late)  # ... and only now its offer arrives
+    await feed(spool, worker, ["A"])
+    await outcomes.completed_count(2)
+    await spool.flush()
+    assert [d.id for _, d in sink.calls] == [late.id, late.id + 1]
+    await worker.stop(time.monotonic())
+
+
+async def test_a_probe_that_raises_frees_the_circuit_for_the_next(spool: Spool) -> None:
+    """CLOSED, one probe at a time: a probe ended by an arbitrary exception must give its
+    slot back, or every later delivery would wait for it until it expires."""
+
+    def script(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        if len(sink.calls) == 1:
+            return RetryableSinkError("connection refused")  # opens the circuit
+        if len(sink.calls) == 2:
+            raise RuntimeError("bug in the sink")  # the probe
+        return None
+
+    sink, outcomes = ScriptedSink(script), Outcomes()
+    worker = make_worker(
+        spool, sink, outcomes, validity="20s", delivery=settings(circuit_failures=1)
+    )
+    await worker.start()
+    await feed(spool, worker, ["A"])
+    await outcomes.completed_count(1)
+    assert worker.state == "CLOSED"
+    assert worker.stats.failed == 1
+    await feed(spool, worker, ["A"])
+    await outcomes.completed_count(2)
+    assert worker.stats.delivered == 1
+    assert worker.state == "OPENED"
+    await worker.stop(time.monotonic())

@@ -292,8 +292,10 @@ async def test_only_the_connections_signature_is_accepted(
     # The operators' bearer token is not a cloud's credential.
     plain = f"{client.api}{BASE}/downlinkMessages/cloud"
     assert "missing" in await refused(plain, AUTH)
-    # A connection without downlinkAsId/downlinkAsKey takes no HTTP downlink at all.
-    assert "no downlinkAsId" in await refused(client.url("no-credentials", body, key=""))
+    # A connection without downlinkAsId/downlinkAsKey takes no HTTP downlink at all; it is
+    # said as for wrong credentials, so that the answer does not tell what it has.
+    mismatch = await refused(client.url("cloud", body, key="not-the-key"))
+    assert await refused(client.url("no-credentials", body, key="")) == mismatch
     # Another connection's credentials do not open this one.
     assert "does not match" in await refused(
         client.url("cloud", body, as_id="AS2", key="other-key")
@@ -305,8 +307,19 @@ async def test_only_the_connections_signature_is_accepted(
     assert status == 202, answer
     assert "used already" in await refused(url)
 
-    status, error = await client.send("ghost", document)
-    assert (status, error["code"]) == (404, "not_found")
+    # An unknown connection gets the very same answer as a known one (the route is not
+    # bearer-authenticated: it must not tell which connection ids exist).
+    for ghost in ("ghost", "_not-an-id", "no-credentials"):
+        async with client.session.post(
+            client.url(ghost, body, key="not-the-key"),
+            data=body,
+            headers={"Content-Type": "application/json"},
+        ) as r:
+            assert r.status == 401
+            assert r.headers["WWW-Authenticate"] == 'ThingPark-Token realm="iotflow downlinks"'
+            assert await r.json() == {"code": "unauthorized", "message": mismatch, "details": []}
+    assert "clock" in await refused(client.url("ghost", body, at=stale))
+    assert "missing" in await refused(f"{client.api}{BASE}/downlinkMessages/ghost", AUTH)
     async with client.session.post(
         client.url("cloud", body), data=body, headers={"Content-Type": "text/plain"}
     ) as r:

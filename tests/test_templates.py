@@ -172,3 +172,13 @@ def test_text_without_braces_renders_as_itself(text: str, doc: dict[str, Any]) -
 def test_resolve_path_never_raises(inner: dict[str, Any], path: list[str]) -> None:
     result = resolve_path({"DevEUI_uplink": inner}, ".".join(path))
     assert result is None or (isinstance(result, str) and result != "")
+
+
+def test_escape_applies_to_substituted_values_only() -> None:
+    """How a URL template percent-encodes what an uplink puts into it, not its own text."""
+    doc = {"DevEUI_uplink": {"DevEUI": "0018B20000000B20", "CustomerData": {"name": "a/b?c&d"}}}
+    template = Template("https://h/{DevEUI}/x?n={CustomerData.name}&lit={Missing|'x y'}")
+    assert template.render(doc, escape=lambda v: f"<{v}>") == (
+        "https://h/<0018B20000000B20>/x?n=<a/b?c&d>&lit=<x y>"
+    )
+    assert template.render(doc) == "https://h/0018B20000000B20/x?n=a/b?c&d&lit=x y"

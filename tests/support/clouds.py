@@ -51,6 +51,8 @@ class Received:
     at: float
     # The status answered; None while the request hangs or when the client left first.
     status: int | None = None
+    # The path and query as they were on the wire, still percent-encoded.
+    raw_path: str = ""
 
     def describe(self, origin: float | None = None) -> str:
         when = f" at +{self.at - origin:.3f}s" if origin is not None else ""
@@ -71,6 +73,11 @@ class Behaviour:
     body: Any = None
     # Hold the request unanswered until `release()` (or `stop()`), then answer as above.
     hang: bool = False
+    # Drop the TCP connection instead of answering (a crashed or restarted server).
+    reset: bool = False
+    # Quote the request's Authorization header and query back in the body, as careless
+    # platforms do in their error answers: what a client stores of it may leak secrets.
+    echo: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,6 +229,10 @@ class FakeCloud(LocalHttpServer):
             Behaviour(status=status, headers=all_headers, body=body), path=path, times=times
         )
 
+    def reset_connection(self, *, path: str | None = None, times: int | None = None) -> None:
+        """Drop the connection of requests without an answer."""
+        self.set_behaviour(Behaviour(reset=True), path=path, times=times)
+
     def hang(self, *, path: str | None = None, times: int | None = None) -> None:
         """Leave requests unanswered until `release()` with the same path."""
         self.set_behaviour(Behaviour(hang=True), path=path, times=times)
@@ -322,6 +333,7 @@ class FakeCloud(LocalHttpServer):
             body=body,
             json=_parse_json(body),
             at=time.monotonic(),
+            raw_path=request.raw_path,
         )
         self.all_requests.append(received)
         # Chosen before any await, so behaviours apply in the order requests arrived.
@@ -331,6 +343,22 @@ class FakeCloud(LocalHttpServer):
         if behaviour.hang and not self._closing:
             gate = self._gates.setdefault(scope, asyncio.Event())
             await gate.wait()
+        if behaviour.reset and not self._closing and request.transport is not None:
+            request.transport.abort()
+            await self._notify()
+            return web.Response(status=500)  # never sent: the connection is gone
+        if behaviour.echo:
+            behaviour = Behaviour(
+                status=behaviour.status,
+                headers=behaviour.headers,
+                body={
+                    **_error(_phrase(behaviour.status).lower().replace(" ", "_"), "Refused"),
+                    "request": {
+                        "headers": {"Authorization": received.headers.get("Authorization")},
+                        "query": received.query,
+                    },
+                },
+            )
         if self._closing:
             response = _json_response(503, None, {})
         elif 200 <= behaviour.status < 300:

@@ -20,6 +20,7 @@ from iotflow.api.errors import ApiError, invalid
 from iotflow.config.types import secret_value, unmask
 from iotflow.connectors import CATALOG, Connection, connector_document, parse_connection
 from iotflow.connectors.connection import CONNECTION_ID
+from iotflow.connectors.secrets import unmask_url
 from iotflow.delivery.worker import Statistics, iso
 from iotflow.downlinks import DownlinkRejected, parse_downlink
 from iotflow.downlinks.signature import ReplayGuard, Unauthorized, verify
@@ -142,7 +143,9 @@ async def replace_connection(request: web.Request) -> web.Response:
         raise invalid([Problem("id", f"must be {cid!r}, the connection's id in the path")])
     # A secret read back as "*****" and sent again keeps its stored value.
     stored = current.document(reveal=True)
-    body["configuration"] = unmask(body.get("configuration", {}), stored.get("configuration"))
+    body["configuration"] = unmask(
+        body.get("configuration", {}), stored.get("configuration"), unmask_url
+    )
     connection = parse_connection(body, default_id=cid)
     replaced = await daemon.registry.replace_connection(connection)
     now = replaced.document(reveal=True)
@@ -304,31 +307,51 @@ async def _check_bindable(daemon: Daemon, changed: set[str]) -> None:
 @routes.post(DOWNLINK_ROUTE)
 async def post_downlink(request: web.Request) -> web.Response:
     """A cloud's command to one of its devices, signed with the connection's AS id and key
-    (see iotflow.downlinks.signature), published to the device's network server."""
+    (see iotflow.downlinks.signature), published to the device's network server.
+
+    Not bearer-authenticated, so until the signature holds nothing in the answer depends
+    on the connection: an unknown id, a connection without downlink credentials and wrong
+    credentials all get the same 401, and the log says which it was.
+    """
     daemon = daemon_of(request)
-    cid = connection_id(request)
-    connection = await daemon.registry.get_connection(cid)
+    cid = request.match_info["id"]
+    connection: Connection | None = None
+    if CONNECTION_ID.match(cid):
+        try:
+            connection = await daemon.registry.get_connection(cid)
+        except NotFoundError:
+            connection = None
     body = await read_json_bytes(request)
-    config = connection.configuration
+    config = connection.configuration if connection is not None else None
     settings = daemon.settings.config.downlinks
     try:
         token, sent_at = verify(
             request.rel_url.raw_query_string,
             body,
-            as_id=config.downlinkAsId,
-            key=secret_value(config.downlinkAsKey),
+            # An unknown connection is checked as one without credentials: same work, same
+            # answer.
+            as_id=config.downlinkAsId if config is not None else None,
+            key=secret_value(config.downlinkAsKey) if config is not None else None,
             now=datetime.now(UTC),
             max_deviation=settings.max_time_deviation,
         )
         request.app[REPLAYS].use(token, sent_at, settings.max_time_deviation)
     except Unauthorized as exc:
-        log.warning("Downlink request not authenticated", connection=cid, error=str(exc))
+        why = str(exc) if connection is not None else "no such connection"
+        log.warning(
+            "Downlink request not authenticated",
+            connection=cid if connection is not None else None,
+            error=why,
+        )
         raise ApiError(
             401,
             "unauthorized",
-            f"Sign the request with the connection's downlinkAsId and downlinkAsKey: {exc}.",
+            f"Sign the request with the connection's downlinkAsId and downlinkAsKey: {exc.public}.",
             headers={"WWW-Authenticate": 'ThingPark-Token realm="iotflow downlinks"'},
         ) from None
+    # verify() refuses a request for no connection: both are there from here on.
+    assert connection is not None
+    assert config is not None
     downlinks = daemon.downlinks
     if downlinks is None:
         raise ApiError(503, "not_ready", "The daemon is starting; try again shortly.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -71,13 +72,16 @@ def secret_value(value: SecretStr | None) -> str | None:
     return None if value is None else value.get_secret_value()
 
 
-def unmask(new: Any, old: Any) -> Any:
+def unmask(new: Any, old: Any, text: Callable[[str, str], str] | None = None) -> Any:
     """Replace every `"*****"` in `new` by the value at the same place in `old`.
 
     A client that read a connection (secrets masked) and PUTs it back keeps its secrets.
+    `text(new, old)` restores a string with masks inside it (a URL's query parameters).
     """
     if new == MASK and isinstance(old, str):
         return old
+    if text is not None and isinstance(new, str) and isinstance(old, str) and MASK in new:
+        return text(new, old)
     if isinstance(new, dict) and isinstance(old, dict):
-        return {key: unmask(value, old.get(key)) for key, value in new.items()}
+        return {key: unmask(value, old.get(key), text) for key, value in new.items()}
     return new

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 
 from iotflow.config.types import Duration, Secret
 
@@ -46,3 +46,14 @@ class CommonConfig(BaseModel):
     downlinkAsId: str | None = None
     downlinkAsKey: Secret | None = None
     reconnectStrategy: ReconnectStrategy = "NORMAL"
+
+    def secret_values(self) -> set[str]:
+        """Every secret value of this configuration, to be cleaned from text that might
+        repeat it (a cloud's error body, an exception). Subclasses add what hides in
+        plain-typed fields (credential headers, URL parameters)."""
+        found: set[str] = set()
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr) and value.get_secret_value():
+                found.add(value.get_secret_value())
+        return found

@@ -11,6 +11,7 @@ from iotflow.alarms.model import Alarm
 from iotflow.connectors.catalog import CATALOG
 from iotflow.connectors.common import CommonConfig
 from iotflow.connectors.http import HttpConfig, apply_brand
+from iotflow.connectors.secrets import Redactor
 from iotflow.errors import ConfigError, Problem
 
 CONNECTION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -64,6 +65,14 @@ class Connection(BaseModel):
                 "configuration": {},
             }
         return self.model_dump(mode="json", context={"reveal": reveal}, exclude_none=True)
+
+    def secret_values(self) -> set[str]:
+        """Every secret value of the connection, wherever it sits in its configuration."""
+        return self.configuration.secret_values()
+
+    def redactor(self) -> Redactor:
+        """Cleans text (a cloud's answer, an exception's message) of the connection's secrets."""
+        return Redactor(self.secret_values())
 
     @property
     def validity_seconds(self) -> float | None:

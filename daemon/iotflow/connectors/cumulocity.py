@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 import ssl
@@ -80,3 +81,8 @@ class CumulocityConfig(CommonConfig):
     @property
     def base_url(self) -> str:
         return base_url(self.hostName)
+
+    def secret_values(self) -> set[str]:
+        # The Basic credential the sink sends, in case a tenant's error quotes it back.
+        login = f"{self.tenantId}/{self.username}:{self.password.get_secret_value()}"
+        return super().secret_values() | {base64.b64encode(login.encode()).decode("ascii")}

@@ -11,19 +11,25 @@ from pydantic import Field, SerializationInfo, field_serializer, field_validator
 
 from iotflow.config.types import MASK, reveal
 from iotflow.connectors.common import CommonConfig
+from iotflow.connectors.secrets import header_secrets, is_credential_name, mask_url, url_secrets
 from iotflow.errors import Problem
 from iotflow.formats import Template
 
-# Header names whose values are credentials: masked on output, never logged.
-_CREDENTIAL_HEADER = re.compile(r"(?i)auth|token|key|secret|password|signature|signing|cookie")
+# Header names whose values are credentials (masked on output, never logged): the same rule
+# as for URL query parameters, see connectors/secrets.py.
+is_credential_header = is_credential_name
 
-
-def is_credential_header(name: str) -> bool:
-    return bool(_CREDENTIAL_HEADER.search(name))
+# Control characters a header value cannot hold (RFC 9110 5.5: only HTAB among them).
+HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class HttpConfig(CommonConfig):
-    destinationURL: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
+    destinationURL: Annotated[str, Field(min_length=1, max_length=2048)] | None = Field(
+        default=None,
+        description="May use {DevEUI}-style templates in its path and query, rendered per"
+        " uplink and percent-encoded. Credential query parameters (authorization, token,"
+        " *key*, signature, ...) are shown as *****.",
+    )
     headers: dict[str, Annotated[str, Field(max_length=8192)]] = Field(
         default_factory=dict,
         json_schema_extra={
@@ -40,6 +46,17 @@ class HttpConfig(CommonConfig):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("expected an absolute http:// or https:// URL")
+        if HEADER_CONTROL.search(value):
+            raise ValueError("control characters must be percent-encoded")
+        if "{" in value or "}" in value:
+            Template(value)  # raises ValueError with the position of the mistake
+            # The authority picks the server: a template there would let an uplink's value
+            # choose where its connection's credentials go. Fragments are never sent.
+            authority_end = len(parts.scheme) + 3 + len(parts.netloc)
+            if "{" in value[:authority_end] or "}" in value[:authority_end]:
+                raise ValueError("templates are allowed in the path and the query only")
+            if parts.fragment:
+                raise ValueError("a templated URL cannot have a #fragment")
         return value
 
     @field_validator("headers")
@@ -48,8 +65,8 @@ class HttpConfig(CommonConfig):
         for name, text in value.items():
             if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name):
                 raise ValueError(f"{name!r} is not a valid header name")
-            if "\r" in text or "\n" in text:
-                raise ValueError(f"header {name!r}: line breaks are not allowed")
+            if HEADER_CONTROL.search(text):
+                raise ValueError(f"header {name!r}: line breaks and control characters are refused")
             try:
                 Template(text)
             except ValueError as exc:
@@ -61,6 +78,20 @@ class HttpConfig(CommonConfig):
         if reveal(info):
             return value
         return {k: MASK if is_credential_header(k) else v for k, v in value.items()}
+
+    @field_serializer("destinationURL")
+    def _mask_url(self, value: str | None, info: SerializationInfo) -> str | None:
+        if value is None or reveal(info):
+            return value
+        return mask_url(value)
+
+    def secret_values(self) -> set[str]:
+        found = super().secret_values()
+        for name, value in self.headers.items():
+            found |= header_secrets(name, value)
+        if self.destinationURL is not None:
+            found |= url_secrets(self.destinationURL)
+        return found
 
 
 @dataclass(frozen=True, slots=True)

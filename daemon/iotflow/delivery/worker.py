@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -29,6 +30,9 @@ from iotflow.telemetry.logging import get_logger
 from iotflow.telemetry.metrics import Metrics
 
 log = get_logger("iotflow.delivery")
+
+# Characters of an unexpected exception's message kept in a reason (events, lastError).
+MAX_REASON = 512
 
 
 class EventRecorder(Protocol):
@@ -116,6 +120,7 @@ class ConnectionWorker:
         record: EventRecorder,
         stats: Statistics | None = None,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.connection = connection
         self.id = connection.id
@@ -124,6 +129,10 @@ class ConnectionWorker:
         self._metrics = metrics
         self._record = record
         self._clock = clock
+        self._sleep = sleep  # between retries; a test gives one that follows its clock
+        # Whatever a cloud or an exception says is cleaned of the connection's secrets
+        # before it is stored (lastError, events) or logged.
+        self._redact = connection.redactor()
         self.settings = settings
         # A worker that replaces another (the connection was edited) carries its statistics on.
         self.stats = stats if stats is not None else Statistics()
@@ -201,6 +210,10 @@ class ConnectionWorker:
         self._pending_gauge.inc()
         if not self.connection.active or self._stopping:
             return
+        if delivery.id <= self._last_loaded:
+            # The refill read it from the spool between its commit and this offer: it is in
+            # the backlog already, and pushing it again would send it twice.
+            return
         if self._spilled or self._backlog.size >= self.settings.memory_queue:
             self._spilled = True
             self._dirty = True
@@ -244,6 +257,16 @@ class ConnectionWorker:
             self._sending.add(task)
             try:
                 await self._deliver(delivery)
+            except Exception as exc:
+                # _deliver ends every delivery itself; this is the last guard of the worker
+                # task, which must outlive any bug so that the connection keeps delivering.
+                log.error(
+                    "Delivery worker error",
+                    connection=self.id,
+                    devEUI=delivery.dev_eui,
+                    error=self._describe(exc),
+                    where=_where(exc),
+                )
             finally:
                 self._sending.discard(task)
                 backlog.release(dev_eui)
@@ -258,6 +281,7 @@ class ConnectionWorker:
             wait=lambda state: self._wait(state, deadline),
             stop=lambda state: self._clock() >= deadline,
             before_sleep=self._before_sleep,
+            sleep=self._sleep,
             reraise=True,
         )
         last: SinkError | None = None
@@ -276,6 +300,13 @@ class ConnectionWorker:
             self._finish(delivery, "failed", str(exc), exc)
         except RetryableSinkError as exc:
             self._finish(delivery, "expired", str(exc), exc)
+        except Exception as exc:
+            # Not one of the sink's three answers: a bug, or a value nothing could send (a
+            # template, a processor). This delivery fails; the worker and the others go on.
+            # CancelledError is not an Exception: a stopping worker leaves it in the spool.
+            reason = self._describe(exc)
+            self._note_error(reason)
+            self._finish(delivery, "failed", reason, unexpected=exc)
         else:
             self._finish(delivery, "delivered")
 
@@ -300,6 +331,8 @@ class ConnectionWorker:
             await self._circuit.success(probe)
             raise
         except BaseException:
+            # No answer from the cloud (cancelled, or an error of ours): says nothing about
+            # its health, but the probe's slot is freed so that another may go.
             await self._circuit.release(probe)
             raise
         await self._circuit.success(probe)
@@ -329,11 +362,26 @@ class ConnectionWorker:
 
     # -- outcomes --------------------------------------------------------------------------
 
-    def _note_error(self, exc: SinkError) -> None:
-        self.stats.lastError = str(exc)
+    def _note_error(self, error: SinkError | str) -> None:
+        self.stats.lastError = self._redact(str(error))
+
+    def _describe(self, exc: BaseException) -> str:
+        """`"<ExceptionType>: message"`, bounded, without the connection's secrets."""
+        try:
+            message = str(exc)
+        except Exception:  # an exception whose __str__ fails must not fail the worker
+            message = "(message unavailable)"
+        text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        return self._redact(text[:MAX_REASON])
 
     def _finish(
-        self, delivery: Delivery, outcome: str, reason: str = "", error: SinkError | None = None
+        self,
+        delivery: Delivery,
+        outcome: str,
+        reason: str = "",
+        error: SinkError | None = None,
+        *,
+        unexpected: Exception | None = None,
     ) -> None:
         now = self._clock()
         self._spool.complete(delivery.id)
@@ -349,6 +397,7 @@ class ConnectionWorker:
             self.stats.expired += 1
         else:
             self.stats.failed += 1
+        reason = self._redact(reason)
         data: dict[str, Any] = {
             "devEUI": delivery.dev_eui,
             "uplinkTime": iso(delivery.uplink_time),
@@ -357,14 +406,24 @@ class ConnectionWorker:
         }
         if error is not None and error.status is not None:
             data["status"] = error.status
-            data["body"] = error.body
+            data["body"] = self._redact(error.body)
+        where = {"where": _where(unexpected)} if unexpected is not None else {}
         log.warning(
             "Delivery expired" if outcome == "expired" else "Delivery failed",
             connection=self.id,
             devEUI=delivery.dev_eui,
             attempts=delivery.attempts,
             error=reason,
+            **where,
         )
+        if unexpected is not None:
+            # Where it came from, for a bug report: code locations only, no messages or
+            # values, so that no secret can ride along.
+            log.debug(
+                "Delivery failed with an unexpected error",
+                connection=self.id,
+                traceback="".join(traceback.format_tb(unexpected.__traceback__)),
+            )
         self._record(self.id, f"delivery_{outcome}", data)
 
     def drop_all(self) -> int:
@@ -402,3 +461,12 @@ class ConnectionWorker:
         if previous != state:
             log.info("Connection state changed", connection=self.id, state=state, previous=previous)
             self._record(self.id, "state_changed", {"state": state, "previous": previous})
+
+
+def _where(exc: BaseException | None) -> str:
+    """The innermost frame an exception was raised in, as `file:line in function`."""
+    tb = exc.__traceback__ if exc is not None else None
+    if tb is None:
+        return "unknown"
+    frame = traceback.extract_tb(tb)[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name}"

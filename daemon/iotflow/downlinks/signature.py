@@ -33,7 +33,21 @@ __all__ = ["ReplayGuard", "Unauthorized", "sign", "signed_query", "verify"]
 
 
 class Unauthorized(Exception):
-    """A downlink request whose signature does not hold; the message says which part."""
+    """A downlink request whose signature does not hold; the message says which part.
+
+    `public` is what the sender is told: the same as the message where it is about the
+    request alone (a missing parameter, the clock), and one sentence for everything that
+    depends on the connection, so that the answer does not tell whether it exists or has
+    credentials.
+    """
+
+    def __init__(self, message: str, *, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public if public is not None else message
+
+
+# Said for a wrong AS_ID or Token, a connection without credentials, and an unknown one.
+MISMATCH = "AS_ID or Token does not match the connection's downlink credentials"
 
 
 def sign(query: str, body: bytes, key: str) -> str:
@@ -81,8 +95,7 @@ def verify(
     if missing:
         raise Unauthorized(f"the query must carry AS_ID, Time and Token; missing {missing}")
     assert token is not None
-    if not as_id or not key:
-        raise Unauthorized("the connection has no downlinkAsId and downlinkAsKey")
+    # What is wrong with the request itself comes first, whatever the connection.
     sent_at = parse_time(params["Time"])
     if sent_at is None:
         raise Unauthorized("Time must be ISO 8601 with a UTC offset")
@@ -90,12 +103,16 @@ def verify(
         raise Unauthorized(
             f"Time is more than {max_deviation.total_seconds():g}s from the server's clock"
         )
-    expected = sign(query, body, key)
-    # Both compared, whatever the first gives: the time taken says nothing about either.
-    id_ok = hmac.compare_digest(params["AS_ID"].encode(), as_id.encode())
+    # Without credentials the same digest is computed and compared (against nothing that
+    # can match): the time taken does not tell this case from a wrong Token.
+    expected = sign(query, body, key or "")
+    id_ok = hmac.compare_digest(params["AS_ID"].encode(), (as_id or "").encode())
     token_ok = hmac.compare_digest(token.lower().encode(), expected.encode())
+    if not as_id or not key:
+        raise Unauthorized("the connection has no downlinkAsId and downlinkAsKey", public=MISMATCH)
+    # Both compared above, whatever the first gives: the time taken says nothing about either.
     if not (id_ok and token_ok):
-        raise Unauthorized("AS_ID or Token does not match the connection's downlink credentials")
+        raise Unauthorized(MISMATCH)
     return token.lower(), sent_at
 
 

@@ -7,6 +7,7 @@ over that document: `{DevEUI}`, `{CustomerData.name|DevEUI|'none'}`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -217,7 +218,9 @@ class Template:
             parts.append(text[plain:])
         self._parts = tuple(parts)
 
-    def render(self, document: dict[str, Any]) -> str:
+    def render(self, document: dict[str, Any], escape: Callable[[str], str] | None = None) -> str:
+        """The text for `document`; `escape` is applied to each substituted value (not to
+        the template's own text), e.g. to percent-encode values put into a URL."""
         root = _inner(document)
         out = []
         for part in self._parts:
@@ -227,7 +230,7 @@ class Template:
             for choice in part.choices:
                 found = choice.text if isinstance(choice, _Literal) else _lookup(root, choice.keys)
                 if found is not None:
-                    out.append(found)
+                    out.append(found if escape is None else escape(found))
                     break
         return "".join(out)
 

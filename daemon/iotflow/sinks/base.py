@@ -31,7 +31,11 @@ class Sink(Protocol):
 
     `send` returns when the cloud acknowledged the delivery and raises a SinkError subclass
     otherwise: RetryableSinkError (try later), AuthenticationSinkError (credentials refused),
-    PermanentSinkError (never).
+    PermanentSinkError (never). Anything else it raises ends that delivery as failed (the
+    worker lives on), so a sink need not guard against its own bugs, only classify what
+    the cloud says. A send before `start` or after `close` (also one that `close`
+    interrupts) raises RetryableSinkError. `healthcheck` is False before `start` and after
+    `close`. tests/test_sink_contract.py checks all of this for each sink.
     """
 
     async def start(self) -> None: ...

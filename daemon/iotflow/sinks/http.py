@@ -1,16 +1,23 @@
-"""`actility-http-iot`: one keep-alive aiohttp session per connection, a POST per uplink."""
+"""`actility-http-iot`: one keep-alive aiohttp session per connection, a POST per uplink.
+
+`destinationURL` and header values may be `{Path}` templates over the uplink document. A
+value put into the URL is percent-encoded whole (`/`, `?`, `&`, `#`, CR/LF included), so
+that no uplink can change the URL's structure; a header value rendered with a line break
+or another control character is not sent (the delivery fails, saying which header).
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
 
 from iotflow import __version__
-from iotflow.connectors.http import HttpConfig
-from iotflow.errors import RetryableSinkError
+from iotflow.connectors.http import HEADER_CONTROL, HttpConfig
+from iotflow.errors import PermanentSinkError, RetryableSinkError
 from iotflow.formats import Template, render_body
 from iotflow.sinks.base import MAX_ERROR_BODY, classify_http, parse_retry_after
 from iotflow.spool import Delivery
@@ -20,6 +27,7 @@ class HttpSink:
     def __init__(self, config: HttpConfig, *, timeout: float, max_in_flight: int) -> None:
         assert config.destinationURL is not None  # filled by the brand at validation
         self._url = config.destinationURL
+        self._url_template = Template(self._url) if "{" in self._url else None
         self._config = config
         self._timeout = timeout
         self._limit = max_in_flight
@@ -46,9 +54,9 @@ class HttpSink:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
-    def _request(self, delivery: Delivery) -> tuple[bytes, dict[str, str]]:
-        if not self._reshape and not self._templates:
-            return delivery.document, {}
+    def _request(self, delivery: Delivery) -> tuple[str, bytes, dict[str, str]]:
+        if not self._reshape and not self._templates and self._url_template is None:
+            return self._url, delivery.document, {}
         document: dict[str, Any] = orjson.loads(delivery.document)
         body = (
             render_body(
@@ -59,15 +67,32 @@ class HttpSink:
             if self._reshape
             else delivery.document
         )
-        headers = {name: t.render(document) for name, t in self._templates.items()}
-        return body, headers
+        headers = {}
+        for name, template in self._templates.items():
+            value = template.render(document)
+            if HEADER_CONTROL.search(value):
+                # aiohttp would refuse it (ValueError); sent, it would split the request.
+                raise PermanentSinkError(
+                    f"header {name!r}: its template renders to a value with a line break"
+                    " or a control character; not sent"
+                )
+            headers[name] = value
+        url = self._url
+        if self._url_template is not None:
+            # Every value is encoded whole: a `/`, `?`, `#`, `&` or CR/LF in it stays data.
+            # (yarl then requotes the URL, keeping every escape that carries meaning.)
+            url = self._url_template.render(document, escape=_url_value)
+        return url, body, headers
 
     async def send(self, delivery: Delivery) -> None:
-        assert self._session is not None, "start() first"
-        body, headers = self._request(delivery)
+        session = self._session
+        if session is None or session.closed:
+            # Closed under a delivery's feet (shutdown): not sent, tried again later.
+            raise RetryableSinkError("the sink is not open")
+        url, body, headers = self._request(delivery)
         try:
-            async with self._session.post(
-                self._url, data=body, headers=headers, allow_redirects=False
+            async with session.post(
+                url, data=body, headers=headers, allow_redirects=False
             ) as response:
                 status = response.status
                 text = "" if 200 <= status < 300 else await _read_text(response)
@@ -86,6 +111,11 @@ class HttpSink:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _url_value(value: str) -> str:
+    """A template's value as it goes into a URL: only unreserved characters stay as they are."""
+    return quote(value, safe="")
 
 
 async def _read_text(response: aiohttp.ClientResponse) -> str:

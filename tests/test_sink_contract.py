@@ -1,0 +1,608 @@
+"""The contract every sink keeps, checked through a real ConnectionWorker.
+
+A sink sends and classifies; retry, expiry, the circuit and statistics are the worker's
+(docs/architecture.md "Delivery semantics", "Connector plugins"). So each situation a sink
+meets is driven through a worker and judged by what the worker then does: delivered;
+retried (HTTP 5xx, 408, 429 with `Retry-After` in seconds and as an HTTP date, a timeout,
+a reset connection); failed for good (400, 501, a redirect not followed); credentials
+refused (401/403 → AUTHENTICATION_FAILED); an arbitrary exception (failed, and the worker
+delivers the next one); a cloud that quotes the credentials back (stored redacted); close
+during a send; healthcheck before and after start and close.
+
+The tests are parametrized over *sink kinds*. A kind is a small adapter (`SinkKind`): a
+cloud double, a connection of that kind pointed at it, and the faults the double can play
+(`faults`). Adding a sink to the suite (issue #12: MQTT, AWS IoT, Cumulocity) is writing
+its adapter and listing it in `KINDS`; a fault a kind cannot play is not generated for it.
+
+Time is the worker's `clock=`/`sleep=` (a ManualClock): a `Retry-After: 30` costs no real
+time, and the waits asked for are read back. Only the sink's own timeout is real (0.5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import structlog
+
+from iotflow.config.model import DeliverySettings
+from iotflow.connectors import Connection, parse_connection
+from iotflow.delivery.worker import ConnectionWorker
+from iotflow.errors import RetryableSinkError, SinkError
+from iotflow.sinks import Sink, SinkContext, create_sink
+from iotflow.spool import Delivery, Spool
+from iotflow.telemetry.metrics import Metrics
+from support.clock import ManualClock
+from support.clouds import Behaviour, FakeCloud
+from support.uplinks import actility
+
+CONNECTION_ID = "c1"
+SEND_TIMEOUT = 0.5  # seconds: the sink's own timeout, the one real wait of the suite
+
+# Credentials of the connections below: none may be found in what the worker stores or logs.
+TOKEN = "dc-s3cret-token-2f9a"
+TAGO_AUTHORIZATION = "tago-s3cret-auth-77c1"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What the cloud does to one delivery, and what the worker must make of it.
+
+    `expect`: "retried" (then delivered), "failed" (for good, one attempt), "auth" (state
+    AUTHENTICATION_FAILED, then retried and delivered once the cloud accepts again).
+    """
+
+    name: str
+    expect: str
+    status: int | None = None
+    # The least wait the cloud asked for (Retry-After), in seconds.
+    retry_after: float | None = None
+    # How lastError and the reason start (None: not checked, transport-specific).
+    error: str | None = None
+    # For the raising sink: the exception its send raises.
+    raises: Callable[[], BaseException] | None = None
+
+
+class _UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for this one")
+
+
+RETRYABLE = (
+    Fault("HTTP 500", "retried", 500, error="HTTP 500"),
+    Fault("HTTP 503", "retried", 503, error="HTTP 503"),
+    Fault("HTTP 408", "retried", 408, error="HTTP 408"),
+    Fault("HTTP 429 Retry-After seconds", "retried", 429, retry_after=30, error="HTTP 429"),
+    Fault("HTTP 429 Retry-After date", "retried", 429, retry_after=28, error="HTTP 429"),
+    Fault("timeout", "retried", error="no answer within"),
+    Fault("connection reset", "retried"),
+)
+PERMANENT = (
+    Fault("HTTP 400", "failed", 400, error="HTTP 400"),
+    Fault("HTTP 501", "failed", 501, error="HTTP 501"),
+    Fault("HTTP 302 not followed", "failed", 302, error="HTTP 302"),
+    # A careless cloud quotes the request, credentials and all, in its error body.
+    Fault("HTTP 400 quoting the credentials", "failed", 400, error="HTTP 400"),
+    # An uplink value that would inject a header line (issue #10, defect 3).
+    Fault("header template renders a line break", "failed", error="header 'X-Device'"),
+)
+AUTHENTICATION = (
+    Fault("HTTP 401", "auth", 401, error="HTTP 401"),
+    Fault("HTTP 403", "auth", 403, error="HTTP 403"),
+)
+UNEXPECTED = (
+    Fault(
+        "RuntimeError", "failed", error="RuntimeError: boom", raises=lambda: RuntimeError("boom")
+    ),
+    Fault("KeyError", "failed", error="KeyError: 'DevEUI'", raises=lambda: KeyError("DevEUI")),
+    Fault("ZeroDivisionError", "failed", error="ZeroDivisionError", raises=ZeroDivisionError),
+    Fault(
+        "exception without printable text",
+        "failed",
+        error="_UnprintableError: (message unavailable)",
+        raises=_UnprintableError,
+    ),
+    Fault(
+        "exception quoting a secret",
+        "failed",
+        error="ValueError: bad header Authorization: *****",
+        raises=lambda: ValueError(f"bad header Authorization: Token {TOKEN}"),
+    ),
+    Fault(
+        "exception group",
+        "failed",
+        error="ExceptionGroup: two (2 sub-exceptions)",
+        raises=lambda: ExceptionGroup("two", [ValueError("a"), TypeError("b")]),
+    ),
+)
+
+
+def connection(destination: str) -> Connection:
+    """The connection every kind delivers for: it carries credentials in a header and in
+    the URL's query (as TagoIO wants it), and a header rendered from the uplink."""
+    return parse_connection(
+        {
+            "id": CONNECTION_ID,
+            "name": "contract",
+            "connectorId": "actility-http-iot",
+            "configuration": {
+                "destinationURL": f"{destination}?authorization={TAGO_AUTHORIZATION}",
+                "headers": {"Authorization": f"Token {TOKEN}", "X-Device": "{CustomerData.name}"},
+                "uplinkTimeValidity": "1h",
+            },
+        }
+    )
+
+
+def document(n: int, *, name: str = "sensor") -> bytes:
+    doc = actility("0018B20000000B20", n)
+    doc["DevEUI_uplink"]["CustomerData"] = {"name": name}
+    return orjson.dumps(doc)
+
+
+class SinkKind(ABC):
+    """One kind of sink and the double of its cloud, as the contract tests drive them."""
+
+    name: str
+    faults: tuple[Fault, ...]
+    secrets: tuple[str, ...] = (TOKEN, TAGO_AUTHORIZATION)
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def stop(self) -> None: ...
+
+    @abstractmethod
+    def connection(self) -> Connection: ...
+
+    @abstractmethod
+    def sink(self, connection: Connection) -> Sink: ...
+
+    @abstractmethod
+    def play(self, fault: Fault) -> bytes | None:
+        """Make the next send meet `fault`, once; the document to send for it, or None
+        for an ordinary one."""
+
+    @abstractmethod
+    def hold(self) -> None:
+        """Leave the sends that arrive from now on unanswered, until `release`."""
+
+    @abstractmethod
+    def release(self) -> None: ...
+
+    @abstractmethod
+    async def arrived(self, count: int) -> None:
+        """Until `count` sends reached the cloud, answered or not."""
+
+    @abstractmethod
+    async def accepted(self, count: int) -> list[bytes]:
+        """Until the cloud accepted `count` documents; those documents."""
+
+    def check(self, fault: Fault) -> None:  # noqa: B027 (optional: most kinds see nothing more)
+        """What the cloud itself saw of `fault`, where the kind can tell."""
+
+
+class HttpKind(SinkKind):
+    """HttpSink against the local webhook cloud."""
+
+    name = "http"
+    faults = RETRYABLE + PERMANENT + AUTHENTICATION
+
+    def __init__(self) -> None:
+        self.cloud = FakeCloud()
+
+    async def start(self) -> None:
+        await self.cloud.start()
+
+    async def stop(self) -> None:
+        await self.cloud.stop()
+
+    def connection(self) -> Connection:
+        return connection(self.cloud.url("/uplink"))
+
+    def sink(self, connection: Connection) -> Sink:
+        return create_sink(connection, SinkContext(timeout=SEND_TIMEOUT, max_in_flight=1))
+
+    def play(self, fault: Fault) -> bytes | None:
+        cloud = self.cloud
+        if fault.name == "timeout":
+            cloud.hang(times=1)
+        elif fault.name == "connection reset":
+            cloud.reset_connection(times=1)
+        elif fault.name == "header template renders a line break":
+            return document(0, name="evil\r\nX-Injected: yes")
+        elif fault.name == "HTTP 400 quoting the credentials":
+            cloud.set_behaviour(Behaviour(status=400, echo=True), times=1)
+        elif fault.name == "HTTP 302 not followed":
+            cloud.respond(302, times=1, headers={"Location": cloud.url("/elsewhere")})
+        elif fault.name == "HTTP 429 Retry-After date":
+            when = datetime.now(UTC) + timedelta(seconds=30)
+            cloud.respond(429, times=1, headers={"Retry-After": format_datetime(when, usegmt=True)})
+        elif fault.retry_after is not None:
+            cloud.respond(429, times=1, retry_after=fault.retry_after)
+        else:
+            assert fault.status is not None, fault
+            cloud.respond(fault.status, times=1)
+        return None
+
+    def hold(self) -> None:
+        self.cloud.hang()
+
+    def release(self) -> None:
+        self.cloud.release()
+
+    async def arrived(self, count: int) -> None:
+        await self.cloud.wait_for_requests(count, path="/uplink")
+
+    async def accepted(self, count: int) -> list[bytes]:
+        return [r.body for r in await self.cloud.wait_for(count, path="/uplink")]
+
+    def check(self, fault: Fault) -> None:
+        paths = [r.path for r in self.cloud.all_requests]
+        if fault.name == "HTTP 302 not followed":
+            assert paths == ["/uplink", "/uplink"]  # not to /elsewhere
+        if fault.name == "header template renders a line break":
+            # Refused before sending: the cloud only saw the next, ordinary uplink.
+            (only,) = self.cloud.all_requests
+            assert only.headers["X-Device"] == "sensor"
+            assert "X-Injected" not in only.headers
+
+
+@dataclass
+class RaisingSink:
+    """A sink whose cloud is a list, and whose send raises whatever the test hands it."""
+
+    next_error: BaseException | None = None
+    delivered: list[bytes] = field(default_factory=list)
+    arrivals: int = 0
+    held: bool = False
+    started: bool = False
+    closed: bool = False
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def send(self, delivery: Delivery) -> None:
+        async with self.changed:
+            self.arrivals += 1
+            self.changed.notify_all()
+            await self.changed.wait_for(lambda: not self.held or self.closed)
+            if self.closed:
+                raise RetryableSinkError("the sink is closed")
+            error, self.next_error = self.next_error, None
+            if error is not None:
+                raise error
+            self.delivered.append(delivery.document)
+            self.changed.notify_all()
+
+    async def healthcheck(self) -> bool:
+        return self.started and not self.closed
+
+    async def close(self) -> None:
+        async with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10), self.changed:
+            await self.changed.wait_for(predicate)
+
+
+class RaisingKind(SinkKind):
+    """A sink that raises arbitrary exceptions: the worker's catch-all is the contract."""
+
+    name = "raising"
+    faults = UNEXPECTED
+
+    def __init__(self) -> None:
+        self.raising = RaisingSink()
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def connection(self) -> Connection:
+        return connection("http://127.0.0.1:9/unused")
+
+    def sink(self, connection: Connection) -> Sink:
+        return self.raising
+
+    def play(self, fault: Fault) -> bytes | None:
+        assert fault.raises is not None, fault
+        self.raising.next_error = fault.raises()
+        return None
+
+    def hold(self) -> None:
+        self.raising.held = True
+
+    def release(self) -> None:
+        self.raising.held = False
+
+    async def arrived(self, count: int) -> None:
+        await self.raising.until(lambda: self.raising.arrivals >= count)
+
+    async def accepted(self, count: int) -> list[bytes]:
+        await self.raising.until(lambda: len(self.raising.delivered) >= count)
+        return list(self.raising.delivered)
+
+
+KINDS: tuple[type[SinkKind], ...] = (HttpKind, RaisingKind)
+
+
+# -- the worker around a sink --------------------------------------------------------------
+
+
+class Harness:
+    """A real worker (one in flight, so that a dead worker task shows at once) and what
+    it decided: spool completions, events, statistics, metrics, log lines."""
+
+    def __init__(self, kind: SinkKind, spool: Spool) -> None:
+        self.kind = kind
+        self.spool = spool
+        self.clock = ManualClock()
+        self.connection = kind.connection()
+        self.sink = kind.sink(self.connection)
+        self.metrics = Metrics()
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.completed: list[int] = []
+        self._changed = asyncio.Condition()
+        original = spool.complete
+
+        def complete(delivery_id: int) -> None:
+            original(delivery_id)
+            self.completed.append(delivery_id)
+            asyncio.get_running_loop().create_task(self._notify())
+
+        spool.complete = complete  # type: ignore[method-assign]
+        self.worker = ConnectionWorker(
+            self.connection,
+            self.sink,
+            spool=spool,
+            metrics=self.metrics,
+            settings=DeliverySettings(
+                retry_initial=timedelta(milliseconds=10),
+                retry_max=timedelta(seconds=5),
+                max_in_flight=1,
+                circuit_failures=1000,
+            ),
+            record=self._record,
+            clock=self.clock.time,
+            sleep=self.clock.sleep,
+        )
+
+    def _record(self, connection_id: str, kind: str, data: dict[str, Any]) -> None:
+        self.events.append((kind, data))
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def feed(self, body: bytes | None = None, n: int = 1) -> Delivery:
+        now = self.clock.time()
+        (delivery,) = await self.spool.append(
+            body if body is not None else document(n),
+            dev_eui="0018B20000000B20",
+            uplink_time=now,
+            received_at=now,
+            connection_ids=[CONNECTION_ID],
+        )
+        self.worker.offer(delivery)
+        return delivery
+
+    async def finished(self, delivery: Delivery) -> None:
+        await self.until(lambda: delivery.id in self.completed)
+
+    def kinds(self, kind: str) -> list[dict[str, Any]]:
+        return [data for k, data in self.events if k == kind]
+
+    def count(self, outcome: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "iotflow_deliveries_total", {"connection": CONNECTION_ID, "outcome": outcome}
+        )
+        return value or 0.0
+
+
+@pytest.fixture(params=KINDS, ids=lambda k: k.name)
+async def kind(request: pytest.FixtureRequest) -> AsyncIterator[SinkKind]:
+    made: SinkKind = request.param()
+    await made.start()
+    yield made
+    made.release()
+    await made.stop()
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    spool = await Spool.open(tmp_path / "spool.db")
+    yield spool
+    await spool.close()
+
+
+@pytest.fixture
+async def harness(kind: SinkKind, spool: Spool) -> AsyncIterator[Harness]:
+    made = Harness(kind, spool)
+    await made.worker.start()
+    yield made
+    await made.worker.stop(time.monotonic() + 1)
+
+
+def _cases() -> list[Any]:
+    return [
+        pytest.param(k, fault, id=f"{k.name}-{fault.name}") for k in KINDS for fault in k.faults
+    ]
+
+
+# -- the contract --------------------------------------------------------------------------
+
+
+async def test_delivered(harness: Harness) -> None:
+    first = await harness.feed(n=1)
+    second = await harness.feed(n=2)
+    await harness.finished(second)
+    assert await harness.kind.accepted(2) == [first.document, second.document]
+    stats = harness.worker.stats
+    assert (stats.delivered, stats.failed, stats.retried, stats.pending) == (2, 0, 0, 0)
+    assert stats.lastError is None
+    assert harness.count("delivered") == 2
+    assert harness.worker.state == "OPENED"
+    assert harness.clock.sleeps == []
+
+
+@pytest.mark.parametrize(("kind_type", "fault"), _cases())
+async def test_fault(kind_type: type[SinkKind], fault: Fault, spool: Spool) -> None:
+    made = kind_type()
+    await made.start()
+    harness = Harness(made, spool)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await harness.worker.start()
+            body = made.play(fault)
+            faulted = await harness.feed(body, n=1)
+            await harness.finished(faulted)
+            # Whatever happened to that one, the worker (the only one) delivers the next.
+            following = await harness.feed(n=2)
+            await harness.finished(following)
+        _check(harness, fault, faulted, following)
+        made.check(fault)
+        _no_secret_anywhere(harness, logs)
+    finally:
+        made.release()
+        await harness.worker.stop(time.monotonic() + 1)
+        await made.stop()
+
+
+def _check(harness: Harness, fault: Fault, faulted: Delivery, following: Delivery) -> None:
+    stats = harness.worker.stats
+    if fault.error is not None:
+        assert stats.lastError is not None
+        assert stats.lastError.startswith(fault.error), stats.lastError
+    if fault.expect == "failed":
+        assert (stats.failed, stats.delivered, stats.retried) == (1, 1, 0)
+        assert harness.count("failed") == 1
+        (event,) = harness.kinds("delivery_failed")
+        assert event["attempts"] == 1
+        assert event["reason"] == stats.lastError
+        if fault.status is not None:
+            assert event["status"] == fault.status
+        assert harness.clock.sleeps == []
+        assert harness.worker.state == "OPENED"
+        return
+    # Retried once, then delivered: both documents reached the cloud, in order.
+    assert (stats.failed, stats.delivered, stats.retried) == (0, 2, 1), stats
+    assert harness.count("delivered") == 2
+    assert harness.kinds("delivery_failed") == []
+    (wait,) = harness.clock.sleeps
+    if fault.retry_after is not None:
+        assert wait >= fault.retry_after
+    states = [e["state"] for e in harness.kinds("state_changed")]
+    if fault.expect == "auth":
+        assert states[-2:] == ["AUTHENTICATION_FAILED", "OPENED"]
+    else:
+        assert "AUTHENTICATION_FAILED" not in states
+    assert harness.worker.state == "OPENED"
+
+
+def _no_secret_anywhere(harness: Harness, logs: list[MutableMapping[str, Any]]) -> None:
+    stored = orjson.dumps(
+        {"events": harness.events, "statistics": harness.worker.stats.document(), "logs": logs},
+        default=str,
+    ).decode()
+    for secret in harness.kind.secrets:
+        assert secret not in stored
+
+
+async def test_a_cloud_quoting_the_credentials_is_stored_redacted(spool: Spool) -> None:
+    made = HttpKind()
+    await made.start()
+    harness = Harness(made, spool)
+    try:
+        await harness.worker.start()
+        made.cloud.set_behaviour(Behaviour(status=400, echo=True), times=1)
+        faulted = await harness.feed(n=1)
+        await harness.finished(faulted)
+        (request,) = made.cloud.requests_to("/uplink")
+        # The cloud did get them and quote them ...
+        assert request.headers["Authorization"] == f"Token {TOKEN}"
+        assert request.query["authorization"] == TAGO_AUTHORIZATION
+        (event,) = harness.kinds("delivery_failed")
+        # ... and what iotflow kept of its answer has them masked.
+        quoted = orjson.loads(event["body"])["request"]
+        assert quoted["headers"]["Authorization"] == "*****"
+        assert quoted["query"]["authorization"] == "*****"
+        assert TOKEN not in event["body"]
+        assert TAGO_AUTHORIZATION not in event["body"]
+    finally:
+        await harness.worker.stop(time.monotonic() + 1)
+        await made.stop()
+
+
+async def test_close_during_a_send(harness: Harness, spool: Spool) -> None:
+    """Stopping the worker while a send hangs: the send is given up at the deadline, the
+    delivery stays in the spool (neither delivered nor failed), the sink is closed."""
+    harness.kind.hold()
+    delivery = await harness.feed(n=1)
+    await harness.kind.arrived(1)
+    started = time.monotonic()
+    await harness.worker.stop(time.monotonic() + 0.2)
+    assert time.monotonic() - started < 5
+    assert delivery.id not in harness.completed
+    assert harness.events == [e for e in harness.events if e[0] == "state_changed"]
+    assert harness.worker.stats.pending == 1
+    assert not await harness.sink.healthcheck()
+    await spool.flush()
+    assert await spool.pending_counts() == {CONNECTION_ID: 1}
+
+
+async def test_close_ends_a_send_in_flight(kind: SinkKind, spool: Spool) -> None:
+    """A sink closed under a send: the send ends promptly, as a retryable error (it may
+    not have reached the cloud), and never hangs past its own timeout."""
+    harness = Harness(kind, spool)
+    sink = harness.sink
+    await sink.start()
+    kind.hold()
+    now = time.time()
+    (delivery,) = await spool.append(
+        document(1),
+        dev_eui="0018B20000000B20",
+        uplink_time=now,
+        received_at=now,
+        connection_ids=[CONNECTION_ID],
+    )
+    sending = asyncio.create_task(sink.send(delivery))
+    await kind.arrived(1)
+    await sink.close()
+    async with asyncio.timeout(SEND_TIMEOUT + 5):
+        with pytest.raises(SinkError) as caught:
+            await sending
+    assert isinstance(caught.value, RetryableSinkError)
+    # A send after close is refused the same way, not an AttributeError or an assertion.
+    with pytest.raises(RetryableSinkError):
+        await sink.send(delivery)
+
+
+async def test_healthcheck(kind: SinkKind) -> None:
+    sink = kind.sink(kind.connection())
+    assert not await sink.healthcheck()
+    await sink.start()
+    assert await sink.healthcheck()
+    await sink.close()
+    assert not await sink.healthcheck()
+    await sink.close()  # twice is harmless
