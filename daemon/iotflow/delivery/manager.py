@@ -247,7 +247,7 @@ class Deliveries:
         return worker
 
     def _take_out_of_service(self, worker: ConnectionWorker, reason: str) -> None:
-        worker.take_out_of_service(reason)
+        reason = worker.take_out_of_service(reason)
         log.error("Connection out of service", connection=worker.id, error=reason)
         self._record(worker.id, "out_of_service", {"reason": reason, "state": worker.state})
 

@@ -443,17 +443,20 @@ class ConnectionWorker:
         elif not self._auth_failed:
             self._set_state("CLOSED")
 
-    def take_out_of_service(self, reason: str) -> None:
+    def take_out_of_service(self, reason: str) -> str:
         """This connection cannot run (see Deliveries): CLOSED, with the reason as lastError.
 
         Nothing is sent until the connection is replaced; what is routed to it meanwhile
         waits in the spool. The caller logs it once, so no state-change line here.
+        Returns the reason as shown (cleaned of the connection's secrets).
         """
+        reason = self._redact(reason)
         self.out_of_service = reason
         self.stats.lastError = reason
         self.state = "CLOSED" if self.connection.active else "DEACTIVATED"
         self._metrics.set_state(self.id, self.state)
         self._pending_gauge.set(self.stats.pending)
+        return reason
 
     def _set_state(self, state: str) -> None:
         previous, self.state = self.state, state
