@@ -190,7 +190,7 @@ class MqttSource:
             self._closed_at_connect += 1
             if self._closed_at_connect < 2:
                 # Once may be a broker shutting down as we connect: retry as usual.
-                self._disconnected(str(exc))
+                log.debug("Broker closed the connection at CONNECT", url=self._safe_url())
                 return random.uniform(0, initial)
         self._disconnected(None)
         error = str(exc)
