@@ -149,7 +149,8 @@ async def test_mqtt_5_against_a_3_1_1_only_broker_is_one_clear_error(
     assert rabbitmq.url.removeprefix("mqtt://") in errors[0]["url"]
     # Not READY, not connected, and still running (it retries slowly for an upgrade).
     assert await daemon.metric("iotflow_mqtt_connected") == 0
-    assert daemon.process is not None and daemon.process.returncode is None
+    assert daemon.process is not None
+    assert daemon.process.returncode is None
     assert not [e for e in daemon.logs if e.get("event") == "Consuming uplinks"]
     assert len([e for e in daemon.logs if _protocol_error(e)]) == 1
     assert await daemon.stop() == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import textwrap
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import aiomqtt
 import pytest
@@ -163,5 +163,67 @@ async def test_acknowledgements_leave_in_arrival_order(
     async with asyncio.timeout(30), changed:
         await changed.wait_for(lambda: len(acked) == 5)
     assert acked == sorted(acked)
+    source.stop()
+    await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_what_is_taken_in_is_bounded_by_iotflow(
+    fresh_mosquitto: Mosquitto, protocol: str
+) -> None:
+    # MQTT 3.1.1 has no Receive Maximum: Mosquitto (max_inflight_messages 1000 here) sends
+    # as much as it may. iotflow stops reading at `receive_maximum` uncommitted uplinks.
+    limit, total = 5, 40
+    commits: list[asyncio.Future[None]] = []
+    changed = asyncio.Condition()
+
+    async def notify() -> None:
+        async with changed:
+            changed.notify_all()
+
+    def handle(incoming: Incoming) -> Awaitable[None] | None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        commits.append(future)
+        asyncio.get_running_loop().create_task(notify())
+        return future
+
+    def more_than(seen: int) -> Callable[[], bool]:
+        return lambda: len(commits) > seen
+
+    settings = MqttSettings.model_validate(
+        {
+            "url": fresh_mosquitto.url,
+            "client_id": f"bounded-{protocol}",
+            "protocol": protocol,
+            "receive_maximum": limit,
+            "subscriptions": [{"topic": "bounded/#", "format": "actility"}],
+        }
+    )
+    source = MqttSource(settings, handle, Metrics())
+    task = asyncio.create_task(source.run())
+    await asyncio.wait_for(source.consuming.wait(), 30)
+    async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as publisher:
+        for n in range(total):
+            await publisher.publish(f"bounded/{n}", b"x", qos=1)
+    async with asyncio.timeout(30), changed:
+        await changed.wait_for(lambda: len(commits) >= limit)
+    # Nothing can signal that nothing more arrives: a bounded look, long enough for the
+    # broker to push all 40 on this machine (it does, without the bound).
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1.5), changed:
+            await changed.wait_for(lambda: source.taken_in > limit)
+    assert source.taken_in == limit
+    assert len(commits) <= limit
+    # Commits free the window: everything arrives, a window at a time.
+    while len(commits) < total:
+        for future in commits:
+            if not future.done():
+                future.set_result(None)
+        async with asyncio.timeout(30), changed:
+            await changed.wait_for(more_than(len(commits)))
+        assert source.taken_in <= limit
+    for future in commits:
+        if not future.done():
+            future.set_result(None)
     source.stop()
     await asyncio.wait_for(task, 30)

@@ -30,6 +30,13 @@ class Subscription(Section):
             raise ValueError(f"unknown format {value!r}; expected one of {sorted(FORMATS)}")
         return value
 
+    @field_validator("qos", mode="before")
+    @classmethod
+    def _qos_number(cls, value: object) -> object:
+        if isinstance(value, bool) or value not in (0, 1):
+            raise ValueError("expected 0 or 1")
+        return value
+
     @field_validator("topic")
     @classmethod
     def _valid_filter(cls, value: str) -> str:
