@@ -12,7 +12,7 @@ import pytest
 
 from iotflow.config.model import MqttSettings
 from iotflow.sources.ack import ManualAck
-from iotflow.sources.mqtt import Incoming, MqttSource
+from iotflow.sources.mqtt import REMINDER_INTERVAL, Incoming, MqttSource, _ErrorLog
 from iotflow.telemetry.metrics import Metrics
 from support.mosquitto import Mosquitto
 
@@ -116,8 +116,9 @@ async def test_a_committed_uplink_is_acknowledged(fresh_mosquitto: Mosquitto) ->
         await kill(second)
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_acknowledgements_leave_in_arrival_order(
-    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch, protocol: str
 ) -> None:
     acked: list[int] = []
     original = ManualAck.ack
@@ -144,8 +145,9 @@ async def test_acknowledgements_leave_in_arrival_order(
     settings = MqttSettings.model_validate(
         {
             "url": mosquitto.url,
-            "client_id": "ack-order",
-            "subscriptions": [{"topic": "ack-order/#", "format": "actility"}],
+            "client_id": f"ack-order-{protocol}",
+            "protocol": protocol,
+            "subscriptions": [{"topic": f"ack-order-{protocol}/#", "format": "actility"}],
         }
     )
     source = MqttSource(settings, handle, Metrics())
@@ -153,7 +155,7 @@ async def test_acknowledgements_leave_in_arrival_order(
     await asyncio.wait_for(source.consuming.wait(), 30)
     async with aiomqtt.Client(mosquitto.host, mosquitto.port) as publisher:
         for n in range(5):
-            await publisher.publish(f"ack-order/{n}", b"x", qos=1)
+            await publisher.publish(f"ack-order-{protocol}/{n}", b"x", qos=1)
     async with asyncio.timeout(30), changed:
         await changed.wait_for(lambda: len(commits) == 5)
     # Commits finish in reverse; acknowledgements still leave in arrival order.
@@ -227,3 +229,17 @@ async def test_what_is_taken_in_is_bounded_by_iotflow(
             future.set_result(None)
     source.stop()
     await asyncio.wait_for(task, 30)
+
+
+def test_a_connection_error_is_logged_once_then_as_a_reminder() -> None:
+    now = [0.0]
+    errors = _ErrorLog(clock=lambda: now[0])
+    assert errors.should_log("refused") == (True, 0)
+    for _ in range(100):
+        now[0] += 2.0  # a retry every 2 s
+        assert not errors.should_log("refused")[0]
+    now[0] = REMINDER_INTERVAL
+    assert errors.should_log("refused") == (True, 101)  # the repeats since the last line
+    assert errors.should_log("timed out") == (True, 0)  # a new error: at once
+    errors.reset()
+    assert errors.should_log("timed out") == (True, 0)  # after a connection: at once
