@@ -237,3 +237,44 @@ async def test_the_daemon_is_back_soon_after_each_broker_restart(
     assert sorted({k[1] for k in keys(cloud)}) == list(range(1, RESTARTS + 1))
     assert await daemon.metric("iotflow_mqtt_connected") == 1
     assert await daemon.stop() == 0
+
+
+async def test_a_connack_refusing_the_protocol_version_is_the_same_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What MQTT 3.1.1 section 3.1.2.2 tells a 3.1.1 server to answer an unknown protocol
+    # level (RabbitMQ hangs up instead): CONNACK with return code 1. No installed broker
+    # answers so; a listener that does only that stands in for one.
+    monkeypatch.setattr(source_module, "REFUSED_RETRY", 0.05)
+    connects = 0
+    refused = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connects
+        await reader.read(1024)  # the CONNECT
+        writer.write(b"\x20\x02\x00\x01")  # CONNACK: unacceptable protocol version
+        await writer.drain()
+        connects += 1
+        if connects >= 3:
+            refused.set()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = MqttSettings.model_validate(
+        {
+            "url": f"mqtt://127.0.0.1:{port}",
+            "subscriptions": [{"topic": "t/#", "format": "actility"}],
+        }
+    )
+    with capture_logs() as logs:
+        source = MqttSource(settings, lambda incoming: None, Metrics())
+        task = asyncio.create_task(source.run())
+        await asyncio.wait_for(refused.wait(), 30)
+        source.stop()
+        await asyncio.wait_for(task, 30)
+    server.close()
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert len(errors) == 1, errors
+    assert 'protocol = "3.1.1"' in errors[0]["event"]
+    assert "nsupported protocol version" in errors[0]["error"]
