@@ -203,7 +203,7 @@ class MqttSource:
                 log.error(
                     f"The broker does not accept MQTT 5; if it speaks only MQTT 3.1.1, set"
                     f" {PROTOCOL_HINT}",
-                    retry_every=f"{REFUSED_RETRY:g}s",
+                    retry_every=f"{REFUSED_RETRY / 2:g}-{REFUSED_RETRY:g}s",
                     **fields,
                 )
             else:
