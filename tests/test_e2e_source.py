@@ -146,6 +146,7 @@ async def test_mqtt_5_against_a_3_1_1_only_broker_is_one_clear_error(
     daemons.append(daemon)
     await daemon.start(wait=False)
     errors = await daemon.wait_log(_protocol_error, timeout=60)
+    print("the error line:", errors[0])
     assert rabbitmq.url.removeprefix("mqtt://") in errors[0]["url"]
     # Not READY, not connected, and still running (it retries slowly for an upgrade).
     assert await daemon.metric("iotflow_mqtt_connected") == 0

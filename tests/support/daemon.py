@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import sys
@@ -51,7 +52,10 @@ class DaemonProcess:
         self.config_path = workdir / "iotflow.toml"
         self.api_port = api_port or free_port()
         self.broker_url = broker_url
-        self.client_id = client_id or f"iotflow-test-{workdir.name}"[:60]
+        # Unique per directory: the session broker is shared, and a persistent session left
+        # by another test under the same name would hand its queued uplinks to this one.
+        digest = hashlib.sha1(str(workdir).encode()).hexdigest()[:8]
+        self.client_id = client_id or f"iotflow-test-{digest}-{workdir.name}"[:60]
         self.delivery = delivery or {}
         self.extra = extra
         self.env = env or {}
