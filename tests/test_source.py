@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import aiomqtt
 import pytest
+from structlog.testing import capture_logs
 
 from iotflow.config.model import MqttSettings
 from iotflow.sources.ack import ManualAck
@@ -243,3 +244,24 @@ def test_a_connection_error_is_logged_once_then_as_a_reminder() -> None:
     assert errors.should_log("timed out") == (True, 0)  # a new error: at once
     errors.reset()
     assert errors.should_log("timed out") == (True, 0)  # after a connection: at once
+
+
+async def test_a_broker_granting_qos_0_is_said_to_be_at_most_once() -> None:
+    # Mosquitto's max_qos 0 grants QoS 0 to a QoS 1 subscription, as The Things Stack does.
+    with Mosquitto(extra_config="max_qos 0") as broker:
+        settings = MqttSettings.model_validate(
+            {
+                "url": broker.url,
+                "client_id": "granted-qos",
+                "protocol": "3.1.1",
+                "subscriptions": [{"topic": "granted/#", "format": "actility"}],
+            }
+        )
+        with capture_logs() as logs:
+            source = MqttSource(settings, lambda incoming: None, Metrics())
+            task = asyncio.create_task(source.run())
+            await asyncio.wait_for(source.consuming.wait(), 30)
+            source.stop()
+            await asyncio.wait_for(task, 30)
+    (warning,) = [e for e in logs if e["event"].startswith("The broker granted a lower QoS")]
+    assert (warning["topic"], warning["qos"], warning["granted"]) == ("granted/#", 1, 0)
