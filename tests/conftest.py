@@ -16,6 +16,7 @@ from support.clouds import FakeCloud
 from support.daemon import DaemonProcess
 from support.mosquitto import Mosquitto
 from support.postgres import Postgres
+from support.rabbitmq import RabbitMQ
 
 _phase_reports = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -50,6 +51,17 @@ def fresh_mosquitto(request: pytest.FixtureRequest) -> Iterator[Mosquitto]:
         yield broker
         if _failed(request):
             request.node.add_report_section("teardown", "mosquitto log", broker.log_text())
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitMQ]:
+    """The suite's RabbitMQ node: an MQTT 3.1.1-only broker (and AMQP on `amqp_port`).
+
+    It takes about fifteen seconds to start: once a session, only when a test asks.
+    Skipped, with the reason, where rabbitmq-server is not installed.
+    """
+    with RabbitMQ() as node:
+        yield node
 
 
 @pytest.fixture(scope="session")

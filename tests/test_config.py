@@ -275,3 +275,49 @@ def test_events_bound_is_a_validated_setting(tmp_path: Path) -> None:
     text = "[events]\nmax_per_connection = 50\n"
     assert load_settings(write(tmp_path, text), env={}).config.events.max_per_connection == 50
     assert "events.max_per_connection" in problems(tmp_path, "[events]\nmax_per_connection = 0\n")
+
+
+def test_protocol_and_qos(tmp_path: Path) -> None:
+    text = """
+[mqtt]
+protocol = "3.1.1"
+[[mqtt.subscriptions]]
+topic = "v3/+/devices/+/up"
+format = "tts"
+qos = 0
+[[mqtt.subscriptions]]
+topic = "application/+/device/+/event/up"
+format = "chirpstack"
+"""
+    mqtt = load_settings(write(tmp_path, text), env={}).config.mqtt
+    assert mqtt.protocol == "3.1.1"
+    assert [s.qos for s in mqtt.subscriptions] == [0, 1]
+    # The defaults: MQTT 5, and a low reconnect cap for the local source broker.
+    defaults = load_settings(write(tmp_path, "[mqtt]\n"), env={}).config.mqtt
+    assert defaults.protocol == "5"
+    assert defaults.reconnect_max == timedelta(seconds=2)
+    assert (
+        load_settings(write(tmp_path, "[mqtt]\nprotocol = 5\n"), env={}).config.mqtt.protocol == "5"
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "path"),
+    [
+        ('protocol = "3"', "mqtt.protocol"),
+        ('protocol = "v5"', "mqtt.protocol"),
+        ("protocol = 3.1", "mqtt.protocol"),
+        ('reconnect_max = "0s"', "mqtt.reconnect_max"),
+    ],
+)
+def test_bad_mqtt_settings(tmp_path: Path, line: str, path: str) -> None:
+    found = problems(tmp_path, f"[mqtt]\n{line}\n", env={})
+    assert set(found) == {path}
+    if path == "mqtt.protocol":
+        assert found[path] == 'expected "5" or "3.1.1"'
+
+
+@pytest.mark.parametrize("qos", ["2", '"1"', "true", "-1"])
+def test_bad_qos(tmp_path: Path, qos: str) -> None:
+    text = f'[[mqtt.subscriptions]]\ntopic = "t/#"\nformat = "tts"\nqos = {qos}\n'
+    assert set(problems(tmp_path, text, env={})) == {"mqtt.subscriptions.0.qos"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import textwrap
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import aiomqtt
 import pytest
@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from iotflow.config.model import MqttSettings
 from iotflow.sources.ack import ManualAck
-from iotflow.sources.mqtt import Incoming, MqttSource
+from iotflow.sources.mqtt import REMINDER_INTERVAL, Incoming, MqttSource, _ErrorLog
 from iotflow.spool import SpoolFullError
 from iotflow.telemetry.metrics import Metrics
 from support.mosquitto import Mosquitto
@@ -118,8 +118,9 @@ async def test_a_committed_uplink_is_acknowledged(fresh_mosquitto: Mosquitto) ->
         await kill(second)
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_acknowledgements_leave_in_arrival_order(
-    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch, protocol: str
 ) -> None:
     acked: list[int] = []
     original = ManualAck.ack
@@ -146,8 +147,9 @@ async def test_acknowledgements_leave_in_arrival_order(
     settings = MqttSettings.model_validate(
         {
             "url": mosquitto.url,
-            "client_id": "ack-order",
-            "subscriptions": [{"topic": "ack-order/#", "format": "actility"}],
+            "client_id": f"ack-order-{protocol}",
+            "protocol": protocol,
+            "subscriptions": [{"topic": f"ack-order-{protocol}/#", "format": "actility"}],
         }
     )
     source = MqttSource(settings, handle, Metrics())
@@ -155,7 +157,7 @@ async def test_acknowledgements_leave_in_arrival_order(
     await asyncio.wait_for(source.consuming.wait(), 30)
     async with aiomqtt.Client(mosquitto.host, mosquitto.port) as publisher:
         for n in range(5):
-            await publisher.publish(f"ack-order/{n}", b"x", qos=1)
+            await publisher.publish(f"ack-order-{protocol}/{n}", b"x", qos=1)
     async with asyncio.timeout(30), changed:
         await changed.wait_for(lambda: len(commits) == 5)
     # Commits finish in reverse; acknowledgements still leave in arrival order.
@@ -208,3 +210,100 @@ async def test_failing_commits_are_logged_once_and_their_end_too(mosquitto: Mosq
     assert [e["event"] for e in warnings] == ["Uplink not committed; reconnecting for redelivery"]
     assert "full" in warnings[0]["error"]
     assert [e["event"] for e in logs].count("Uplinks committed again") == 1
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_what_is_taken_in_is_bounded_by_iotflow(
+    fresh_mosquitto: Mosquitto, protocol: str
+) -> None:
+    # MQTT 3.1.1 has no Receive Maximum: Mosquitto (max_inflight_messages 1000 here) sends
+    # as much as it may. iotflow stops reading at `receive_maximum` uncommitted uplinks.
+    limit, total = 5, 40
+    commits: list[asyncio.Future[None]] = []
+    changed = asyncio.Condition()
+
+    async def notify() -> None:
+        async with changed:
+            changed.notify_all()
+
+    def handle(incoming: Incoming) -> Awaitable[None] | None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        commits.append(future)
+        asyncio.get_running_loop().create_task(notify())
+        return future
+
+    def more_than(seen: int) -> Callable[[], bool]:
+        return lambda: len(commits) > seen
+
+    settings = MqttSettings.model_validate(
+        {
+            "url": fresh_mosquitto.url,
+            "client_id": f"bounded-{protocol}",
+            "protocol": protocol,
+            "receive_maximum": limit,
+            "subscriptions": [{"topic": "bounded/#", "format": "actility"}],
+        }
+    )
+    source = MqttSource(settings, handle, Metrics())
+    task = asyncio.create_task(source.run())
+    await asyncio.wait_for(source.consuming.wait(), 30)
+    async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as publisher:
+        for n in range(total):
+            await publisher.publish(f"bounded/{n}", b"x", qos=1)
+    async with asyncio.timeout(30), changed:
+        await changed.wait_for(lambda: len(commits) >= limit)
+    # Nothing can signal that nothing more arrives: a bounded look, long enough for the
+    # broker to push all 40 on this machine (it does, without the bound).
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1.5), changed:
+            await changed.wait_for(lambda: source.taken_in > limit)
+    assert source.taken_in == limit
+    assert len(commits) <= limit
+    # Commits free the window: everything arrives, a window at a time.
+    while len(commits) < total:
+        for future in commits:
+            if not future.done():
+                future.set_result(None)
+        async with asyncio.timeout(30), changed:
+            await changed.wait_for(more_than(len(commits)))
+        assert source.taken_in <= limit
+    for future in commits:
+        if not future.done():
+            future.set_result(None)
+    source.stop()
+    await asyncio.wait_for(task, 30)
+
+
+def test_a_connection_error_is_logged_once_then_as_a_reminder() -> None:
+    now = [0.0]
+    errors = _ErrorLog(clock=lambda: now[0])
+    assert errors.should_log("refused") == (True, 0)
+    for _ in range(100):
+        now[0] += 2.0  # a retry every 2 s
+        assert not errors.should_log("refused")[0]
+    now[0] = REMINDER_INTERVAL
+    assert errors.should_log("refused") == (True, 101)  # the repeats since the last line
+    assert errors.should_log("timed out") == (True, 0)  # a new error: at once
+    errors.reset()
+    assert errors.should_log("timed out") == (True, 0)  # after a connection: at once
+
+
+async def test_a_broker_granting_qos_0_is_said_to_be_at_most_once() -> None:
+    # Mosquitto's max_qos 0 grants QoS 0 to a QoS 1 subscription, as The Things Stack does.
+    with Mosquitto(extra_config="max_qos 0") as broker:
+        settings = MqttSettings.model_validate(
+            {
+                "url": broker.url,
+                "client_id": "granted-qos",
+                "protocol": "3.1.1",
+                "subscriptions": [{"topic": "granted/#", "format": "actility"}],
+            }
+        )
+        with capture_logs() as logs:
+            source = MqttSource(settings, lambda incoming: None, Metrics())
+            task = asyncio.create_task(source.run())
+            await asyncio.wait_for(source.consuming.wait(), 30)
+            source.stop()
+            await asyncio.wait_for(task, 30)
+    (warning,) = [e for e in logs if e["event"].startswith("The broker granted a lower QoS")]
+    assert (warning["topic"], warning["qos"], warning["granted"]) == ("granted/#", 1, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import sys
@@ -44,17 +45,25 @@ class DaemonProcess:
         api_port: int | None = None,
         env: dict[str, str] | None = None,
         spool_path: Path | None = None,
+        mqtt: dict[str, Any] | None = None,
+        subscriptions: list[dict[str, Any]] | None = None,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "iotflow.toml"
         self.api_port = api_port or free_port()
         self.broker_url = broker_url
-        self.client_id = client_id or f"iotflow-test-{workdir.name}"[:60]
+        # Unique per directory: the session broker is shared, and a persistent session left
+        # by another test under the same name would hand its queued uplinks to this one.
+        digest = hashlib.sha1(str(workdir).encode()).hexdigest()[:8]
+        self.client_id = client_id or f"iotflow-test-{digest}-{workdir.name}"[:60]
         self.delivery = delivery or {}
         self.extra = extra
         self.env = env or {}
         self.spool_path = spool_path or workdir / "spool.db"
+        # [mqtt] keys over the test defaults; None removes one (the daemon's default then).
+        self.mqtt = mqtt or {}
+        self.subscriptions = subscriptions
         self.logs: list[LogEvent] = []
         self.output: list[str] = []
         self.process: asyncio.subprocess.Process | None = None
@@ -66,19 +75,24 @@ class DaemonProcess:
 
     def config_text(self, connections: list[dict[str, Any]]) -> str:
         delivery = {"retry_initial": "50ms", "retry_max": "1s", **self.delivery}
-        lines = [
-            "[mqtt]",
-            f'url = "{self.broker_url}"',
-            f'client_id = "{self.client_id}"',
-            'reconnect_initial = "100ms"',
-            'reconnect_max = "1s"',
-        ]
-        for fmt, topic in (
-            ("chirpstack", "application/+/device/+/event/up"),
-            ("tts", "v3/+/devices/+/up"),
-            ("actility", "tpx/things/+/uplink"),
-        ):
-            lines += ["[[mqtt.subscriptions]]", f'topic = "{topic}"', f'format = "{fmt}"']
+        mqtt = {
+            "url": self.broker_url,
+            "client_id": self.client_id,
+            "reconnect_initial": "100ms",
+            "reconnect_max": "1s",
+            **self.mqtt,
+        }
+        lines = ["[mqtt]", *(f"{k} = {toml_value(v)}" for k, v in mqtt.items() if v is not None)]
+        subscriptions = self.subscriptions
+        if subscriptions is None:
+            subscriptions = [
+                {"topic": "application/+/device/+/event/up", "format": "chirpstack"},
+                {"topic": "v3/+/devices/+/up", "format": "tts"},
+                {"topic": "tpx/things/+/uplink", "format": "actility"},
+            ]
+        for subscription in subscriptions:
+            lines.append("[[mqtt.subscriptions]]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in subscription.items()]
         lines += [
             "[registry]",
             f'url = "sqlite:///{self.workdir}/registry.db"',

@@ -20,12 +20,22 @@ class Section(BaseModel):
 class Subscription(Section):
     topic: Annotated[str, Field(min_length=1)]
     format: str
+    # 0 for a broker that offers no more (The Things Stack): at most once from the broker.
+    # No 2: at least once is what the spool gives, QoS 2's extra round trip adds nothing.
+    qos: Literal[0, 1] = 1
 
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
         if value not in FORMATS:
             raise ValueError(f"unknown format {value!r}; expected one of {sorted(FORMATS)}")
+        return value
+
+    @field_validator("qos", mode="before")
+    @classmethod
+    def _qos_number(cls, value: object) -> object:
+        if isinstance(value, bool) or value not in (0, 1):
+            raise ValueError("expected 0 or 1")
         return value
 
     @field_validator("topic")
@@ -42,6 +52,8 @@ class Subscription(Section):
 
 class MqttSettings(Section):
     url: str = "mqtt://127.0.0.1:1883"
+    # "3.1.1" for brokers without MQTT 5 (The Things Stack, RabbitMQ, older embedded ones).
+    protocol: Literal["5", "3.1.1"] = "5"
     client_id: Annotated[str, Field(min_length=1, max_length=64)] = "iotflow"
     username: str | None = None
     password: Secret | None = None
@@ -49,11 +61,13 @@ class MqttSettings(Section):
     session_expiry: Duration = timedelta(days=1)
     keepalive: Duration = timedelta(seconds=30)
     shared_group: str = ""
-    # How many unacknowledged uplinks the broker may have in flight to us (MQTT 5 Receive
-    # Maximum): the window that group commits to the spool are filled from.
+    # How many uncommitted uplinks iotflow takes in: sent as MQTT 5 Receive Maximum, and
+    # enforced by iotflow itself on both protocols (3.1.1 has no such field). The window
+    # that group commits to the spool are filled from.
     receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 1000
-    reconnect_initial: Duration = timedelta(seconds=1)
-    reconnect_max: Duration = timedelta(seconds=60)
+    # Low cap: the source broker is local and a blip must not become a backlog (#10).
+    reconnect_initial: Duration = timedelta(milliseconds=500)
+    reconnect_max: Duration = timedelta(seconds=2)
     subscriptions: list[Subscription] = Field(default_factory=list)
 
     @field_validator("url")
@@ -68,6 +82,23 @@ class MqttSettings(Section):
             _ = parts.port
         except ValueError as exc:
             raise ValueError(f"bad port: {exc}") from None
+        return value
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_text(cls, value: object) -> object:
+        # `protocol = 5` in TOML is an integer; 3.1.1 can only be written as a string.
+        if value == 5 and not isinstance(value, bool):
+            return "5"
+        if value not in ("5", "3.1.1"):
+            raise ValueError('expected "5" or "3.1.1"')
+        return value
+
+    @field_validator("reconnect_initial", "reconnect_max")
+    @classmethod
+    def _positive_delay(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be more than 0s")
         return value
 
     @field_validator("shared_group")

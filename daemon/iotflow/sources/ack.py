@@ -1,13 +1,17 @@
-"""Manual PUBACK: the one place that reaches under aiomqtt.
+"""Manual PUBACK, the in-flight bound and CONNECT watching: the one place under aiomqtt.
 
 aiomqtt 2.x acknowledges a QoS 1 message as soon as it is queued for us; iotflow must
 acknowledge only once the uplink's deliveries are committed to the spool. paho-mqtt 2.x,
-which aiomqtt drives, has `manual_ack_set` and `ack`; aiomqtt keeps its paho client in
-`_client`. Everything that depends on that private attribute is in this module, and
-`tests/test_source.py` proves an unacknowledged uplink is redelivered after a crash.
+which aiomqtt drives, has `manual_ack_set` and `ack` (for MQTT 5 and 3.1.1 alike); aiomqtt
+keeps its paho client in `_client`. Everything that depends on that private attribute is in
+this module, and `tests/test_source.py` proves an unacknowledged uplink is redelivered after
+a crash.
 """
 
 from __future__ import annotations
+
+import asyncio
+from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -25,3 +29,107 @@ class ManualAck:
         if qos == 0:
             return True
         return self._paho.ack(mid, qos) == paho.MQTT_ERR_SUCCESS
+
+
+class ConnectWatch:
+    """Sets `closed` when the broker closes the connection before its CONNACK.
+
+    A broker that speaks only MQTT 3.1.1 may drop an MQTT 5 CONNECT without an answer
+    (RabbitMQ does); aiomqtt then waits for its timeout and reports only "Operation timed
+    out". paho tells us at once, through on_disconnect.
+    """
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self._paho: paho.Client = client._client
+        self._loop = asyncio.get_running_loop()
+        self.closed = asyncio.Event()
+        self._answered = False
+        on_connect, on_disconnect = self._paho.on_connect, self._paho.on_disconnect
+
+        def connected(*args: Any) -> None:
+            self._answered = True
+            if on_connect is not None:
+                on_connect(*args)
+
+        def disconnected(*args: Any) -> None:
+            if not self._answered:
+                # paho may call this from the executor thread that runs connect().
+                self._loop.call_soon_threadsafe(self.closed.set)
+            if on_disconnect is not None:
+                on_disconnect(*args)
+
+        self._paho.on_connect = connected
+        self._paho.on_disconnect = disconnected
+
+
+class InflightGate:
+    """Stops reading from the broker while `limit` messages are taken in and not released.
+
+    MQTT 3.1.1 has no Receive Maximum, and some MQTT 5 brokers exceed ours; without this
+    bound aiomqtt's queue would grow without end while the spool is slower than the broker.
+    While paused the socket is not read, so TCP pushes back on the broker; a pause longer
+    than the keep-alive ends the connection, and the broker redelivers what we did not ack.
+    It is armed once subscribed: until then the SUBACKs must be read, whatever the broker
+    redelivers first from our session.
+    """
+
+    def __init__(self, client: aiomqtt.Client, limit: int) -> None:
+        self._aiomqtt = client
+        self._paho: paho.Client = client._client
+        self._loop = asyncio.get_running_loop()
+        self._limit = limit
+        self._paused_fd: int | None = None
+        self._armed = False
+        self.taken = 0
+        on_message = self._paho.on_message
+
+        def arrived(*args: Any) -> None:
+            if on_message is not None:
+                on_message(*args)
+            self.taken += 1
+            if self._armed and self.taken >= self._limit:
+                self._pause()
+
+        self._paho.on_message = arrived
+
+    def arm(self) -> None:
+        self._armed = True
+        if self.taken >= self._limit:
+            self._pause()
+
+    def release(self) -> None:
+        """One message is done with (acknowledged, or committed at QoS 0)."""
+        self.taken -= 1
+        if self._paused_fd is not None and self.taken < self._limit:
+            self._resume()
+
+    def _pause(self) -> None:
+        sock = self._paho.socket()
+        if self._paused_fd is not None or sock is None:
+            return
+        self._paused_fd = sock.fileno()
+        self._loop.remove_reader(self._paused_fd)
+
+    def _resume(self) -> None:
+        fd, self._paused_fd = self._paused_fd, None
+        sock = self._paho.socket()
+        if fd is None or sock is None or sock.fileno() != fd:
+            return  # the connection is gone; aiomqtt has seen it close
+        # aiomqtt's own reader callback is a closure we cannot get back; this one does
+        # what it does. Bytes that arrived meanwhile are read at once.
+        self._loop.add_reader(fd, self._read)
+        self._loop.call_soon(self._read)
+
+    def _read(self) -> None:
+        try:
+            while self._paused_fd is None:
+                self._paho.loop_read()
+                sock: Any = self._paho.socket()
+                # An SSL socket may hold decoded bytes that no readable event announces.
+                if sock is not None and hasattr(sock, "pending") and sock.pending() > 0:
+                    continue
+                break
+        except Exception as exc:  # as aiomqtt's callback: a broken socket ends the session
+            disconnected: asyncio.Future[None] = self._aiomqtt._disconnected
+            if not disconnected.done():
+                disconnected.set_exception(exc)
