@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,6 +16,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from iotflow.backoff import Backoff, jittered
 from iotflow.config.model import MqttSettings, Subscription
 from iotflow.errors import IotflowError
 from iotflow.sources.ack import ConnectWatch, InflightGate, ManualAck
@@ -155,24 +155,22 @@ class MqttSource:
         """Consume until `stop()`; reconnect with backoff and full jitter after any loss."""
         self._warn_qos0()
         initial = self.settings.reconnect_initial.total_seconds()
-        cap = max(initial, self.settings.reconnect_max.total_seconds())
-        backoff = initial
+        backoff = Backoff(initial, max(initial, self.settings.reconnect_max.total_seconds()))
         while not self._stopping.is_set():
+            delay = 0.0
             try:
                 await self._session()
-                delay = 0.0
             except _Refused as exc:
                 delay = self._refused(exc, initial)
             except (aiomqtt.MqttError, _Reconnect) as exc:
                 self._closed_at_connect = 0
                 # Our own reconnect is logged once per episode by the ack loop.
                 self._disconnected(None if isinstance(exc, _Reconnect) else str(exc))
-                delay = random.uniform(0, backoff)
-            if self._was_connected:
-                # A session that got as far as CONNACK starts the backoff afresh.
-                backoff, self._was_connected = initial, False
-            else:
-                backoff = min(backoff * 2, cap)
+                if self._was_connected:
+                    # A session that got as far as CONNACK starts the backoff afresh.
+                    backoff.reset()
+                delay = backoff.next()
+            self._was_connected = False
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=delay)
@@ -194,7 +192,7 @@ class MqttSource:
             if self._closed_at_connect < 2:
                 # Once may be a broker shutting down as we connect: retry as usual.
                 log.debug("Broker closed the connection at CONNECT", url=self._safe_url())
-                return random.uniform(0, initial)
+                return jittered(initial, "full")
         self._disconnected(None)
         error = str(exc)
         should, repeats = self._errors.should_log(error)
@@ -212,7 +210,7 @@ class MqttSource:
             else:
                 log.error("The broker refused the connection", **fields)
         # Equal jitter: spread, but never a fast loop against a broker that says no.
-        return random.uniform(REFUSED_RETRY / 2, REFUSED_RETRY)
+        return jittered(REFUSED_RETRY, "equal")
 
     def _disconnected(self, error: str | None) -> None:
         if self.connected.is_set():
