@@ -346,6 +346,10 @@ class Daemon:
 
     def _reject(self, incoming: Incoming, rejection: Rejection) -> None:
         self.metrics.uplinks_rejected.labels(rejection.reason).inc()
+        if rejection.routine:
+            # Join, status, downlink events...: normal traffic on a wildcard subscription.
+            log.debug("Message is not an uplink", topic=incoming.topic, error=rejection.message)
+            return
         # One line per message, but a flood of garbage must not drown the log: at most
         # _REJECT_LINES a minute, the rest only counted (iotflow_uplinks_rejected_total).
         now = time.monotonic()

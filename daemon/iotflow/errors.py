@@ -89,5 +89,10 @@ class Rejection(IotflowError):
         self.reason = reason
         self.message = message
 
+    @property
+    def routine(self) -> bool:
+        """Normal traffic rather than a fault: counted, logged at debug level only."""
+        return self.reason == NOT_UPLINK
+
 
 NOT_UPLINK = "not_uplink"

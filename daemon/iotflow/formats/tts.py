@@ -84,9 +84,6 @@ def _time(root: Fields, up: Fields, rx_metadata: list[Fields]) -> datetime:
     others = [rx for rx in rx_metadata if rx.has("packet_broker")]
     found = next((t for t in (rx.opt_time("time") for rx in own + others) if t), None)
     if found is None:
-        settings = up.opt_obj("settings")
-        found = settings.opt_time("time") if settings is not None else None
-    if found is None:
         found = up.opt_time("received_at") or root.opt_time("received_at")
     if found is None:
         raise root.missing("received_at", " (and no rx_metadata[].time)")
