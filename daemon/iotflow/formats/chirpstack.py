@@ -45,12 +45,17 @@ _UP_FIELDS = ("fCnt", "fPort", "data", "object", "rxInfo", "txInfo", "dr", "adr"
 
 def decode(document: dict[str, Any]) -> Uplink:
     root = Fields(document)
+    if not root.has("deviceInfo") and root.has("devEui") and not root.has("rxInfo"):
+        # A downlink command (`.../command/down`, iotflow's own among them) seen on a
+        # subscription to `application/#`: it names the device at the top level.
+        raise Rejection(NOT_UPLINK, "a ChirpStack downlink command, not an event")
     info = root.obj("deviceInfo", " (not a ChirpStack event)")
+    # Every event names a valid device: one that does not is garbage, not another event.
+    dev_eui = info.dev_eui("devEui")
     other = next((key for key in _OTHER_EVENT_FIELDS if root.has(key)), None)
     if other is not None or not any(root.has(key) for key in _UP_FIELDS):
         why = f"has {other!r}" if other is not None else "has no uplink field"
         raise Rejection(NOT_UPLINK, f"a ChirpStack event that is not an up event ({why})")
-    dev_eui = info.dev_eui("devEui")
     rx_info = root.objects("rxInfo")
     time = _time(root, rx_info)
     decoded = root.opt_obj("object")

@@ -39,6 +39,9 @@ _OTHER_MESSAGES = (
 
 def decode(document: dict[str, Any]) -> Uplink:
     root = Fields(document)
+    if root.has("downlinks") and not root.has("uplink_message"):
+        # A downlink push/replace (iotflow's own among them) seen on a `#` subscription.
+        raise Rejection(NOT_UPLINK, "a The Things Stack downlink, not an uplink")
     ids = root.obj("end_device_ids", " (not a The Things Stack message)")
     if not root.has("uplink_message"):
         other = next((key for key in _OTHER_MESSAGES if root.has(key)), None)
