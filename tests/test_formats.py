@@ -977,3 +977,38 @@ def test_decode_damaged_fixtures(name: str, data: st.DataObject) -> None:
         damage(damaged, path, value)
     fmt = {**FIXTURE_FORMATS, **UPLINK_SAMPLES, **OTHER_SAMPLES}[name]
     check_decode(fmt, orjson.dumps(damaged))
+
+
+def every_key(value: Any) -> set[str]:
+    found: set[str] = set()
+    if isinstance(value, dict):
+        for key, child in value.items():
+            found.add(key)
+            found |= every_key(child)
+    elif isinstance(value, list):
+        for child in value:
+            found |= every_key(child)
+    return found
+
+
+# Objects built from the keys the network servers really use, so that the decoders' own
+# paths (markers of other events, gateway lists, times, Packet Broker) are reached often.
+KNOWN_KEYS = sorted(
+    set().union(
+        *(every_key(fixture(n)) for n in {**FIXTURE_FORMATS, **UPLINK_SAMPLES, **OTHER_SAMPLES})
+    )
+)
+known_objects = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(KNOWN_KEYS), children, max_size=8)
+    ),
+    max_leaves=30,
+)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@given(document=st.dictionaries(st.sampled_from(KNOWN_KEYS), known_objects, max_size=12))
+def test_decode_objects_of_known_keys(fmt: str, document: dict[str, Any]) -> None:
+    check_decode(fmt, orjson.dumps(document))

@@ -91,6 +91,8 @@ def test_booleans_and_the_inner_object() -> None:
         ("Lrrs.Lrr.0.LrrRSSI", "-80.0"),
         ("Lrrs.Lrr.7.LrrRSSI", None),
         ("Lrrs.Lrr.x", None),
+        ("Lrrs.Lrr." + "0" * 5000, None),  # an index int() would refuse
+        ("Lrrs.Lrr.\u0660", None),  # ARABIC-INDIC DIGIT ZERO is no index
         ("CustomerData", None),
         ("Missing", None),
         ("", None),

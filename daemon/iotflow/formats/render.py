@@ -118,12 +118,17 @@ def _inner(document: dict[str, Any]) -> dict[str, Any]:
     return inner if isinstance(inner, dict) else document
 
 
+def _is_index(key: str) -> bool:
+    # ASCII digits only, and few: int() refuses more than 4300 digits with a ValueError.
+    return key.isascii() and key.isdigit() and len(key) <= 18
+
+
 def _lookup(root: dict[str, Any], keys: tuple[str, ...]) -> str | None:
     value: Any = root
     for key in keys:
         if isinstance(value, dict):
             value = value.get(key)
-        elif isinstance(value, list) and key.isdecimal() and int(key) < len(value):
+        elif isinstance(value, list) and _is_index(key) and int(key) < len(value):
             value = value[int(key)]
         else:
             return None
