@@ -68,7 +68,11 @@ async def test_every_sample_arrives_and_other_messages_are_counted_quietly(
         # The samples are years old: they must not expire on the way.
         "configuration": {"destinationURL": cloud.url("/samples"), "uplinkTimeValidity": "10000d"},
     }
-    daemon = DaemonProcess(tmp_path / "d", broker_url=mosquitto.url, connections=[connection])
+    # A name of its own: the client id (and its persistent session on the shared broker)
+    # comes from it.
+    daemon = DaemonProcess(
+        tmp_path / "formats-samples", broker_url=mosquitto.url, connections=[connection]
+    )
     daemons.append(daemon)
     await daemon.start()
 
