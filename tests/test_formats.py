@@ -159,6 +159,193 @@ def test_tts_fixture() -> None:
     )
 
 
+# Samples collected from the network servers' documentation (tests/fixtures/<server>/README.md)
+
+SAMPLE_FORMATS = {"chirpstack": "chirpstack", "tts": "tts", "thingpark": "actility"}
+
+
+def samples(*, uplinks: bool) -> dict[str, str]:
+    """Relative path of each collected sample → its format; uplinks or the other messages."""
+    found = {}
+    for folder, fmt in SAMPLE_FORMATS.items():
+        for path in sorted((FIXTURES / folder).glob("*.json")):
+            if path.name.endswith(".expected.json"):
+                continue
+            if path.name.startswith("not-uplink-") != uplinks:
+                found[f"{folder}/{path.name}"] = fmt
+    return found
+
+
+UPLINK_SAMPLES = samples(uplinks=True)
+OTHER_SAMPLES = samples(uplinks=False)
+
+
+def expected_document(name: str) -> dict[str, Any]:
+    """What the sinks must send for a sample: written beside it, or the ThingPark sample itself."""
+    if name.startswith("thingpark/"):
+        return fixture(name)
+    return fixture(name.removesuffix(".json") + ".expected.json")
+
+
+def test_every_server_has_samples_of_both_kinds() -> None:
+    for folder in SAMPLE_FORMATS:
+        assert sum(n.startswith(folder + "/") for n in UPLINK_SAMPLES) >= 3, folder
+        assert sum(n.startswith(folder + "/") for n in OTHER_SAMPLES) >= 3, folder
+    # Every uplink converted from another format has its expected document, and no other.
+    expected = {
+        str(p.relative_to(FIXTURES)).removesuffix(".expected.json") + ".json"
+        for p in FIXTURES.glob("*/*.expected.json")
+    }
+    assert expected == {n for n in UPLINK_SAMPLES if not n.startswith("thingpark/")}
+
+
+@pytest.mark.parametrize(("name", "fmt"), UPLINK_SAMPLES.items())
+def test_sample_becomes_its_expected_document(name: str, fmt: str) -> None:
+    document = actility_document(decode(fmt, raw(name)))
+    assert document == expected_document(name)  # every field, no more, no less
+    inner = document["DevEUI_uplink"]
+    assert set(inner) >= {"Time", "DevEUI", "payload_hex"}
+
+
+@pytest.mark.parametrize(("name", "fmt"), OTHER_SAMPLES.items())
+def test_other_messages_are_not_uplinks(name: str, fmt: str) -> None:
+    caught = rejection(fmt, raw(name))
+    assert caught.reason == "not_uplink", caught.message
+    assert caught.routine
+
+
+@pytest.mark.parametrize(("name", "fmt"), OTHER_SAMPLES.items())
+def test_other_messages_are_wrong_shape_for_the_other_formats(name: str, fmt: str) -> None:
+    for other in FORMATS - {fmt}:
+        assert rejection(other, raw(name)).reason == "wrong_shape"
+
+
+def test_chirpstack_v4_0_up_event_without_frame_counter() -> None:
+    # The docs' own example: fCnt 0 left out, no gateway time.
+    uplink = decode("chirpstack", raw("chirpstack/v4.0-docs-up.json"))
+    assert uplink.f_cnt == 0
+    assert uplink.f_port == 1
+    assert uplink.payload == b"\xaa"
+    assert uplink.time == datetime(2022, 7, 18, 9, 34, 15, 775023, tzinfo=UTC)  # event's time
+
+
+def test_chirpstack_gateway_time_wins_over_network_server_times() -> None:
+    document = fixture("chirpstack/v4.6-thingsboard-up.json")
+    document["time"] = "2025-06-13T12:44:59+00:00"
+    rx = document["rxInfo"][0]
+    assert decode_doc("chirpstack", document).time == datetime(
+        2025, 6, 13, 12, 44, 52, 653481, tzinfo=UTC
+    )  # gwTime (v4.6)
+    del rx["gwTime"]
+    rx["time"] = "2025-06-13T12:44:51+00:00"
+    assert decode_doc("chirpstack", document).time == datetime(
+        2025, 6, 13, 12, 44, 51, tzinfo=UTC
+    )  # time (before v4.6)
+    del rx["time"]
+    assert decode_doc("chirpstack", document).time == datetime(
+        2025, 6, 13, 12, 44, 59, tzinfo=UTC
+    )  # the event's time
+    del document["time"]
+    assert decode_doc("chirpstack", document).time == datetime(
+        2025, 6, 13, 12, 44, 52, 670509, tzinfo=UTC
+    )  # nsTime
+    del rx["nsTime"]
+    assert rejection("chirpstack", orjson.dumps(document)).message == (
+        "time: missing (and no rxInfo[].gwTime, time or nsTime)"
+    )
+
+
+def test_fsk_has_no_snr_and_no_spreading_factor() -> None:
+    for name, fmt in (
+        ("chirpstack/v4.6-fsk-up.json", "chirpstack"),
+        ("tts/fsk-uplink.json", "tts"),
+    ):
+        uplink = decode(fmt, raw(name))
+        assert uplink.radio.snr is None
+        assert uplink.radio.spreading_factor is None
+        inner = actility_document(uplink)["DevEUI_uplink"]
+        assert "LrrSNR" not in inner
+        assert "SpFact" not in inner
+        assert all("LrrSNR" not in lrr for lrr in inner["Lrrs"]["Lrr"])
+
+
+def test_lora_gateway_without_snr_had_zero_snr_in_both_stacks() -> None:
+    document = fixture("tts/docs-uplink.json")
+    del document["uplink_message"]["rx_metadata"][0]["snr"]
+    assert decode_doc("tts", document).radio.snr == 0.0
+    del document["uplink_message"]["settings"]["data_rate"]
+    assert decode_doc("tts", document).radio.snr is None  # modulation unknown
+
+
+def test_tts_zero_time_is_unset() -> None:
+    uplink = decode("tts", raw("tts/zero-time-uplink.json"))
+    # Not 0001-01-01 (which would expire on arrival): the network server's reception.
+    assert uplink.time == datetime(2020, 2, 12, 15, 15, 45, 789585, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "unset", ["0001-01-01T00:00:00Z", "1970-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00"]
+)
+def test_unset_thingpark_time_is_rejected(unset: str) -> None:
+    document = fixture("actility_uplink.json")
+    document["DevEUI_uplink"]["Time"] = unset
+    caught = rejection("actility", orjson.dumps(document))
+    assert caught.reason == "wrong_shape"
+    assert caught.message == "DevEUI_uplink.Time: missing (or unset)"
+
+
+def test_packet_broker_gateway_is_the_forwarder() -> None:
+    uplink = decode("tts", raw("tts/packet-broker-uplink.json"))
+    ids = [g.id for g in uplink.radio.gateways]
+    assert "packetbroker" not in ids
+    assert "7076FF0056050C89" in ids  # packet_broker.forwarder_gateway_eui
+    assert uplink.f_cnt == 0  # f_cnt 0 left out
+    # The own gateways' time, not the forwarder's clock (2 s ahead in this real sample).
+    assert uplink.time == datetime(2024, 6, 26, 13, 24, 35, 891, tzinfo=UTC)
+
+
+def test_packet_broker_forwarder_alone_is_lrrid() -> None:
+    document = fixture("tts/packet-broker-uplink.json")
+    up = document["uplink_message"]
+    up["rx_metadata"] = up["rx_metadata"][:1]
+    inner = actility_document(decode_doc("tts", document))["DevEUI_uplink"]
+    assert inner["Lrrid"] == "7076FF0056050C89"
+    assert inner["Lrrs"] == {
+        "Lrr": [{"Lrrid": "7076FF0056050C89", "LrrRSSI": -113.0, "LrrSNR": 5.5}]
+    }
+    assert inner["Time"] == "2024-06-26T13:24:37.052+00:00"  # no other gateway time
+    del up["rx_metadata"][0]["packet_broker"]["forwarder_gateway_eui"]
+    inner = actility_document(decode_doc("tts", document))["DevEUI_uplink"]
+    assert inner["Lrrid"] == "eui-7076ff0056050c89"  # forwarder_gateway_id
+
+
+def test_thingpark_samples_decode_their_fields() -> None:
+    old = decode("actility", raw("thingpark/tpns-as-uplink-2015.json"))
+    assert (old.dev_eui, old.f_port, old.f_cnt) == ("000000000F1D8693", 2, 7011)
+    assert old.time == datetime(2015, 7, 9, 14, 6, 38, 490000, tzinfo=UTC)
+    assert [(g.id, g.rssi, g.snr) for g in old.radio.gateways] == [
+        ("08040059", -60.0, 9.75),
+        ("33d13a41", -73.0, 9.75),
+    ]
+    assert old.radio.gateways[0].latitude == 48.874931
+    assert old.device_name is None
+    as_string = decode("actility", raw("thingpark/tpns-as-uplink-2015-customerdata-string.json"))
+    assert as_string.device_name is None
+    assert as_string.dev_eui == old.dev_eui
+    flow = decode("actility", raw("thingpark/tpx-flow-modbus-uplink.json"))
+    assert (flow.dev_eui, flow.f_port, flow.f_cnt) == ("A81758FFFE05A086", 5, 42435)
+    assert flow.decoded is not None
+    assert flow.decoded["co2"] == 491
+    assert [g.id for g in flow.radio.gateways] == ["10000035", "100001F7"]  # ThingPark's best first
+
+
+def test_thingpark_message_with_a_malformed_deveui_is_still_not_an_uplink() -> None:
+    # Actility's own DevEUI_downlink_Sent example has "000000000F1D8693</DevEUI".
+    assert rejection("actility", raw("thingpark/not-uplink-downlink-sent.json")).reason == (
+        "not_uplink"
+    )
+
+
 # Times
 
 
@@ -442,7 +629,16 @@ def test_tts_message_that_is_not_an_uplink() -> None:
         "join_accept": {"session_key_id": "AYc2sT0p9kRo0lS4tq5lXw=="},
     }
     caught = rejection("tts", orjson.dumps(join_accept))
+    assert caught.reason == "not_uplink"
+    assert caught.routine
+    assert caught.message == "a The Things Stack join_accept message, not an uplink"
+
+
+def test_tts_message_of_no_known_type_is_wrong_shape() -> None:
+    document = {"end_device_ids": {"dev_eui": "70B3D57ED005A1B2"}, "received_at": "x"}
+    caught = rejection("tts", orjson.dumps(document))
     assert caught.reason == "wrong_shape"
+    assert not caught.routine
     assert caught.message == "uplink_message: missing (not an uplink message)"
 
 
@@ -453,8 +649,15 @@ def test_chirpstack_event_that_is_not_an_up_event() -> None:
         "devAddr": "00189440",
     }
     caught = rejection("chirpstack", orjson.dumps(join))
-    assert caught.reason == "wrong_shape"
-    assert caught.message == "fCnt: missing (not an up event)"
+    assert caught.reason == "not_uplink"
+    assert caught.message == "a ChirpStack event that is not an up event (has no uplink field)"
+
+
+def test_chirpstack_up_event_without_frame_counter_is_frame_counter_zero() -> None:
+    # ChirpStack's protobuf JSON leaves fCnt out when it is 0: it is an up event still.
+    document = fixture("chirpstack_up.json")
+    del document["fCnt"]
+    assert decode_doc("chirpstack", document).f_cnt == 0
 
 
 DEV_EUI_PATHS = {
@@ -542,7 +745,7 @@ def test_bad_dev_eui_message() -> None:
             "actility_uplink.json",
             ("DevEUI_uplink", "Time"),
             None,
-            "DevEUI_uplink.Time: missing",
+            "DevEUI_uplink.Time: missing (or unset)",
         ),
         ("chirpstack_up.json", ("rxInfo",), {}, "rxInfo: expected an array, got an object"),
         ("chirpstack_up.json", ("object",), [1], "object: expected an object, got an array"),
@@ -684,10 +887,18 @@ def check_decode(fmt: str, payload: bytes) -> None:
     """Decode, and when that works, render everything a sink would render."""
     uplink = decode_or_rejection(fmt, payload)
     if isinstance(uplink, Rejection):
-        assert uplink.reason in {"not_json", "too_large", "wrong_shape", "bad_dev_eui"}
+        assert uplink.reason in {
+            "not_json",
+            "too_large",
+            "wrong_shape",
+            "bad_dev_eui",
+            "not_uplink",
+        }
         return
     assert normalize_dev_eui(uplink.dev_eui) == uplink.dev_eui
     assert uplink.time.utcoffset() is not None
+    uplink.time.timestamp()  # what the spool stores
+    assert uplink.time.astimezone(UTC).year >= 2000  # an unset time is never read as one
     document = actility_document(uplink)
     for send_metadata in (False, True):
         for send_raw_decoded in (False, True):
@@ -749,7 +960,7 @@ def damage(document: Any, path: tuple[str | int, ...], value: Any) -> None:
         parent[last] = None if value is _DELETE else value
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURE_FORMATS))
+@pytest.mark.parametrize("name", sorted({**FIXTURE_FORMATS, **UPLINK_SAMPLES, **OTHER_SAMPLES}))
 @given(data=st.data())
 def test_decode_damaged_fixtures(name: str, data: st.DataObject) -> None:
     document = fixture(name)
@@ -764,4 +975,40 @@ def test_decode_damaged_fixtures(name: str, data: st.DataObject) -> None:
     damaged = copy.deepcopy(document)
     for path, value in changes:
         damage(damaged, path, value)
-    check_decode(FIXTURE_FORMATS[name], orjson.dumps(damaged))
+    fmt = {**FIXTURE_FORMATS, **UPLINK_SAMPLES, **OTHER_SAMPLES}[name]
+    check_decode(fmt, orjson.dumps(damaged))
+
+
+def every_key(value: Any) -> set[str]:
+    found: set[str] = set()
+    if isinstance(value, dict):
+        for key, child in value.items():
+            found.add(key)
+            found |= every_key(child)
+    elif isinstance(value, list):
+        for child in value:
+            found |= every_key(child)
+    return found
+
+
+# Objects built from the keys the network servers really use, so that the decoders' own
+# paths (markers of other events, gateway lists, times, Packet Broker) are reached often.
+KNOWN_KEYS = sorted(
+    set().union(
+        *(every_key(fixture(n)) for n in {**FIXTURE_FORMATS, **UPLINK_SAMPLES, **OTHER_SAMPLES})
+    )
+)
+known_objects = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(KNOWN_KEYS), children, max_size=8)
+    ),
+    max_leaves=30,
+)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@given(document=st.dictionaries(st.sampled_from(KNOWN_KEYS), known_objects, max_size=12))
+def test_decode_objects_of_known_keys(fmt: str, document: dict[str, Any]) -> None:
+    check_decode(fmt, orjson.dumps(document))

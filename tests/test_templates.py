@@ -91,6 +91,8 @@ def test_booleans_and_the_inner_object() -> None:
         ("Lrrs.Lrr.0.LrrRSSI", "-80.0"),
         ("Lrrs.Lrr.7.LrrRSSI", None),
         ("Lrrs.Lrr.x", None),
+        ("Lrrs.Lrr." + "0" * 5000, None),  # an index int() would refuse
+        ("Lrrs.Lrr.\u0660", None),  # ARABIC-INDIC DIGIT ZERO is no index
         ("CustomerData", None),
         ("Missing", None),
         ("", None),
@@ -182,3 +184,73 @@ def test_escape_applies_to_substituted_values_only() -> None:
         "https://h/<0018B20000000B20>/x?n=<a/b?c&d>&lit=<x y>"
     )
     assert template.render(doc) == "https://h/0018B20000000B20/x?n=a/b?c&d&lit=x y"
+
+
+# What a template renders for every kind of value: documents built in Python (processors,
+# the API) may hold values JSON cannot, and rendering must never raise on any of them.
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("text", "text"),
+        ("", "fallback"),
+        (42, "42"),
+        (-7, "-7"),
+        (2**64, "18446744073709551616"),  # beyond orjson's 64 bits
+        (-(2**70), "-1180591620717411303424"),
+        # More digits than Python spells out (pytest cannot name it either).
+        pytest.param(10**5000, "fallback", id="5001-digit-int"),
+        (868.1, "868.1"),
+        (1e300, "1e+300"),
+        (float("nan"), "fallback"),
+        (float("inf"), "fallback"),
+        (True, "true"),
+        (False, "false"),
+        (None, "fallback"),
+        ({"a": 1}, "fallback"),
+        ([1, 2], "fallback"),
+        (b"bytes", "fallback"),
+        ((1, 2), "fallback"),
+        (object(), "fallback"),
+    ],
+)
+def test_render_of_each_kind_of_value(value: object, expected: str) -> None:
+    assert Template("{x|'fallback'}").render({"DevEUI_uplink": {"x": value}}) == expected
+
+
+KEYS = ["DevEUI", "FPort", "CustomerData", "name", "Lrrs", "Lrr", "0", "1", "x"]
+python_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=5)
+    | st.binary(max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.tuples(children)
+        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=3), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+paths = st.lists(st.sampled_from(KEYS), min_size=1, max_size=3).map(".".join)
+expressions = st.lists(
+    paths | st.text(alphabet="abc/ ", max_size=3).map(lambda t: f"'{t}'"), min_size=1, max_size=3
+).map(lambda choices: "{" + "|".join(choices) + "}")
+
+
+@given(
+    document=st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=3), python_values),
+    parts=st.lists(expressions | st.text(alphabet="ab/-", max_size=3), max_size=4),
+    rooted=st.booleans(),
+)
+def test_any_template_renders_any_document(
+    document: dict[str, Any], parts: list[str], rooted: bool
+) -> None:
+    template = Template("".join(parts))
+    rendered = template.render({"DevEUI_uplink": document} if rooted else document)
+    assert isinstance(rendered, str)
+    for path in (p for p in "".join(parts).strip("{}").split("|") if "'" not in p):
+        found = resolve_path(document, path)
+        assert found is None or (isinstance(found, str) and found != "")

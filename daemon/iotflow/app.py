@@ -448,6 +448,10 @@ class Daemon:
 
     def _reject(self, rejection: Rejection, payload: bytes, **origin: str) -> None:
         self.metrics.uplinks_rejected.labels(rejection.reason).inc()
+        if rejection.routine:
+            # Join, status, downlink events...: normal traffic on a wildcard subscription.
+            log.debug("Message is not an uplink", error=rejection.message, **origin)
+            return
         # One line per message, but a flood of garbage must not drown the log: at most
         # _REJECT_LINES a minute, the rest only counted (iotflow_uplinks_rejected_total).
         now = time.monotonic()

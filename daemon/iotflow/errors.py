@@ -103,10 +103,21 @@ class Rejection(IotflowError):
     """An uplink message that cannot be routed: counted by `reason` and dropped.
 
     Reasons are a small fixed set, used as a metric label: `not_json`, `too_large`,
-    `wrong_shape`, `bad_dev_eui`.
+    `wrong_shape`, `bad_dev_eui`, `no_subscription`, and `not_uplink`: a well-formed message
+    of the format that is another event (ChirpStack join/status/ack/..., The Things Stack
+    join_accept/downlink_*, ThingPark DevEUI_notification/...), normal traffic on a wildcard
+    subscription, so it is logged at debug level only.
     """
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+
+    @property
+    def routine(self) -> bool:
+        """Normal traffic rather than a fault: counted, logged at debug level only."""
+        return self.reason == NOT_UPLINK
+
+
+NOT_UPLINK = "not_uplink"

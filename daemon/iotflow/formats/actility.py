@@ -4,26 +4,36 @@ Older ThingPark releases write every number as a string (`"FPort": "1"`,
 `"LrrRSSI": "-80.000000"`): both spellings are read. `FPort` and `FCntUp` may be absent
 (a frame without application payload has no port). The document itself is what the
 sinks send, unchanged; decoding it only extracts what routing, expiry and downlinks need.
+The other messages ThingPark sends an application server (`DevEUI_notification`,
+`DevEUI_location`, `DevEUI_downlink_Sent`, ...: one `DevEUI_*` root each) are rejected as
+`not_uplink`. `CustomerData` was a JSON string in some releases; it is then not read.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from iotflow.errors import NOT_UPLINK, Rejection
 from iotflow.formats.fields import MAX_BYTE, Fields
 from iotflow.formats.uplink import Gateway, Radio, Uplink
 
 ROOT = "DevEUI_uplink"
+_MESSAGE_PREFIX = "DevEUI_"  # DevEUI_notification, DevEUI_location, DevEUI_downlink_Sent...
 
 
 def decode(document: dict[str, Any]) -> Uplink:
-    up = Fields(document).obj(ROOT, " (not a ThingPark uplink)")
+    root = Fields(document)
+    if not root.has(ROOT):
+        other = next((key for key in document if key.startswith(_MESSAGE_PREFIX)), None)
+        if other is not None:
+            raise Rejection(NOT_UPLINK, f"a ThingPark {other} message, not an uplink")
+    up = root.obj(ROOT, " (not a ThingPark uplink)")
     dev_eui = up.dev_eui("DevEUI")
     time = up.opt_time("Time")
     if time is None:
-        raise up.missing("Time")
+        raise up.missing("Time", " (or unset)")
     decoded = up.opt_obj("payload")
-    customer = up.opt_obj("CustomerData")
+    customer = None if isinstance(up.data.get("CustomerData"), str) else up.opt_obj("CustomerData")
     return Uplink(
         format="actility",
         dev_eui=dev_eui,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import math
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -31,6 +31,10 @@ _HEX16 = re.compile(r"[0-9A-Fa-f]{16}")
 _EUI_SEPARATORS = str.maketrans("", "", "-:")
 
 MAX_BYTE = 255  # FPort, spreading factor
+# No LoRaWAN network ran before 2015: an earlier time is a zero value written for "unset"
+# (Go's zero time 0001-01-01T00:00:00Z in The Things Stack, the Unix epoch elsewhere), and
+# reading it as a reception time would expire the uplink on arrival.
+UNSET_BEFORE = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_COUNTER = 2**32 - 1
 MAX_FREQUENCY_HZ = 10**12
 
@@ -213,13 +217,22 @@ class Fields:
         return number
 
     def opt_time(self, key: str) -> datetime | None:
+        """An ISO 8601 time with an offset; a zero-value time (see UNSET_BEFORE) reads as absent."""
         value = self.data.get(key)
         if value is None:
             return None
         parsed = parse_time(value) if isinstance(value, str) else None
         if parsed is None:
             raise self.wrong(key, "an ISO 8601 time with a UTC offset", value)
-        return parsed
+        return parsed if parsed >= UNSET_BEFORE else None
+
+    def first_time(self, *keys: str) -> datetime | None:
+        """The first of `keys` that holds a set time."""
+        for key in keys:
+            found = self.opt_time(key)
+            if found is not None:
+                return found
+        return None
 
     def opt_base64(self, key: str) -> bytes | None:
         text = self.opt_str(key)

@@ -7,6 +7,7 @@ over that document: `{DevEUI}`, `{CustomerData.name|DevEUI|'none'}`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -118,22 +119,41 @@ def _inner(document: dict[str, Any]) -> dict[str, Any]:
     return inner if isinstance(inner, dict) else document
 
 
+def _is_index(key: str) -> bool:
+    # ASCII digits only, and few: int() refuses more than 4300 digits with a ValueError.
+    return key.isascii() and key.isdigit() and len(key) <= 18
+
+
 def _lookup(root: dict[str, Any], keys: tuple[str, ...]) -> str | None:
     value: Any = root
     for key in keys:
         if isinstance(value, dict):
             value = value.get(key)
-        elif isinstance(value, list) and key.isdecimal() and int(key) < len(value):
+        elif isinstance(value, list) and _is_index(key) and int(key) < len(value):
             value = value[int(key)]
         else:
             return None
+    return _scalar_text(value)
+
+
+def _scalar_text(value: Any) -> str | None:
+    """A scalar in JSON's spelling (`868.1`, `42`, `true`); None for anything else.
+
+    Documents built in Python (processors, the API) may hold what JSON cannot: integers
+    beyond 64 bits are spelt in full, NaN and infinities count as absent.
+    """
     if isinstance(value, str):
         return value or None
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
-        return orjson.dumps(value).decode()  # JSON's spelling: 868.1, 42
-    return None  # absent, null, object or array
+    if isinstance(value, int):
+        try:
+            return str(value)
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            return None
+    if isinstance(value, float):
+        return orjson.dumps(value).decode() if math.isfinite(value) else None
+    return None  # absent, null, object, array or a non-JSON value
 
 
 def resolve_path(document: dict[str, Any], path: str) -> str | None:
