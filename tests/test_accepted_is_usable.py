@@ -133,7 +133,7 @@ DURATIONS = st.one_of(
         st.one_of(st.integers(0, 10), st.integers(999_999_990, 10**12)),
         st.sampled_from(["ms", "s", "m", "h", "d", "w"]),
     ),
-    st.sampled_from(["1s", "999ms", "3650d", "3651d", "1.0005s", "1.001s", "521w", "522w"]),
+    st.sampled_from(["1s", "999ms", "36500d", "36501d", "1.0005s", "1.001s", "5214w", "5215w"]),
     st.builds(
         lambda x, unit: f"{x}{unit}", st.floats(0, 1e6).map(lambda f: f"{f:.4f}"), st.just("s")
     ),
@@ -145,7 +145,7 @@ def bodies(draw: st.DrawFn) -> dict[str, Any]:
     configuration: dict[str, Any] = {"destinationURL": "http://127.0.0.1:9/x"}
     if draw(st.booleans()):
         configuration["uplinkTimeValidity"] = mostly(
-            draw, st.sampled_from(["1s", "5m", "72h", "3650d", "1.001s"]), DURATIONS
+            draw, st.sampled_from(["1s", "5m", "72h", "36500d", "1.001s"]), DURATIONS
         )
     if draw(st.booleans()):
         configuration["downlinkPort"] = mostly(
@@ -311,7 +311,7 @@ def test_out_of_range_alarms_are_field_errors(
 @pytest.mark.parametrize(
     ("configuration", "path", "message"),
     [
-        ({"uplinkTimeValidity": "999999999d"}, "configuration.uplinkTimeValidity", "3650d"),
+        ({"uplinkTimeValidity": "999999999d"}, "configuration.uplinkTimeValidity", "36500d"),
         ({"uplinkTimeValidity": "0s"}, "configuration.uplinkTimeValidity", "between 1s"),
         ({"uplinkTimeValidity": "1.0005s"}, "configuration.uplinkTimeValidity", "milliseconds"),
         ({"description": "a\x00b"}, "configuration.description", "NUL"),

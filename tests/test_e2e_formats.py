@@ -66,7 +66,7 @@ async def test_every_sample_arrives_and_other_messages_are_counted_quietly(
         "connectorId": "actility-http-iot",
         "devices": devices,
         # The samples are years old: they must not expire on the way.
-        "configuration": {"destinationURL": cloud.url("/samples"), "uplinkTimeValidity": "10000d"},
+        "configuration": {"destinationURL": cloud.url("/samples"), "uplinkTimeValidity": "36500d"},
     }
     # A name of its own: the client id (and its persistent session on the shared broker)
     # comes from it.

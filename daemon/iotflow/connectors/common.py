@@ -16,14 +16,14 @@ PROBE_BACKOFF_CAP_SECONDS: dict[str, float] = {"AGGRESSIVE": 180.0, "NORMAL": 30
 
 
 MIN_VALIDITY = timedelta(seconds=1)
-MAX_VALIDITY = timedelta(days=3650)
+MAX_VALIDITY = timedelta(days=36500)  # a century: beyond any real need, far inside dates
 
 
 def _validity(value: timedelta) -> timedelta:
     """A usable uplinkTimeValidity: within bounds, and whole milliseconds, the resolution it is
     written back with (finer would change the value across a store and a restart)."""
     if not MIN_VALIDITY <= value <= MAX_VALIDITY:
-        raise ValueError("must be between 1s and 3650d")
+        raise ValueError("must be between 1s and 36500d")
     if value % timedelta(milliseconds=1):
         raise ValueError("must be a whole number of milliseconds")
     return value
