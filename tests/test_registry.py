@@ -36,7 +36,7 @@ from iotflow.registry import (
     sqlite_path,
 )
 from iotflow.registry.postgres import LISTENER_NAME
-from iotflow.registry.store import load_migrations
+from iotflow.registry.db import load_migrations
 from support.ports import free_port
 from support.postgres import Postgres
 
