@@ -22,6 +22,7 @@ import asyncpg
 import orjson
 import pytest
 import pytest_asyncio
+from structlog.testing import capture_logs
 
 from iotflow.config.load import Provisioned
 from iotflow.connectors.connection import Connection, parse_connection
@@ -550,6 +551,27 @@ async def test_the_feed_fires_after_its_listener_reconnects(pg_backend: Backend)
         await other.create_connection(connection("c1"))
         await next_change(feed)
         assert [c.id for c in await store.list_connections()] == ["c1"]
+
+
+async def test_the_listener_reconnects_on_the_backoff_policy() -> None:
+    """Waits grow from half a second to `retry_max`, each jittered within [ceiling/2, ceiling]
+    (iotflow.backoff, "equal"), so that a fleet that lost its database does not come back
+    in one instant."""
+    store = PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/none", retry_max=0.6)
+    try:
+        with capture_logs() as logs, store.changes() as feed:
+            async with asyncio.timeout(WAIT):
+                while len(logs) < 3:  # noqa: ASYNC110 - watching the listener's own loop
+                    await asyncio.sleep(0.05)
+            assert not feed.pending  # nothing observed, nothing announced
+    finally:
+        await store.close()
+    waits = [entry["retry_in"] for entry in logs[:3]]
+    assert {entry["event"] for entry in logs} == {"Registry change feed cannot connect"}
+    assert 0.25 <= waits[0] <= 0.5
+    assert 0.3 <= waits[1] <= 0.6
+    assert 0.3 <= waits[2] <= 0.6
+    assert waits != [0.5, 0.6, 0.6], "jittered, not the bare ceilings"
 
 
 # -- opening
