@@ -38,7 +38,7 @@ from iotflow.registry import (
     open_store,
     sqlite_path,
 )
-from iotflow.registry.db import load_migrations
+from iotflow.registry.db import load_migrations, render
 from iotflow.registry.postgres import LISTENER_NAME
 from support.ports import free_port
 from support.postgres import Postgres
@@ -190,6 +190,23 @@ async def test_a_newer_schema_is_refused(store: Store, backend: Backend) -> None
     )
     with pytest.raises(RegistryError, match="newer"):
         await store.migrate()
+
+
+def test_a_migration_is_written_once_with_dialect_fragments() -> None:
+    sql = (
+        "CREATE TABLE t (id {key} PRIMARY KEY, doc {json}, ok {bool}{sqlite: CHECK (ok)})"
+        "{sqlite: WITHOUT ROWID};"
+    )
+    assert render(sql, "sqlite") == (
+        "CREATE TABLE t (id TEXT PRIMARY KEY, doc TEXT, ok INTEGER CHECK (ok)) WITHOUT ROWID;"
+    )
+    assert render(sql, "postgresql") == (
+        'CREATE TABLE t (id text COLLATE "C" PRIMARY KEY, doc jsonb, ok boolean);'
+    )
+    with pytest.raises(RegistryError, match="unknown type"):
+        render("CREATE TABLE t (x {blob})", "sqlite")
+    assert [m.version for m in load_migrations("sqlite")] == [1, 2, 3]
+    assert all("{" not in m.sql for d in ("sqlite", "postgresql") for m in load_migrations(d))
 
 
 # -- connections
