@@ -19,8 +19,10 @@ from typing import Any
 
 import aiosqlite
 import asyncpg
+import orjson
 import pytest
 import pytest_asyncio
+from structlog.testing import capture_logs
 
 from iotflow.config.load import Provisioned
 from iotflow.connectors.connection import Connection, parse_connection
@@ -28,6 +30,7 @@ from iotflow.errors import ConfigError, ConflictError, NotFoundError, RegistryEr
 from iotflow.registry import (
     AlarmState,
     ChangeFeed,
+    DeviceBinding,
     PostgresStore,
     Reconciled,
     SqliteStore,
@@ -35,8 +38,8 @@ from iotflow.registry import (
     open_store,
     sqlite_path,
 )
+from iotflow.registry.db import load_migrations, render
 from iotflow.registry.postgres import LISTENER_NAME
-from iotflow.registry.store import load_migrations
 from support.ports import free_port
 from support.postgres import Postgres
 
@@ -187,6 +190,23 @@ async def test_a_newer_schema_is_refused(store: Store, backend: Backend) -> None
     )
     with pytest.raises(RegistryError, match="newer"):
         await store.migrate()
+
+
+def test_a_migration_is_written_once_with_dialect_fragments() -> None:
+    sql = (
+        "CREATE TABLE t (id {key} PRIMARY KEY, doc {json}, ok {bool}{sqlite: CHECK (ok)})"
+        "{sqlite: WITHOUT ROWID};"
+    )
+    assert render(sql, "sqlite") == (
+        "CREATE TABLE t (id TEXT PRIMARY KEY, doc TEXT, ok INTEGER CHECK (ok)) WITHOUT ROWID;"
+    )
+    assert render(sql, "postgresql") == (
+        'CREATE TABLE t (id text COLLATE "C" PRIMARY KEY, doc jsonb, ok boolean);'
+    )
+    with pytest.raises(RegistryError, match="unknown type"):
+        render("CREATE TABLE t (x {blob})", "sqlite")
+    assert [m.version for m in load_migrations("sqlite")] == [1, 2, 3]
+    assert all("{" not in m.sql for d in ("sqlite", "postgresql") for m in load_migrations(d))
 
 
 # -- connections
@@ -550,6 +570,27 @@ async def test_the_feed_fires_after_its_listener_reconnects(pg_backend: Backend)
         assert [c.id for c in await store.list_connections()] == ["c1"]
 
 
+async def test_the_listener_reconnects_on_the_backoff_policy() -> None:
+    """Waits grow from half a second to `retry_max`, each jittered within [ceiling/2, ceiling]
+    (iotflow.backoff, "equal"), so that a fleet that lost its database does not come back
+    in one instant."""
+    store = PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/none", retry_max=0.6)
+    try:
+        with capture_logs() as logs, store.changes() as feed:
+            async with asyncio.timeout(WAIT):
+                while len(logs) < 3:  # noqa: ASYNC110 - watching the listener's own loop
+                    await asyncio.sleep(0.05)
+            assert not feed.pending  # nothing observed, nothing announced
+    finally:
+        await store.close()
+    waits = [entry["retry_in"] for entry in logs[:3]]
+    assert {entry["event"] for entry in logs} == {"Registry change feed cannot connect"}
+    assert 0.25 <= waits[0] <= 0.5
+    assert 0.3 <= waits[1] <= 0.6
+    assert 0.3 <= waits[2] <= 0.6
+    assert waits != [0.5, 0.6, 0.6], "jittered, not the bare ceilings"
+
+
 # -- opening
 
 
@@ -699,3 +740,281 @@ async def test_the_events_setting_bounds_the_event_log(backend: Backend, tmp_pat
         await store.add_event("c1", "alarm", {"n": n})
     events, total = await store.list_events("c1")
     assert (total, [e.data["n"] for e in events]) == (2, [3, 2])
+
+
+# -- upgrading: a registry made by the two stores of before (one SQL file per dialect) -----
+
+PREVIOUS = Path(__file__).parent / "fixtures" / "registry-v3"
+T0 = datetime(2026, 11, 30, 8, 15, 0, 123456, tzinfo=UTC)
+SINCE = datetime(2026, 11, 30, 8, 0, tzinfo=UTC)  # stored without microseconds, as it was
+
+
+def previous_migrations(dialect: str) -> list[tuple[int, str, str]]:
+    files = sorted(PREVIOUS.glob(f"*.{dialect}.sql"))
+    assert [f.name[:4] for f in files] == ["0001", "0002", "0003"]
+    return [(int(f.name[:4]), f.name[5:].split(".")[0], f.read_text("utf-8")) for f in files]
+
+
+def previous_documents() -> dict[str, dict[str, Any]]:
+    return {
+        "c-api": connection("c-api", "from the API", secret=True).document(reveal=True),
+        "p1": provisioned("p1", D1, D2).connection.document(reveal=True),
+    }
+
+
+async def create_previous_sqlite(path: str, *, data: bool) -> None:
+    """What the SQLite store of before made: its migrations, and rows as it wrote them."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    script = [
+        "PRAGMA journal_mode = WAL;",
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL);",
+    ]
+    for version, name, sql in previous_migrations("sqlite"):
+        script.append(sql)
+        script.append(
+            "INSERT INTO schema_migrations (version, name, applied_at)"
+            f" VALUES ({version}, '{name}', '{T0.isoformat(timespec='microseconds')}');"
+        )
+    async with aiosqlite.connect(path, isolation_level=None) as db:
+        await db.executescript("\n".join(script))
+        if not data:
+            return
+        await db.execute("PRAGMA foreign_keys = ON")
+        time = T0.isoformat(timespec="microseconds")
+        for cid, document in previous_documents().items():
+            await db.execute(
+                "INSERT INTO connections VALUES (?, ?, ?, ?, ?)",
+                (
+                    cid,
+                    orjson.dumps(document, option=orjson.OPT_SORT_KEYS).decode(),
+                    int(cid == "p1"),
+                    time,
+                    time,
+                ),
+            )
+        await db.executemany(
+            "INSERT INTO device_bindings VALUES (?, ?)",
+            [(D1, "c-api"), (D1, "p1"), (D2, "p1")],
+        )
+        for n in range(4):
+            await db.execute(
+                "INSERT INTO events (connection_id, time, kind, data) VALUES (?, ?, ?, ?)",
+                (
+                    "c-api",
+                    (T0 + timedelta(seconds=n)).isoformat(timespec="microseconds"),
+                    "alarm",
+                    orjson.dumps({"n": n}).decode(),
+                ),
+            )
+        await db.execute("DELETE FROM events WHERE id = 4")  # pruned: its id is not reused
+        await db.executemany(
+            "INSERT INTO uplink_counts VALUES (?, ?, ?)", [("c-api", 100, 3), ("c-api", 101, 2)]
+        )
+        await db.execute(
+            "INSERT INTO alarm_states VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                "c-api",
+                0,
+                "fp1",
+                1,
+                SINCE.isoformat(),
+                3.0,
+                SINCE.isoformat(),
+                (SINCE + timedelta(hours=9)).isoformat(),
+            ),
+        )
+        await db.execute(
+            "INSERT INTO alarm_states VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+            ("p1", 0, "fp2", 0, SINCE.isoformat(), 12.0),
+        )
+        await db.execute(
+            "INSERT INTO device_sources VALUES (?, ?, ?, ?)",
+            (D1, "chirpstack", '{"applicationId":"app-1","devEui":"0018b20000000b01"}', time),
+        )
+
+
+async def create_previous_postgres(url: str, *, data: bool, schema: str = "public") -> None:
+    """What the PostgreSQL store of before made: its migrations, and rows as it wrote them."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(f'SET search_path = "{schema}"')
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, name, sql in previous_migrations("postgresql"):
+            await conn.execute(sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+            )
+        if not data:
+            return
+        for cid, document in previous_documents().items():
+            await conn.execute(
+                "INSERT INTO connections VALUES ($1, $2::text::jsonb, $3, $4, $4)",
+                cid,
+                orjson.dumps(document).decode(),
+                cid == "p1",
+                T0,
+            )
+        await conn.executemany(
+            "INSERT INTO device_bindings VALUES ($1, $2)",
+            [(D1, "c-api"), (D1, "p1"), (D2, "p1")],
+        )
+        for n in range(4):
+            await conn.execute(
+                "INSERT INTO events (connection_id, time, kind, data)"
+                " VALUES ($1, $2, $3, $4::text::jsonb)",
+                "c-api",
+                T0 + timedelta(seconds=n),
+                "alarm",
+                orjson.dumps({"n": n}).decode(),
+            )
+        await conn.execute("DELETE FROM events WHERE id = 4")  # pruned: its id is not reused
+        await conn.executemany(
+            "INSERT INTO uplink_counts VALUES ($1, $2, $3)", [("c-api", 100, 3), ("c-api", 101, 2)]
+        )
+        await conn.execute(
+            "INSERT INTO alarm_states VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "c-api",
+            0,
+            "fp1",
+            True,
+            SINCE,
+            3.0,
+            SINCE,
+            SINCE + timedelta(hours=9),
+        )
+        await conn.execute(
+            "INSERT INTO alarm_states VALUES ($1, $2, $3, $4, $5, $6, NULL, NULL)",
+            "p1",
+            0,
+            "fp2",
+            False,
+            SINCE,
+            12.0,
+        )
+        await conn.execute(
+            "INSERT INTO device_sources VALUES ($1, $2, $3::text::jsonb, $4)",
+            D1,
+            "chirpstack",
+            '{"applicationId":"app-1","devEui":"0018b20000000b01"}',
+            T0,
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_registry_of_the_previous_stores_opens_without_loss(backend: Backend) -> None:
+    if backend.kind == "sqlite":
+        await create_previous_sqlite(sqlite_path(backend.url), data=True)
+    else:
+        await create_previous_postgres(backend.url, data=True)
+    applied_before = await backend.raw("SELECT version, applied_at FROM schema_migrations")
+    store = backend.open()
+    assert await store.migrate() == 3
+    assert await backend.raw("SELECT version, applied_at FROM schema_migrations") == (
+        applied_before
+    ), "nothing migrated again"
+    # Everything reads back as it was written.
+    documents = previous_documents()
+    listed = await store.list_connections()
+    assert [(c.id, c.provisioned, c.fault) for c in listed] == [
+        ("c-api", False, None),
+        ("p1", True, None),
+    ]
+    assert [c.document(reveal=True) for c in listed] == [documents["c-api"], documents["p1"]]
+    assert await store.bindings() == {D1: ["c-api", "p1"], D2: ["p1"]}
+    assert await store.list_devices(connection_id="p1") == (
+        [DeviceBinding(D1, ("c-api", "p1")), DeviceBinding(D2, ("p1",))],
+        2,
+    )
+    events, total = await store.list_events("c-api")
+    assert total == 3
+    assert [(e.id, e.time, e.kind, e.data) for e in events] == [
+        (n + 1, T0 + timedelta(seconds=n), "alarm", {"n": n}) for n in (2, 1, 0)
+    ]
+    assert await store.uplink_count("c-api", 0, 1000) == 5
+    assert await store.alarm_states() == [
+        AlarmState("c-api", 0, "fp1", True, SINCE, 3.0, SINCE, SINCE + timedelta(hours=9)),
+        AlarmState("p1", 0, "fp2", False, SINCE, 12.0),
+    ]
+    assert await store.device_source(D1) == (
+        "chirpstack",
+        {"applicationId": "app-1", "devEui": "0018b20000000b01"},
+    )
+    # And it goes on from there.
+    assert (await store.add_event("c-api", "alarm", {"n": 4})).id == 5
+    raised = AlarmState("c-api", 0, "fp1", True, T0, 1.0)
+    assert await store.set_alarm_state(raised, expect_active=False) is False  # raised already
+    cleared = AlarmState("c-api", 0, "fp1", False, T0, 1.0)
+    assert await store.set_alarm_state(cleared, expect_active=True) is True
+    await store.add_uplink_counts({("c-api", 101): 1})
+    assert await store.uplink_count("c-api", 101, 101) == 3
+    # The file's connection is unchanged: reconciling with it rewrites nothing.
+    assert not await store.reconcile_provisioned([provisioned("p1", D1, D2)])
+    [(created,)] = await backend.raw("SELECT created_at FROM connections WHERE id = 'c-api'")
+    await store.replace_connection(connection("c-api", "renamed"))
+    assert await backend.raw("SELECT created_at FROM connections WHERE id = 'c-api'") == [
+        (created,)
+    ]
+    assert (await store.get_connection("c-api")).name == "renamed"
+
+
+def _normalised(sql: str) -> str:
+    without_comments = "\n".join(line.split("--")[0] for line in sql.splitlines())
+    return " ".join(without_comments.split())
+
+
+async def sqlite_schema(path: str) -> list[tuple[Any, ...]]:
+    async with aiosqlite.connect(path) as db:
+        rows = await db.execute_fetchall(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master"
+            " WHERE name NOT LIKE 'sqlite_%' ORDER BY name"
+        )
+    return [(kind, name, table, _normalised(sql or "")) for kind, name, table, sql in rows]
+
+
+async def postgres_schema(url: str, schema: str) -> list[tuple[Any, ...]]:
+    conn = await asyncpg.connect(url, server_settings={"search_path": schema})
+    try:
+        columns = await conn.fetch(
+            "SELECT table_name, column_name, ordinal_position, data_type, collation_name,"
+            " is_nullable, column_default, is_identity, identity_generation"
+            " FROM information_schema.columns WHERE table_schema = $1 ORDER BY 1, 3",
+            schema,
+        )
+        constraints = await conn.fetch(
+            "SELECT cl.relname, con.conname, con.contype, pg_get_constraintdef(con.oid)"
+            " FROM pg_constraint con JOIN pg_class cl ON cl.oid = con.conrelid"
+            " JOIN pg_namespace n ON n.oid = con.connamespace WHERE n.nspname = $1"
+            " ORDER BY 1, 2",
+            schema,
+        )
+        indexes = await conn.fetch(
+            "SELECT tablename, indexname, replace(indexdef, $1, '') FROM pg_indexes"
+            " WHERE schemaname = $2 ORDER BY 1, 2",
+            f"{schema}.",
+            schema,
+        )
+    finally:
+        await conn.close()
+    return [tuple(row) for row in (*columns, *constraints, *indexes)]
+
+
+async def test_the_migrations_make_the_schema_of_the_previous_files(backend: Backend) -> None:
+    store = backend.open()
+    await store.migrate()
+    if backend.kind == "sqlite":
+        path = sqlite_path(backend.url)
+        await create_previous_sqlite(path + ".previous", data=False)
+        previous, now = await sqlite_schema(path + ".previous"), await sqlite_schema(path)
+    else:
+        await create_previous_postgres(backend.url, data=False, schema="previous")
+        previous = await postgres_schema(backend.url, "previous")
+        now = await postgres_schema(backend.url, "public")
+    assert len(now) >= 9  # 7 tables with their indexes, at least
+    assert now == previous

@@ -1,4 +1,8 @@
-"""The registry: connections, device bindings and event logs, in SQLite or PostgreSQL."""
+"""The registry: connections, device bindings and event logs, in SQLite or PostgreSQL.
+
+One store (`sql.SqlStore`) over a database of either dialect (`db.Database`);
+`SqliteStore` and `PostgresStore` are that store on each.
+"""
 
 from __future__ import annotations
 

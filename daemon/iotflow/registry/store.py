@@ -1,24 +1,21 @@
-"""The registry's contract: one Store protocol, two implementations (SQLite, PostgreSQL).
+"""The registry's contract: the Store protocol, kept in SQLite or PostgreSQL by one store
+(iotflow.registry.sql) over a database of either dialect (iotflow.registry.db).
 
-What both implementations share lives here too: the records they return, the numbered
-migrations they apply, how a stored document becomes a Connection again, and the change
-feed that tells the routing index to rebuild.
+The records it returns live here too, with how a stored document becomes a Connection
+again, the reconcile plan, and the change feed that tells the routing index to rebuild.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from importlib import resources
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from iotflow.connectors.connection import Connection, parse_connection, quarantined
-from iotflow.errors import ConfigError, RegistryError
+from iotflow.errors import ConfigError
 from iotflow.telemetry.logging import get_logger
 
 if TYPE_CHECKING:
@@ -31,12 +28,10 @@ __all__ = [
     "ChangeHub",
     "DeviceBinding",
     "Event",
-    "Migration",
     "Reconciled",
     "Store",
     "load_connection",
     "load_connections",
-    "load_migrations",
 ]
 
 DEFAULT_MAX_EVENTS = 1000
@@ -328,52 +323,6 @@ def load_connection(
         reason = f"stored connection is not valid: {exc}"
         return quarantined(connection_id, document, reason, provisioned=provisioned)
     return connection.model_copy(update={"provisioned": provisioned})
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-    def statements(self) -> list[str]:
-        """The SQL split into statements (SQLite runs one at a time inside a transaction)."""
-        result: list[str] = []
-        current = ""
-        for line in self.sql.splitlines(keepends=True):
-            current += line
-            # complete_statement knows about quotes and triggers; a split on ";" would not.
-            if sqlite3.complete_statement(current):
-                result.append(current.strip())
-                current = ""
-        if current.strip() and not _only_comments(current):
-            raise RegistryError(f"migration {self.version} ends with an incomplete statement")
-        return result
-
-
-_MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(sqlite|postgresql)\.sql$")
-
-
-def _only_comments(sql: str) -> bool:
-    return all(not line.strip() or line.strip().startswith("--") for line in sql.splitlines())
-
-
-def load_migrations(dialect: str) -> list[Migration]:
-    """The numbered migrations of a dialect (`sqlite`, `postgresql`), in order.
-
-    They are `migrations/NNNN_name.<dialect>.sql`, package data of iotflow.
-    """
-    folder = resources.files("iotflow.registry").joinpath("migrations")
-    found: list[Migration] = []
-    for entry in folder.iterdir():
-        match = _MIGRATION_FILE.match(entry.name)
-        if match and match.group(3) == dialect:
-            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8")))
-    found.sort(key=lambda m: m.version)
-    versions = [m.version for m in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise RegistryError(f"{dialect} migrations are not numbered 1..n: {versions}")
-    return found
 
 
 @dataclass(slots=True)
