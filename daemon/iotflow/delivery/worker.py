@@ -278,23 +278,38 @@ class ConnectionWorker:
         if self._clock() >= deadline:
             self._finish(delivery, Outcome.EXPIRED, "older than uplinkTimeValidity on arrival")
             return
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(RetryableSinkError),
-            wait=lambda state: self._wait(state, deadline),
-            stop=lambda state: self._clock() >= deadline,
-            before_sleep=self._before_sleep,
-            sleep=self._sleep,
-            reraise=True,
-        )
         last: SinkError | None = None
         try:
-            async for attempt in retrying:
-                with attempt:
-                    try:
-                        await self._attempt(delivery, deadline)
-                    except SinkError as exc:
-                        last = exc
-                        raise
+            try:
+                # Most deliveries go out at the first attempt: the retry machinery is built
+                # only for those that need it (issue #16).
+                await self._attempt(delivery, deadline)
+            except RetryableSinkError as exc:
+                last = exc
+                if self._clock() >= deadline:
+                    raise
+                # The first retry's wait, as tenacity would have computed it after attempt 1.
+                wait = self._wait(exc, 1, deadline)
+                self._before_sleep()
+                await self._sleep(wait)
+                retrying = AsyncRetrying(
+                    retry=retry_if_exception_type(RetryableSinkError),
+                    # Its attempt 1 is the delivery's attempt 2.
+                    wait=lambda state: self._wait(
+                        _error(state), state.attempt_number + 1, deadline
+                    ),
+                    stop=lambda state: self._clock() >= deadline,
+                    before_sleep=lambda state: self._before_sleep(),
+                    sleep=self._sleep,
+                    reraise=True,
+                )
+                async for attempt in retrying:
+                    with attempt:
+                        try:
+                            await self._attempt(delivery, deadline)
+                        except SinkError as error:
+                            last = error
+                            raise
         except Expired:
             reason = str(last) if last else "validity ran out while the connection was closed"
             self._finish(delivery, Outcome.EXPIRED, reason, last)
@@ -342,22 +357,22 @@ class ConnectionWorker:
             self._auth_failed = False
             self._set_state(ConnectionState.OPENED)
 
-    def _wait(self, state: RetryCallState, deadline: float) -> float:
-        """Exponential backoff with full jitter, at least the cloud's Retry-After, and never
-        past the deadline (the last attempt happens as the validity runs out)."""
+    def _wait(self, error: BaseException | None, attempt: int, deadline: float) -> float:
+        """The wait after failed attempt number `attempt`: exponential backoff with full
+        jitter, at least the cloud's Retry-After, and never past the deadline (the last
+        attempt happens as the validity runs out)."""
         settings = self.settings
-        error = state.outcome.exception() if state.outcome else None
         cap = settings.retry_max.total_seconds()
         if isinstance(error, AuthenticationSinkError):
             top = cap  # credentials rarely fix themselves
         else:
-            top = backoff.ceiling(settings.retry_initial.total_seconds(), cap, state.attempt_number)
+            top = backoff.ceiling(settings.retry_initial.total_seconds(), cap, attempt)
         wait = backoff.jittered(top, "full")
         if isinstance(error, RetryableSinkError) and error.retry_after is not None:
             wait = max(wait, error.retry_after)
         return max(0.0, min(wait, deadline - self._clock()))
 
-    def _before_sleep(self, state: RetryCallState) -> None:
+    def _before_sleep(self) -> None:
         self.stats.retried += 1
         self._metrics.retries.labels(self.id).inc()
 
@@ -469,6 +484,10 @@ class ConnectionWorker:
         if previous != state:
             log.info("Connection state changed", connection=self.id, state=state, previous=previous)
             self._record(self.id, "state_changed", {"state": state, "previous": previous})
+
+
+def _error(state: RetryCallState) -> BaseException | None:
+    return state.outcome.exception() if state.outcome else None
 
 
 def _where(exc: BaseException | None) -> str:
