@@ -1,4 +1,5 @@
-"""A clock a test moves by hand: the delivery worker's `clock=` and `sleep=`."""
+"""Time a test controls: `ManualClock` for the delivery worker's `clock=` and `sleep=`, and
+`SteppedSleep` for a retry or ping loop's `sleep=` that the test steps one wait at a time."""
 
 from __future__ import annotations
 
