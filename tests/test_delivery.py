@@ -261,6 +261,22 @@ async def test_retry_after_is_honoured(spool: Spool) -> None:
     await worker.stop(time.monotonic())
 
 
+async def test_a_retry_after_past_the_validity_is_cut_at_the_deadline(spool: Spool) -> None:
+    def busy(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        return RetryableSinkError("HTTP 429", status=429, retry_after=30)
+
+    sink, outcomes, clock = ScriptedSink(busy), Outcomes(), ManualClock(START)
+    worker = make_worker(spool, sink, outcomes, validity="1s", clock=clock)
+    await worker.start()
+    await feed(spool, worker, ["A"], clock=clock)
+    await outcomes.completed_count(1)
+    # One wait, to the deadline and not the 30 s asked, and a last attempt there.
+    assert clock.sleeps == [pytest.approx(1.0)]
+    assert [at for at, _ in sink.calls] == [START, pytest.approx(START + 1.0)]
+    assert worker.stats.expired == 1
+    await worker.stop(time.monotonic())
+
+
 async def test_expires_at_validity(spool: Spool) -> None:
     def down(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
         return RetryableSinkError("HTTP 503", status=503, body="maintenance")
