@@ -283,9 +283,11 @@ async def test_expires_at_validity(spool: Spool) -> None:
 
     sink, outcomes, clock = ScriptedSink(down), Outcomes(), ManualClock(START)
     worker = make_worker(spool, sink, outcomes, validity="1s", clock=clock)
-    await worker.start()
     started = clock.now
+    # Both in the spool before the start: the controlled clock runs as fast as A's retries
+    # go, and B offered later could already be past its validity on arrival.
     await feed(spool, worker, ["A", "B"], clock=clock)
+    await worker.start()
     await outcomes.completed_count(2)
     assert clock.now - started >= 1.0  # not before the validity ran out
     # ... nor after: the last wait ends at the deadline, and that last attempt is made.
