@@ -327,7 +327,7 @@ async def test_permanent_failure_is_not_retried(spool: Spool) -> None:
     assert worker.stats.failed == 1
     (event,) = outcomes.kinds("delivery_failed")
     assert event["status"] == 400
-    assert worker.state == "OPENED"
+    assert worker.state == ConnectionState.OPENED
     await worker.stop(time.monotonic())
 
 
@@ -343,17 +343,17 @@ async def test_circuit_closes_the_connection_and_probes(spool: Spool) -> None:
     )
     await worker.start()
     await feed(spool, worker, [f"{d:016X}" for d in range(20)])
-    await outcomes.until(lambda: worker.state == "CLOSED")
+    await outcomes.until(lambda: worker.state == ConnectionState.CLOSED)
     calls_when_closed = len(sink.calls)
     # While CLOSED only one probe at a time goes out, not the 8 workers' worth.
     await sink.until(lambda: len(sink.calls) >= calls_when_closed + 2)
     assert sink.max_in_flight <= 8
     healthy.set()
     await outcomes.completed_count(20)
-    assert worker.state == "OPENED"
+    assert worker.state == ConnectionState.OPENED
     assert worker.stats.delivered == 20
     states = [e["state"] for e in outcomes.kinds("state_changed")]
-    assert states[-2:] == ["CLOSED", "OPENED"]
+    assert states[-2:] == [ConnectionState.CLOSED, ConnectionState.OPENED]
     await worker.stop(time.monotonic())
 
 
@@ -451,7 +451,7 @@ async def test_any_exception_fails_one_delivery_and_the_worker_goes_on(spool: Sp
         "iotflow_deliveries_total", {"connection": "c1", "outcome": Outcome.FAILED}
     )
     assert failed == 1
-    assert worker.state == "OPENED"
+    assert worker.state == ConnectionState.OPENED
     await worker.stop(time.monotonic())
 
 
@@ -492,10 +492,11 @@ async def test_a_probe_that_raises_frees_the_circuit_for_the_next(spool: Spool) 
     await worker.start()
     await feed(spool, worker, ["A"])
     await outcomes.completed_count(1)
-    assert worker.state == "CLOSED"
+    assert worker.state == ConnectionState.CLOSED
     assert worker.stats.failed == 1
     await feed(spool, worker, ["A"])
     await outcomes.completed_count(2)
     assert worker.stats.delivered == 1
+    # The wire value: mypy would keep the narrowing to CLOSED from above across the awaits.
     assert worker.state == "OPENED"
     await worker.stop(time.monotonic())
