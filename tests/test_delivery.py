@@ -168,6 +168,11 @@ def make_worker(
     )
 
 
+def state(worker: ConnectionWorker) -> ConnectionState:
+    """The worker's state now: a call, so that mypy keeps no narrowing across awaits."""
+    return worker.state
+
+
 async def feed(
     spool: Spool,
     worker: ConnectionWorker,
@@ -497,6 +502,5 @@ async def test_a_probe_that_raises_frees_the_circuit_for_the_next(spool: Spool) 
     await feed(spool, worker, ["A"])
     await outcomes.completed_count(2)
     assert worker.stats.delivered == 1
-    # The wire value: mypy would keep the narrowing to CLOSED from above across the awaits.
-    assert worker.state == "OPENED"
+    assert state(worker) == ConnectionState.OPENED
     await worker.stop(time.monotonic())
