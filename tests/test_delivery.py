@@ -282,6 +282,28 @@ async def test_a_retry_after_past_the_validity_is_cut_at_the_deadline(spool: Spo
     await worker.stop(time.monotonic())
 
 
+async def test_a_first_attempt_that_fails_past_the_validity_is_not_retried(
+    spool: Spool,
+) -> None:
+    clock = ManualClock(START)
+
+    def slow(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        clock.now += 2  # the cloud took longer than the uplink's validity to answer
+        return RetryableSinkError("HTTP 504", status=504)
+
+    sink, outcomes = ScriptedSink(slow), Outcomes()
+    worker = make_worker(spool, sink, outcomes, validity="1s", clock=clock)
+    await worker.start()
+    await feed(spool, worker, ["A"], clock=clock)
+    await outcomes.completed_count(1)
+    assert len(sink.calls) == 1
+    assert clock.sleeps == []
+    assert (worker.stats.expired, worker.stats.retried) == (1, 0)
+    (event,) = outcomes.kinds("delivery_expired")
+    assert (event["status"], event["attempts"], event["reason"]) == (504, 1, "HTTP 504")
+    await worker.stop(time.monotonic())
+
+
 async def test_expires_at_validity(spool: Spool) -> None:
     def down(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
         return RetryableSinkError("HTTP 503", status=503, body="maintenance")
