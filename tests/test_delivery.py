@@ -23,7 +23,9 @@ from iotflow.errors import (
     SinkError,
 )
 from iotflow.spool import Delivery, Spool
+from iotflow.states import ConnectionState, Outcome
 from iotflow.telemetry.metrics import Metrics
+from support.clock import ManualClock
 
 Script = Callable[["ScriptedSink", Delivery], SinkError | None]
 
@@ -39,6 +41,7 @@ class ScriptedSink:
     max_in_flight: int = 0
     jitter: float = 0.0
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    clock: Callable[[], float] = time.monotonic  # the worker's, when the test controls it
 
     async def start(self) -> None:
         pass
@@ -48,7 +51,7 @@ class ScriptedSink:
             await self.changed.wait_for(predicate)
 
     async def send(self, delivery: Delivery) -> None:
-        self.calls.append((time.monotonic(), delivery))
+        self.calls.append((self.clock(), delivery))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         async with self.changed:
@@ -108,6 +111,9 @@ async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
     await spool.close()
 
 
+START = 1_700_000_000.0  # the controlled clock's epoch: uplinks are stamped from it
+
+
 def settings(**overrides: Any) -> DeliverySettings:
     values: dict[str, Any] = {
         "retry_initial": timedelta(milliseconds=5),
@@ -126,6 +132,7 @@ def make_worker(
     *,
     validity: str = "1h",
     delivery: DeliverySettings | None = None,
+    clock: ManualClock | None = None,
 ) -> ConnectionWorker:
     connection = parse_connection(
         {
@@ -145,6 +152,11 @@ def make_worker(
         asyncio.get_running_loop().create_task(outcomes.notify(delivery_id))
 
     spool.complete = complete  # type: ignore[method-assign]
+    timing: dict[str, Any] = {}
+    if clock is not None:
+        # Retries then wait on the test's clock: no real time, and every wait is in sleeps.
+        timing = {"clock": clock.time, "sleep": clock.sleep}
+        sink.clock = clock.time
     return ConnectionWorker(
         connection,
         sink,
@@ -152,13 +164,24 @@ def make_worker(
         metrics=Metrics(),
         settings=delivery or settings(),
         record=outcomes.record,
+        **timing,
     )
 
 
+def state(worker: ConnectionWorker) -> ConnectionState:
+    """The worker's state now: a call, so that mypy keeps no narrowing across awaits."""
+    return worker.state
+
+
 async def feed(
-    spool: Spool, worker: ConnectionWorker, devices: list[str], *, age: float = 0.0
+    spool: Spool,
+    worker: ConnectionWorker,
+    devices: list[str],
+    *,
+    age: float = 0.0,
+    clock: ManualClock | None = None,
 ) -> list[Delivery]:
-    now = time.time()
+    now = time.time() if clock is None else clock.now
     out: list[Delivery] = []
     for n, dev in enumerate(devices):
         document = f'{{"n": {n}}}'.encode()
@@ -208,15 +231,20 @@ async def test_retries_until_the_cloud_recovers(spool: Spool) -> None:
             return RetryableSinkError("HTTP 503", status=503)
         return None
 
-    sink, outcomes = ScriptedSink(flaky), Outcomes()
-    worker = make_worker(spool, sink, outcomes)
+    sink, outcomes, clock = ScriptedSink(flaky), Outcomes(), ManualClock(START)
+    worker = make_worker(spool, sink, outcomes, clock=clock)
     await worker.start()
-    await feed(spool, worker, ["A"])
+    await feed(spool, worker, ["A"], clock=clock)
     await outcomes.completed_count(1)
     assert len(sink.calls) == 4
     assert worker.stats.delivered == 1
     assert worker.stats.retried == 3
     assert worker.stats.lastError == "HTTP 503"
+    # Full jitter under retry_initial * 2^(n-1): 5, 10 and 20 ms.
+    assert len(clock.sleeps) == 3
+    assert all(
+        0 <= wait <= top for wait, top in zip(clock.sleeps, [0.005, 0.01, 0.02], strict=True)
+    )
     await worker.stop(time.monotonic())
 
 
@@ -226,14 +254,53 @@ async def test_retry_after_is_honoured(spool: Spool) -> None:
             return RetryableSinkError("HTTP 429", status=429, retry_after=0.4)
         return None
 
-    sink, outcomes = ScriptedSink(once), Outcomes()
-    worker = make_worker(spool, sink, outcomes)
+    sink, outcomes, clock = ScriptedSink(once), Outcomes(), ManualClock(START)
+    worker = make_worker(spool, sink, outcomes, clock=clock)
     await worker.start()
-    await feed(spool, worker, ["A"])
+    await feed(spool, worker, ["A"], clock=clock)
     await outcomes.completed_count(1)
     (first, _), (second, _) = sink.calls
     # The backoff alone would retry within 5 ms; the cloud asked for 400 ms.
     assert second - first >= 0.4
+    assert clock.sleeps == [0.4]
+    await worker.stop(time.monotonic())
+
+
+async def test_a_retry_after_past_the_validity_is_cut_at_the_deadline(spool: Spool) -> None:
+    def busy(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        return RetryableSinkError("HTTP 429", status=429, retry_after=30)
+
+    sink, outcomes, clock = ScriptedSink(busy), Outcomes(), ManualClock(START)
+    worker = make_worker(spool, sink, outcomes, validity="1s", clock=clock)
+    await worker.start()
+    await feed(spool, worker, ["A"], clock=clock)
+    await outcomes.completed_count(1)
+    # One wait, to the deadline and not the 30 s asked, and a last attempt there.
+    assert clock.sleeps == [pytest.approx(1.0)]
+    assert [at for at, _ in sink.calls] == [START, pytest.approx(START + 1.0)]
+    assert worker.stats.expired == 1
+    await worker.stop(time.monotonic())
+
+
+async def test_a_first_attempt_that_fails_past_the_validity_is_not_retried(
+    spool: Spool,
+) -> None:
+    clock = ManualClock(START)
+
+    def slow(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        clock.now += 2  # the cloud took longer than the uplink's validity to answer
+        return RetryableSinkError("HTTP 504", status=504)
+
+    sink, outcomes = ScriptedSink(slow), Outcomes()
+    worker = make_worker(spool, sink, outcomes, validity="1s", clock=clock)
+    await worker.start()
+    await feed(spool, worker, ["A"], clock=clock)
+    await outcomes.completed_count(1)
+    assert len(sink.calls) == 1
+    assert clock.sleeps == []
+    assert (worker.stats.expired, worker.stats.retried) == (1, 0)
+    (event,) = outcomes.kinds("delivery_expired")
+    assert (event["status"], event["attempts"], event["reason"]) == (504, 1, "HTTP 504")
     await worker.stop(time.monotonic())
 
 
@@ -241,13 +308,19 @@ async def test_expires_at_validity(spool: Spool) -> None:
     def down(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
         return RetryableSinkError("HTTP 503", status=503, body="maintenance")
 
-    sink, outcomes = ScriptedSink(down), Outcomes()
-    worker = make_worker(spool, sink, outcomes, validity="1s")
+    sink, outcomes, clock = ScriptedSink(down), Outcomes(), ManualClock(START)
+    worker = make_worker(spool, sink, outcomes, validity="1s", clock=clock)
+    started = clock.now
+    # Both in the spool before the start: the controlled clock runs as fast as A's retries
+    # go, and B offered later could already be past its validity on arrival.
+    await feed(spool, worker, ["A", "B"], clock=clock)
     await worker.start()
-    started = time.time()
-    await feed(spool, worker, ["A", "B"])
     await outcomes.completed_count(2)
-    assert time.time() - started >= 0.9  # not before the validity ran out
+    assert clock.now - started >= 1.0  # not before the validity ran out
+    # ... nor after: the last wait ends at the deadline, and that last attempt is made.
+    assert clock.now == pytest.approx(started + 1.0, abs=1e-6)
+    assert sink.calls[-1][0] == pytest.approx(started + 1.0, abs=1e-6)
+    assert max(clock.sleeps) <= 0.05  # retry_max
     assert worker.stats.expired == 2
     assert worker.stats.delivered == 0
     (event, _) = outcomes.kinds("delivery_expired")
@@ -258,10 +331,10 @@ async def test_expires_at_validity(spool: Spool) -> None:
 
 
 async def test_already_expired_uplinks_are_not_sent(spool: Spool) -> None:
-    sink, outcomes = ScriptedSink(), Outcomes()
-    worker = make_worker(spool, sink, outcomes, validity="1m")
+    sink, outcomes, clock = ScriptedSink(), Outcomes(), ManualClock(START)
+    worker = make_worker(spool, sink, outcomes, validity="1m", clock=clock)
     await worker.start()
-    await feed(spool, worker, ["A"], age=120)
+    await feed(spool, worker, ["A"], age=120, clock=clock)
     await outcomes.completed_count(1)
     assert sink.calls == []
     assert worker.stats.expired == 1
@@ -281,7 +354,7 @@ async def test_permanent_failure_is_not_retried(spool: Spool) -> None:
     assert worker.stats.failed == 1
     (event,) = outcomes.kinds("delivery_failed")
     assert event["status"] == 400
-    assert worker.state == "OPENED"
+    assert worker.state == ConnectionState.OPENED
     await worker.stop(time.monotonic())
 
 
@@ -297,17 +370,17 @@ async def test_circuit_closes_the_connection_and_probes(spool: Spool) -> None:
     )
     await worker.start()
     await feed(spool, worker, [f"{d:016X}" for d in range(20)])
-    await outcomes.until(lambda: worker.state == "CLOSED")
+    await outcomes.until(lambda: worker.state == ConnectionState.CLOSED)
     calls_when_closed = len(sink.calls)
     # While CLOSED only one probe at a time goes out, not the 8 workers' worth.
     await sink.until(lambda: len(sink.calls) >= calls_when_closed + 2)
     assert sink.max_in_flight <= 8
     healthy.set()
     await outcomes.completed_count(20)
-    assert worker.state == "OPENED"
+    assert worker.state == ConnectionState.OPENED
     assert worker.stats.delivered == 20
     states = [e["state"] for e in outcomes.kinds("state_changed")]
-    assert states[-2:] == ["CLOSED", "OPENED"]
+    assert states[-2:] == [ConnectionState.CLOSED, ConnectionState.OPENED]
     await worker.stop(time.monotonic())
 
 
@@ -317,14 +390,17 @@ async def test_refused_credentials_set_authentication_failed(spool: Spool) -> No
     def auth(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
         return None if fixed.is_set() else AuthenticationSinkError("HTTP 401", status=401)
 
-    sink, outcomes = ScriptedSink(auth), Outcomes()
-    worker = make_worker(spool, sink, outcomes)
+    sink, outcomes, clock = ScriptedSink(auth), Outcomes(), ManualClock(START)
+    worker = make_worker(spool, sink, outcomes, clock=clock)
     await worker.start()
-    await feed(spool, worker, ["A"])
-    await outcomes.until(lambda: worker.state == "AUTHENTICATION_FAILED")
+    await feed(spool, worker, ["A"], clock=clock)
+    await outcomes.until(lambda: worker.state == ConnectionState.AUTHENTICATION_FAILED)
     fixed.set()
     await outcomes.completed_count(1)
-    assert worker.state == "OPENED"
+    assert worker.state == ConnectionState.OPENED
+    # Refused credentials retry slowly: under retry_max from the first retry on.
+    assert clock.sleeps
+    assert all(0 <= wait <= 0.05 for wait in clock.sleeps)
     await worker.stop(time.monotonic())
 
 
@@ -399,10 +475,10 @@ async def test_any_exception_fails_one_delivery_and_the_worker_goes_on(spool: Sp
     assert event["reason"] == reason
     assert event["attempts"] == 1
     failed = worker._metrics.registry.get_sample_value(
-        "iotflow_deliveries_total", {"connection": "c1", "outcome": "failed"}
+        "iotflow_deliveries_total", {"connection": "c1", "outcome": Outcome.FAILED}
     )
     assert failed == 1
-    assert worker.state == "OPENED"
+    assert worker.state == ConnectionState.OPENED
     await worker.stop(time.monotonic())
 
 
@@ -443,10 +519,10 @@ async def test_a_probe_that_raises_frees_the_circuit_for_the_next(spool: Spool) 
     await worker.start()
     await feed(spool, worker, ["A"])
     await outcomes.completed_count(1)
-    assert worker.state == "CLOSED"
+    assert worker.state == ConnectionState.CLOSED
     assert worker.stats.failed == 1
     await feed(spool, worker, ["A"])
     await outcomes.completed_count(2)
     assert worker.stats.delivered == 1
-    assert worker.state == "OPENED"
+    assert state(worker) == ConnectionState.OPENED
     await worker.stop(time.monotonic())

@@ -31,6 +31,7 @@ from iotflow.errors import RegistryError
 from iotflow.formats import decode
 from iotflow.registry import SqliteStore, Store
 from iotflow.telemetry.metrics import Metrics
+from support.clock import SteppedSleep
 
 DEV = "0018B20000000B20"
 
@@ -463,14 +464,22 @@ async def test_the_directory_writes_only_what_changed(store: CountingStore) -> N
 
 async def test_the_directory_keeps_writes_while_the_registry_fails(store: CountingStore) -> None:
     store.failing = True
-    directory = DeviceDirectory(store, retry_initial=0.01, retry_max=0.05)
+    sleep = SteppedSleep()
+    directory = DeviceDirectory(store, retry_initial=0.01, retry_max=0.05, sleep=sleep)
     directory.start()
     try:
         directory.remember(DEV, "actility", {})
-        await asyncio.sleep(0.1)
+        await sleep.until(1)  # the write failed: the directory waits before trying again
+        for attempt in range(2, 6):
+            await sleep.step()
+            await sleep.until(attempt)
         assert directory.pending == 1
         assert await directory.lookup(DEV) == ("actility", {})  # pending is the newest
+        # Doubling from retry_initial up to retry_max, as before the one backoff policy.
+        assert sleep.waits == [0.01, 0.02, 0.04, 0.05, 0.05]
+        assert store.writes == []
         store.failing = False
+        await sleep.step()
         await settled(directory)
         assert await store.device_source(DEV) == ("actility", {})
     finally:

@@ -26,6 +26,7 @@ from iotflow.delivery.manager import Deliveries, SinkFactory, make_sink_factory
 from iotflow.registry import SqliteStore
 from iotflow.sinks import Sink
 from iotflow.spool import Spool
+from iotflow.states import ConnectionState
 from iotflow.telemetry.metrics import Metrics
 from support.clouds import FakeCloud
 
@@ -123,11 +124,11 @@ async def test_a_sink_that_fails_takes_only_its_connection_out_of_service(
         bad, good = deliveries.worker("bad"), deliveries.worker("good")
         assert bad is not None
         assert good is not None
-        assert bad.state == "CLOSED"
+        assert bad.state == ConnectionState.CLOSED
         reason = "could not be set up" if how == "make" else "could not start"
         assert bad.stats.lastError is not None
         assert bad.stats.lastError.startswith(reason)
-        assert good.state in ("OPENING", "OPENED")
+        assert good.state in (ConnectionState.OPENING, ConnectionState.OPENED)
         assert good.out_of_service is None
         lines = [e for e in logs if e["event"] == "Connection out of service"]
         assert [(e["connection"], e["log_level"]) for e in lines] == [("bad", "error")]
@@ -190,7 +191,7 @@ async def test_an_alarm_that_cannot_be_scheduled_takes_only_its_connection_out_o
         await deliveries.complete(deliveries.register([broken, healthy], None, pending, faults))
         worker = deliveries.worker("alarmed")
         assert worker is not None
-        assert worker.state == "CLOSED"
+        assert worker.state == ConnectionState.CLOSED
         assert worker.stats.lastError == faults["alarmed"]
         other = deliveries.worker("watched")
         assert other is not None
@@ -214,7 +215,7 @@ async def test_a_quarantined_connection_gets_a_worker_out_of_service(
         await deliveries.apply([broken, http("good", cloud)])
         worker = deliveries.worker("old")
         assert worker is not None
-        assert (worker.state, worker.stats.lastError) == ("CLOSED", broken.fault)
+        assert (worker.state, worker.stats.lastError) == (ConnectionState.CLOSED, broken.fault)
         assert events.of("out_of_service") == [("old", {"reason": broken.fault, "state": "CLOSED"})]
         await deliver_one(spool, deliveries, "old", "good")
         await cloud.wait_for(1, path="/good")

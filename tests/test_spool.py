@@ -672,7 +672,7 @@ async def test_a_spool_with_room_for_a_probe_only_stays_quiet_and_backs_off(
                     await big(spool)
                 async with asyncio.timeout(5):
                     await spool.wait_writable()  # the probe committed: try again
-            assert spool._backoff == 0.08  # flapping backs off as failing does
+            assert spool._retry_wait == 0.08  # flapping backs off as failing does
             await spool._writer.execute("PRAGMA max_page_count = 1073741823")
             await big(spool)
         events = [e["event"] for e in logs if e["log_level"] != "debug"]

@@ -14,15 +14,17 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from iotflow.telemetry.systemd import READY_STATUS, Notifier
+from support.clock import SteppedSleep
 from support.daemon import DaemonProcess
 from support.mosquitto import Mosquitto
 
-MakeNotifier = Callable[[dict[str, str]], Notifier]
+MakeNotifier = Callable[..., Notifier]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +136,8 @@ def make_notifier() -> Iterator[MakeNotifier]:
     """Notifiers on a given environment, closed at the end (their socket is real)."""
     made: list[Notifier] = []
 
-    def make(environ: dict[str, str]) -> Notifier:
-        made.append(Notifier(environ))
+    def make(environ: dict[str, str], **options: Any) -> Notifier:
+        made.append(Notifier(environ, **options))
         return made[-1]
 
     yield make
@@ -241,16 +243,23 @@ def test_watchdog_interval_is_half_of_watchdog_usec(fake_systemd: FakeSystemd) -
 async def test_run_watchdog_pings_at_its_interval(
     fake_systemd: FakeSystemd, make_notifier: MakeNotifier
 ) -> None:
-    notifier = make_notifier({"NOTIFY_SOCKET": fake_systemd.env_value, "WATCHDOG_USEC": "200000"})
+    sleep = SteppedSleep()
+    notifier = make_notifier(
+        {"NOTIFY_SOCKET": fake_systemd.env_value, "WATCHDOG_USEC": "200000"}, sleep=sleep
+    )
     assert notifier.watchdog_interval() == pytest.approx(0.1)
     task = asyncio.create_task(notifier.run_watchdog())
-    await asyncio.sleep(1.05)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    pings = fake_systemd.drain()
-    assert all(p == {"WATCHDOG": "1"} for p in pings)
-    # 11 expected (one at once, then every 0.1 s); generous bounds for a loaded machine.
-    assert 5 <= len(pings) <= 13, len(pings)
+    try:
+        await sleep.until(1)
+        assert fake_systemd.drain() == [{"WATCHDOG": "1"}]  # one at once
+        for interval in range(2, 12):
+            await sleep.step()  # ... and one after each interval
+            await sleep.until(interval)
+            assert fake_systemd.drain() == [{"WATCHDOG": "1"}]
+        assert sleep.waits == [pytest.approx(0.1)] * 11
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_blocked_event_loop_stops_the_pings(
@@ -258,9 +267,14 @@ async def test_a_blocked_event_loop_stops_the_pings(
 ) -> None:
     notifier = make_notifier({"NOTIFY_SOCKET": fake_systemd.env_value, "WATCHDOG_USEC": "100000"})
     task = asyncio.create_task(notifier.run_watchdog())
-    await asyncio.sleep(0.2)
-    assert fake_systemd.drain(), "the watchdog should be pinging"
-    # The very hang the watchdog exists for: the loop stuck in a synchronous call.
+    # The first ping (real sleeps here: the pings must come from the real event loop).
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(10):
+        first = await loop.sock_recv(fake_systemd.sock, 4096)
+    assert parse(first) == {"WATCHDOG": "1"}, "the watchdog should be pinging"
+    fake_systemd.drain()
+    # The very hang the watchdog exists for: the loop stuck in a synchronous call (the
+    # fault injected, not a wait for something). Ten intervals pass without a ping.
     time.sleep(0.5)  # noqa: ASYNC251
     assert fake_systemd.drain() == []
     task.cancel()
@@ -348,7 +362,9 @@ async def test_the_daemon_speaks_sd_notify(
                 " wired to iotflow.telemetry.systemd.Notifier?"
             )
         raise
-    await asyncio.sleep(2)
+    # Not ready while it cannot consume: shown after two failed attempts to reach the
+    # broker, not after a fixed sleep.
+    await daemon.wait_log(lambda e: e.get("event") == "Broker unreachable", count=2)
     assert not any(n.has("READY") for n in systemd.received), systemd.describe()
     fresh_mosquitto.start()  # same port: the daemon's reconnect finds it
     ready = await systemd.wait_for(lambda n: n.has("READY"))

@@ -27,6 +27,7 @@ from iotflow.downlinks.signature import ReplayGuard, Unauthorized, verify
 from iotflow.errors import NotFoundError, Problem
 from iotflow.formats import normalize_dev_eui
 from iotflow.registry import Event
+from iotflow.states import ConnectionState
 from iotflow.telemetry.logging import get_logger
 
 if TYPE_CHECKING:
@@ -64,9 +65,9 @@ def connection_document(daemon: Daemon, connection: Connection) -> dict[str, Any
     document = connection.document()
     worker = daemon.deliveries.worker(connection.id) if daemon.deliveries else None
     if not connection.active:
-        state = "DEACTIVATED"
+        state = ConnectionState.DEACTIVATED
     else:
-        state = worker.state if worker is not None else "OPENING"
+        state = worker.state if worker is not None else ConnectionState.OPENING
     document["state"] = state
     startup = worker.startup_time if worker is not None else None
     document["startupTime"] = iso(startup) if startup is not None else None

@@ -7,6 +7,8 @@ import contextlib
 import random
 from collections.abc import Callable
 
+from iotflow.backoff import Backoff, jittered
+
 
 class Expired(Exception):
     """The delivery's validity ran out while it waited."""
@@ -27,15 +29,16 @@ class Circuit:
         cap: float,
         clock: Callable[[], float],
         on_change: Callable[[bool], None],
+        rng: random.Random | None = None,
     ) -> None:
         self.threshold = threshold
-        self._initial = initial
-        self._cap = cap
+        # Its `attempt` counts the failed probes since the circuit opened: each one doubles
+        # the ceiling that the next probe's time is drawn under (full jitter).
+        self._backoff = Backoff(initial, max(initial, cap), jitter="full", rng=rng)
         self._clock = clock
         self._on_change = on_change
         self._failures = 0
         self.healthy = True
-        self._backoff = initial
         self._next_probe = 0.0
         self._probing = False
         self._changed = asyncio.Condition()
@@ -63,7 +66,7 @@ class Circuit:
                 self._probing = False
             if not self.healthy:
                 self.healthy = True
-                self._backoff = self._initial
+                self._backoff.reset()
                 self._on_change(True)
             self._changed.notify_all()
 
@@ -72,13 +75,16 @@ class Circuit:
             self._failures += 1
             if probe:
                 self._probing = False
-                self._backoff = min(self._backoff * 2, self._cap)
+                self._backoff.attempt += 1
             if self.healthy and self._failures >= self.threshold:
                 self.healthy = False
-                self._backoff = self._initial
+                self._backoff.reset()
                 self._on_change(False)
             if not self.healthy:
-                self._next_probe = self._clock() + random.uniform(0, self._backoff)
+                # Any failure while open (a probe, or a send that was on the wire when it
+                # opened) puts the next probe off, under the ceiling reached so far.
+                wait = jittered(self._backoff.current, "full", self._backoff.rng)
+                self._next_probe = self._clock() + wait
             self._changed.notify_all()
 
     async def release(self, probe: bool) -> None:

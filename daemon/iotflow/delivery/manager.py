@@ -18,6 +18,7 @@ from iotflow.downlinks import DownlinkHandler
 from iotflow.errors import PermanentSinkError
 from iotflow.sinks import Sink, SinkContext, create_sink
 from iotflow.spool import Delivery, Spool, SpoolUnavailableError
+from iotflow.states import Outcome
 from iotflow.telemetry.logging import get_logger
 from iotflow.telemetry.metrics import Metrics
 
@@ -108,7 +109,7 @@ class Deliveries:
             else:
                 # Deleted between routing and commit: nobody will ever send it.
                 self._spool.complete(delivery.id)
-                self._metrics.deliveries.labels(delivery.connection_id, "dropped").inc()
+                self._metrics.deliveries.labels(delivery.connection_id, Outcome.DROPPED).inc()
 
     async def apply(
         self, connections: Sequence[Connection], settings: DeliverySettings | None = None
@@ -200,7 +201,7 @@ class Deliveries:
                 if connection_id in self.workers:
                     continue
                 dropped = await self._spool.drop_connection(connection_id)
-                self._metrics.deliveries.labels(connection_id, "dropped").inc(dropped)
+                self._metrics.deliveries.labels(connection_id, Outcome.DROPPED).inc(dropped)
                 log.warning(
                     "Dropped deliveries of a deleted connection",
                     connection=connection_id,

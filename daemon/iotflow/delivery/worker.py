@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 import traceback
 from collections import deque
@@ -14,6 +13,7 @@ from typing import Any, Protocol
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from iotflow import backoff
 from iotflow.config.model import DeliverySettings
 from iotflow.connectors.common import PROBE_BACKOFF_CAP_SECONDS
 from iotflow.connectors.connection import Connection
@@ -26,6 +26,7 @@ from iotflow.errors import (
 )
 from iotflow.sinks import Sink
 from iotflow.spool import Delivery, Spool
+from iotflow.states import ConnectionState, Outcome
 from iotflow.telemetry.logging import get_logger
 from iotflow.telemetry.metrics import Metrics
 
@@ -137,7 +138,7 @@ class ConnectionWorker:
         # A worker that replaces another (the connection was edited) carries its statistics on.
         self.stats = stats if stats is not None else Statistics()
         self.startup_time: float | None = None
-        self.state = "OPENING" if connection.active else "DEACTIVATED"
+        self.state = ConnectionState.OPENING if connection.active else ConnectionState.DEACTIVATED
         self.out_of_service: str | None = None  # why, once taken out of service
         self._auth_failed = False
         self._backlog = _Backlog()
@@ -173,7 +174,8 @@ class ConnectionWorker:
             return
         await self._sink.start()
         # A sink whose session opens at the first delivery (MQTT) stays OPENING until then.
-        self._set_state("OPENED" if await self._sink.healthcheck() else "OPENING")
+        healthy = await self._sink.healthcheck()
+        self._set_state(ConnectionState.OPENED if healthy else ConnectionState.OPENING)
         self._spawn(self._refill_loop())
         for _ in range(self.settings.max_in_flight):
             self._spawn(self._work_loop())
@@ -274,41 +276,56 @@ class ConnectionWorker:
     async def _deliver(self, delivery: Delivery) -> None:
         deadline = delivery.uplink_time + self._validity
         if self._clock() >= deadline:
-            self._finish(delivery, "expired", "older than uplinkTimeValidity on arrival")
+            self._finish(delivery, Outcome.EXPIRED, "older than uplinkTimeValidity on arrival")
             return
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(RetryableSinkError),
-            wait=lambda state: self._wait(state, deadline),
-            stop=lambda state: self._clock() >= deadline,
-            before_sleep=self._before_sleep,
-            sleep=self._sleep,
-            reraise=True,
-        )
         last: SinkError | None = None
         try:
-            async for attempt in retrying:
-                with attempt:
-                    try:
-                        await self._attempt(delivery, deadline)
-                    except SinkError as exc:
-                        last = exc
-                        raise
+            try:
+                # Most deliveries go out at the first attempt: the retry machinery is built
+                # only for those that need it (issue #16).
+                await self._attempt(delivery, deadline)
+            except RetryableSinkError as exc:
+                last = exc
+                if self._clock() >= deadline:
+                    raise
+                # The first retry's wait, as tenacity would have computed it after attempt 1.
+                wait = self._wait(exc, 1, deadline)
+                self._before_sleep()
+                await self._sleep(wait)
+                retrying = AsyncRetrying(
+                    retry=retry_if_exception_type(RetryableSinkError),
+                    # Its attempt 1 is the delivery's attempt 2.
+                    wait=lambda state: self._wait(
+                        _error(state), state.attempt_number + 1, deadline
+                    ),
+                    stop=lambda state: self._clock() >= deadline,
+                    before_sleep=lambda state: self._before_sleep(),
+                    sleep=self._sleep,
+                    reraise=True,
+                )
+                async for attempt in retrying:
+                    with attempt:
+                        try:
+                            await self._attempt(delivery, deadline)
+                        except SinkError as error:
+                            last = error
+                            raise
         except Expired:
             reason = str(last) if last else "validity ran out while the connection was closed"
-            self._finish(delivery, "expired", reason, last)
+            self._finish(delivery, Outcome.EXPIRED, reason, last)
         except PermanentSinkError as exc:
-            self._finish(delivery, "failed", str(exc), exc)
+            self._finish(delivery, Outcome.FAILED, str(exc), exc)
         except RetryableSinkError as exc:
-            self._finish(delivery, "expired", str(exc), exc)
+            self._finish(delivery, Outcome.EXPIRED, str(exc), exc)
         except Exception as exc:
             # Not one of the sink's three answers: a bug, or a value nothing could send (a
             # template, a processor). This delivery fails; the worker and the others go on.
             # CancelledError is not an Exception: a stopping worker leaves it in the spool.
             reason = self._describe(exc)
             self._note_error(reason)
-            self._finish(delivery, "failed", reason, unexpected=exc)
+            self._finish(delivery, Outcome.FAILED, reason, unexpected=exc)
         else:
-            self._finish(delivery, "delivered")
+            self._finish(delivery, Outcome.DELIVERED)
 
     async def _attempt(self, delivery: Delivery, deadline: float) -> None:
         probe = await self._circuit.acquire(deadline)
@@ -318,7 +335,7 @@ class ConnectionWorker:
         except AuthenticationSinkError as exc:
             self._note_error(exc)
             self._auth_failed = True
-            self._set_state("AUTHENTICATION_FAILED")
+            self._set_state(ConnectionState.AUTHENTICATION_FAILED)
             await self._circuit.failure(probe)
             raise
         except RetryableSinkError as exc:
@@ -336,27 +353,26 @@ class ConnectionWorker:
             await self._circuit.release(probe)
             raise
         await self._circuit.success(probe)
-        if self._auth_failed or self.state == "OPENING":
+        if self._auth_failed or self.state == ConnectionState.OPENING:
             self._auth_failed = False
-            self._set_state("OPENED")
+            self._set_state(ConnectionState.OPENED)
 
-    def _wait(self, state: RetryCallState, deadline: float) -> float:
-        """Exponential backoff with full jitter, at least the cloud's Retry-After, and never
-        past the deadline (the last attempt happens as the validity runs out)."""
+    def _wait(self, error: BaseException | None, attempt: int, deadline: float) -> float:
+        """The wait after failed attempt number `attempt`: exponential backoff with full
+        jitter, at least the cloud's Retry-After, and never past the deadline (the last
+        attempt happens as the validity runs out)."""
         settings = self.settings
-        error = state.outcome.exception() if state.outcome else None
-        ceiling = min(
-            settings.retry_max.total_seconds(),
-            settings.retry_initial.total_seconds() * 2 ** (state.attempt_number - 1),
-        )
+        cap = settings.retry_max.total_seconds()
         if isinstance(error, AuthenticationSinkError):
-            ceiling = settings.retry_max.total_seconds()  # credentials rarely fix themselves
-        wait = random.uniform(0, ceiling)
+            top = cap  # credentials rarely fix themselves
+        else:
+            top = backoff.ceiling(settings.retry_initial.total_seconds(), cap, attempt)
+        wait = backoff.jittered(top, "full")
         if isinstance(error, RetryableSinkError) and error.retry_after is not None:
             wait = max(wait, error.retry_after)
         return max(0.0, min(wait, deadline - self._clock()))
 
-    def _before_sleep(self, state: RetryCallState) -> None:
+    def _before_sleep(self) -> None:
         self.stats.retried += 1
         self._metrics.retries.labels(self.id).inc()
 
@@ -377,7 +393,7 @@ class ConnectionWorker:
     def _finish(
         self,
         delivery: Delivery,
-        outcome: str,
+        outcome: Outcome,
         reason: str = "",
         error: SinkError | None = None,
         *,
@@ -388,12 +404,12 @@ class ConnectionWorker:
         self.stats.pending -= 1
         self._pending_gauge.dec()
         self._metrics.deliveries.labels(self.id, outcome).inc()
-        if outcome == "delivered":
+        if outcome == Outcome.DELIVERED:
             self.stats.delivered += 1
             self.stats.lastDeliveryTime = now
             self._latency.observe(max(0.0, now - delivery.received_at))
             return
-        if outcome == "expired":
+        if outcome == Outcome.EXPIRED:
             self.stats.expired += 1
         else:
             self.stats.failed += 1
@@ -409,7 +425,7 @@ class ConnectionWorker:
             data["body"] = self._redact(error.body)
         where = {"where": _where(unexpected)} if unexpected is not None else {}
         log.warning(
-            "Delivery expired" if outcome == "expired" else "Delivery failed",
+            "Delivery expired" if outcome == Outcome.EXPIRED else "Delivery failed",
             connection=self.id,
             devEUI=delivery.dev_eui,
             attempts=delivery.attempts,
@@ -430,7 +446,7 @@ class ConnectionWorker:
         """The connection is deleted: what it had pending is dropped, and counted."""
         dropped = self.stats.pending
         if dropped:
-            self._metrics.deliveries.labels(self.id, "dropped").inc(dropped)
+            self._metrics.deliveries.labels(self.id, Outcome.DROPPED).inc(dropped)
             self.stats.dropped += dropped
             self.stats.pending = 0
         return dropped
@@ -438,10 +454,12 @@ class ConnectionWorker:
     # -- state -----------------------------------------------------------------------------
 
     def _circuit_changed(self, healthy: bool) -> None:
-        if healthy:
-            self._set_state("AUTHENTICATION_FAILED" if self._auth_failed else "OPENED")
+        if healthy and self._auth_failed:
+            self._set_state(ConnectionState.AUTHENTICATION_FAILED)
+        elif healthy:
+            self._set_state(ConnectionState.OPENED)
         elif not self._auth_failed:
-            self._set_state("CLOSED")
+            self._set_state(ConnectionState.CLOSED)
 
     def take_out_of_service(self, reason: str) -> str:
         """This connection cannot run (see Deliveries): CLOSED, with the reason as lastError.
@@ -453,17 +471,23 @@ class ConnectionWorker:
         reason = self._redact(reason)
         self.out_of_service = reason
         self.stats.lastError = reason
-        self.state = "CLOSED" if self.connection.active else "DEACTIVATED"
+        self.state = (
+            ConnectionState.CLOSED if self.connection.active else ConnectionState.DEACTIVATED
+        )
         self._metrics.set_state(self.id, self.state)
         self._pending_gauge.set(self.stats.pending)
         return reason
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: ConnectionState) -> None:
         previous, self.state = self.state, state
         self._metrics.set_state(self.id, state)
         if previous != state:
             log.info("Connection state changed", connection=self.id, state=state, previous=previous)
             self._record(self.id, "state_changed", {"state": state, "previous": previous})
+
+
+def _error(state: RetryCallState) -> BaseException | None:
+    return state.outcome.exception() if state.outcome else None
 
 
 def _where(exc: BaseException | None) -> str:

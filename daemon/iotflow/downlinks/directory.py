@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
+from iotflow.backoff import Backoff
 from iotflow.registry import Store
 from iotflow.telemetry.logging import get_logger
 
@@ -29,14 +31,20 @@ DeviceSource = tuple[str, dict[str, str]]  # (input format, the network server's
 
 class DeviceDirectory:
     def __init__(
-        self, store: Store, *, retry_initial: float = 1.0, retry_max: float = 60.0
+        self,
+        store: Store,
+        *,
+        retry_initial: float = 1.0,
+        retry_max: float = 60.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._store = store
         self._known: dict[str, DeviceSource] = {}  # as last remembered or written
         self._pending: dict[str, DeviceSource] = {}  # not written yet, newest per device
         self._wake = asyncio.Event()
-        self._retry_initial = retry_initial
-        self._retry_max = retry_max
+        # Doubling without jitter, as before: one writer per instance, a predictable spacing.
+        self._backoff = Backoff(retry_initial, retry_max, jitter="none")
+        self._sleep = sleep  # between retries; a test gives one it controls
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -69,23 +77,22 @@ class DeviceDirectory:
         return stored if stored is not None else self._known.get(dev_eui)
 
     async def _run(self) -> None:
-        delay = self._retry_initial
         while True:
             await self._wake.wait()
             self._wake.clear()
             try:
                 await self._write_pending()
-                delay = self._retry_initial
+                self._backoff.reset()
             except Exception as exc:
                 # Kept pending: written when the registry answers again.
+                delay = self._backoff.next()
                 log.warning(
                     "Device directory write failed; retrying",
                     pending=len(self._pending),
                     retry_in=delay,
                     error=str(exc),
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._retry_max)
+                await self._sleep(delay)
                 self._wake.set()
 
     async def _write_pending(self) -> None:

@@ -63,6 +63,7 @@ import aiosqlite
 import orjson
 import structlog
 
+from iotflow.backoff import Backoff
 from iotflow.errors import (
     SpoolClosedError,
     SpoolError,
@@ -236,8 +237,8 @@ class Spool:
         self._inflight: list[_Op] = []
         self._wal = Path(f"{path}-wal")
         self._wal_limit = wal_limit
-        self._retry_initial = retry_initial
-        self._retry_max = retry_max
+        # Doubling without jitter: one writer, and a spacing the tests can predict.
+        self._backoff = Backoff(retry_initial, retry_max, jitter="none")
         loop = asyncio.get_running_loop()
         self._now = loop.time
         self._last_checkpoint = self._now()
@@ -248,7 +249,7 @@ class Spool:
         self._writable.set()
         self._fault_since = 0.0
         self._retry_at = 0.0
-        self._backoff = retry_initial
+        self._retry_wait = 0.0  # the last wait before a retry
         self._warned_at = -_REMINDER  # when the last warning of an episode was logged
         self._warned = False  # this episode's warning was logged: log its end too
         self._recovered_at = -_REMINDER
@@ -557,10 +558,9 @@ class Spool:
             self._writable.clear()
             # A spool that flaps (room for a probe, not for a batch) backs off further.
             if now - self._recovered_at > _REMINDER:
-                self._backoff = self._retry_initial
-            else:
-                self._backoff = min(self._backoff * 2, self._retry_max)
-            self._retry_at = now + self._backoff
+                self._backoff.reset()
+            self._retry_wait = self._backoff.next()
+            self._retry_at = now + self._retry_wait
             if now - self._warned_at >= _REMINDER:
                 self._warned_at = now
                 self._warned = True
@@ -587,8 +587,8 @@ class Spool:
         if await self._write_batch(probe=True):
             return
         now = self._now()
-        self._backoff = min(self._backoff * 2, self._retry_max)
-        self._retry_at = now + self._backoff
+        self._retry_wait = self._backoff.next()
+        self._retry_at = now + self._retry_wait
         if now - self._warned_at >= _REMINDER:
             self._warned_at = now
             self._warned = True

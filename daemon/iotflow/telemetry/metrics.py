@@ -7,9 +7,10 @@ import contextlib
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from iotflow.downlinks.model import REASONS
+from iotflow.states import ConnectionState, Outcome
 
-STATES = ("DEACTIVATED", "OPENING", "OPENED", "AUTHENTICATION_FAILED", "CLOSED")
-OUTCOMES = ("delivered", "expired", "failed", "dropped")
+STATES = tuple(ConnectionState)
+OUTCOMES = tuple(Outcome)
 DOWNLINK_OUTCOMES = ("sent", *REASONS)  # a downlink is sent, or refused for one reason
 
 
@@ -95,7 +96,7 @@ class Metrics:
             "iotflow_config_reloads", "Config reloads, by result", ["result"], registry=r
         )
 
-    def set_state(self, connection: str, state: str) -> None:
+    def set_state(self, connection: str, state: ConnectionState) -> None:
         for s in STATES:
             self.connection_state.labels(connection, s).set(1 if s == state else 0)
 
@@ -105,8 +106,8 @@ class Metrics:
             _remove(self.connection_state, connection, s)
         for outcome in OUTCOMES:
             _remove(self.deliveries, connection, outcome)
-        for outcome in DOWNLINK_OUTCOMES:
-            _remove(self.downlinks, connection, outcome)
+        for result in DOWNLINK_OUTCOMES:
+            _remove(self.downlinks, connection, result)
         for metric in (self.retries, self.latency, self.spool_pending):
             _remove(metric, connection)
 

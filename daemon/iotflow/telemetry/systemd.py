@@ -16,7 +16,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from iotflow.telemetry.logging import get_logger
@@ -59,8 +59,14 @@ def _watchdog_seconds(environ: Mapping[str, str]) -> float | None:
 class Notifier:
     """Notifications to the service manager; a no-op without `NOTIFY_SOCKET`."""
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        environ: Mapping[str, str] | None = None,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         env = os.environ if environ is None else environ
+        self._sleep = sleep  # between watchdog pings; a test gives one it steps
         raw = env.get("NOTIFY_SOCKET", "")
         self._address = _address(raw)
         if raw and self._address is None:
@@ -134,7 +140,7 @@ class Notifier:
             return
         while True:
             self.watchdog()
-            await asyncio.sleep(interval)
+            await self._sleep(interval)
 
     # -- the socket ------------------------------------------------------------------------
 
