@@ -1,4 +1,4 @@
-"""`actility-cumulocity-iot`: a Cumulocity tenant through its REST API (sinks/cumulocity.py)."""
+"""`actility-cumulocity-iot`: a Cumulocity tenant through its REST API (sinks/cumulocity/)."""
 
 from __future__ import annotations
 
