@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -514,6 +515,25 @@ async def test_operations_are_not_polled_when_downlinks_are_disabled(
     assert c8y.count("GET", "/devicecontrol/") == 0
 
 
+async def test_operations_are_polled_at_the_connections_interval(
+    c8y: FakeCumulocity, downlinks: Downlinks
+) -> None:
+    assert config_of(c8y).operationsPollInterval == timedelta(seconds=10)  # the default
+    config = config_of(c8y, operationsPollInterval="1s")
+    context = SinkContext(timeout=5, max_in_flight=2, downlink=downlinks)
+    sink = CumulocitySink("c8y", config, context)  # the interval from the configuration
+    started = time.monotonic()
+    await sink.start()
+    try:
+        await sink.send(delivery())
+        # The first round at start sees no device; the next two poll the one just seen,
+        # each after an interval: about 2 s, where the default would take 20.
+        await c8y.wait_until(lambda: c8y.count("GET", "/devicecontrol/operations") >= 2, timeout=8)
+        assert time.monotonic() - started >= 2.0
+    finally:
+        await sink.close()
+
+
 async def test_poll_survives_a_tenant_outage(
     c8y: FakeCumulocity, make_sink: Callable[..., Any], downlinks: Downlinks
 ) -> None:
@@ -598,6 +618,9 @@ def _configure(**config: Any) -> CumulocityConfig:
         ("hostName", "[75]:8443"),
         ("trustedCaCertficate", "not a certificate"),
         ("trustedCaCertficate", "\u00a0 not ASCII"),
+        ("operationsPollInterval", "500ms"),
+        ("operationsPollInterval", "2h"),
+        ("operationsPollInterval", "often"),
     ],
 )
 def test_bad_configuration_names_the_field(field: str, value: str) -> None:

@@ -40,7 +40,6 @@ from iotflow.sinks.aws import (
 )
 from iotflow.sinks.mqtt import (
     DownlinkTopic,
-    MqttClientSink,
     MqttSink,
     TlsMaterial,
     normalize_pem,
@@ -51,6 +50,9 @@ from support.mosquitto import HOST, Mosquitto
 from support.ports import free_port
 from support.tls import Identity, Pki, make_pki
 from support.uplinks import actility
+
+# Both sinks hold an MqttSession; the tests drive either the same way.
+MqttClientSink = MqttSink | AwsSink
 
 DEV = "0018B20000000B20"
 OTHER = "0018B20000000B21"
@@ -580,8 +582,8 @@ def test_aws_host_naming() -> None:
         AwsConfig.model_validate({**base, "hostName": "mqtts://example.com:443"}),
         context(),
     )
-    assert on_443._tls is not None
-    assert on_443._tls.alpn == (ALPN_MQTT_CLIENT_CERTIFICATE,)
+    assert on_443.session.tls is not None
+    assert on_443.session.tls.alpn == (ALPN_MQTT_CLIENT_CERTIFICATE,)
     # Amazon's roots are the default trust, and they load.
     roots = ssl.create_default_context(cadata=AMAZON_ROOTS)
     assert roots.cert_store_stats()["x509_ca"] == 2

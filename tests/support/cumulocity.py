@@ -76,6 +76,7 @@ class Failure:
     message: str = "Injected failure"
     delay: float = 0.0  # seconds before answering (a slow tenant, for timeouts)
     headers: dict[str, str] = field(default_factory=dict)
+    reset: bool = False  # drop the connection instead of answering
 
     def matches(self, method: str, path: str) -> bool:
         return (self.method is None or self.method == method) and (
@@ -103,6 +104,8 @@ class FakeCumulocity(LocalHttpServer):
         self._ids = itertools.count(10_001)
         self._one_shot: deque[Failure] = deque()
         self._standing: list[Failure] = []
+        self._held: tuple[str, str] | None = None  # (method, path prefix) left unanswered
+        self._release = asyncio.Event()
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
@@ -154,9 +157,11 @@ class FakeCumulocity(LocalHttpServer):
         error: str | None = None,
         message: str | None = None,
         delay: float = 0.0,
-        retry_after: int | None = None,
+        retry_after: int | str | None = None,
+        reset: bool = False,
     ) -> None:
-        """Answer `status` to the next `times` matching requests (None: until `heal()`)."""
+        """Answer `status` to the next `times` matching requests (None: until `heal()`);
+        `reset`: drop their connection instead. `retry_after`: seconds or an HTTP date."""
         failure = Failure(
             status=status,
             method=method,
@@ -165,6 +170,7 @@ class FakeCumulocity(LocalHttpServer):
             message=message or f"Injected {status}",
             delay=delay,
             headers={"Retry-After": str(retry_after)} if retry_after is not None else {},
+            reset=reset,
         )
         if times is None:
             self._standing.append(failure)
@@ -174,6 +180,15 @@ class FakeCumulocity(LocalHttpServer):
     def heal(self) -> None:
         self._one_shot.clear()
         self._standing.clear()
+
+    def hold(self, method: str, path: str) -> None:
+        """Leave matching requests unanswered (they are recorded) until `release`."""
+        self._held = (method, path)
+        self._release.clear()
+
+    def release(self) -> None:
+        self._held = None
+        self._release.set()
 
     def add_device(self, serial: str, name: str | None = None) -> str:
         """A device registered by someone else, with its `c8y_Serial` external id."""
@@ -276,7 +291,15 @@ class FakeCumulocity(LocalHttpServer):
                 "Invalid credentials! : Bad credentials",
                 headers={"WWW-Authenticate": 'Basic realm="Cumulocity"'},
             )
+        held = self._held
+        if held is not None and request.method == held[0] and request.path.startswith(held[1]):
+            async with self._changed:
+                self._changed.notify_all()  # arrived, answered or not
+            await self._release.wait()
         failure = self._next_failure(request.method, request.path)
+        if failure is not None and failure.reset and request.transport is not None:
+            request.transport.abort()
+            return web.Response(status=500)  # never sent: the connection is gone
         if failure is not None:
             if failure.delay:
                 await asyncio.sleep(failure.delay)

@@ -1,4 +1,4 @@
-"""`actility-cumulocity-iot`: a Cumulocity tenant through its REST API (sinks/cumulocity.py)."""
+"""`actility-cumulocity-iot`: a Cumulocity tenant through its REST API (sinks/cumulocity/)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import base64
 import ipaddress
 import re
 import ssl
+from datetime import timedelta
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
-from iotflow.config.types import Secret
+from iotflow.config.types import Duration, Secret
 from iotflow.connectors.common import CommonConfig
 
 # `c8y.example.com`, `c8y.example.com:8443`, `https://c8y.example.com`, `http://127.0.0.1:8443`,
@@ -25,6 +26,21 @@ _HOST_NAME = re.compile(
     re.IGNORECASE,
 )
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# How often the pending operations of the connection's devices are read (docs/cumulocity.md):
+# a downlink waits up to this long in Cumulocity; each round is one GET per device seen.
+DEFAULT_POLL_INTERVAL = timedelta(seconds=10)
+MIN_POLL_INTERVAL = timedelta(seconds=1)
+MAX_POLL_INTERVAL = timedelta(hours=1)
+
+
+def _poll_interval(value: timedelta) -> timedelta:
+    if not MIN_POLL_INTERVAL <= value <= MAX_POLL_INTERVAL:
+        raise ValueError("must be from 1s to 1h")
+    return value
+
+
+PollInterval = Annotated[Duration, AfterValidator(_poll_interval)]
 
 
 def base_url(host_name: str) -> str:
@@ -58,6 +74,8 @@ class CumulocityConfig(CommonConfig):
     # PEM of the CA that signed the tenant's certificate (the product's spelling): private
     # installations (Cumulocity Edge) and local doubles. Absent: the system trust store.
     trustedCaCertficate: str | None = None
+    # Seconds between two rounds of operation polling, as a duration ("10s", "1m").
+    operationsPollInterval: PollInterval = DEFAULT_POLL_INTERVAL
 
     @field_validator("hostName")
     @classmethod

@@ -37,12 +37,14 @@ from iotflow.sinks.base import SinkContext
 from iotflow.sinks.mqtt import (
     WEBSOCKET_PATH,
     Endpoint,
-    MqttClientSink,
+    MqttSession,
     Pacer,
     TlsMaterial,
+    UplinkMessage,
     default_client_id,
     split_host_port,
 )
+from iotflow.sinks.mqtt.sink import downlink_topic, reconnect_cap
 from iotflow.spool import Delivery
 from iotflow.telemetry.logging import get_logger
 
@@ -312,19 +314,17 @@ class ThingRegistrar:
             return self._principal
 
 
-class AwsSink(MqttClientSink):
-    """`actility-aws-iot`: see the module docstring."""
-
-    # AWS IoT Core accepts shared subscriptions from MQTT 5 clients only; this sink speaks
-    # 3.1.1, so in a fleet each instance would receive each downlink (see docs/decisions.md).
-    shares_subscriptions = False
+class AwsSink:
+    """`actility-aws-iot`: see the module docstring. An `MqttSession` does the MQTT."""
 
     def __init__(self, connection_id: str, config: AwsConfig, context: SinkContext) -> None:
-        problem: str | None = None
+        self.connection_id = connection_id
+        self._aws = config
+        self._problem: PermanentSinkError | None = None  # the configuration cannot work
         try:
             endpoint = aws_endpoint(config)
         except ValueError as exc:
-            problem = str(exc)
+            self._problem = PermanentSinkError(str(exc))
             endpoint = Endpoint(config.hostName or config.region, MQTT_TLS_PORT, tls=True)
         alpn = (
             (ALPN_MQTT_CLIENT_CERTIFICATE,)
@@ -342,28 +342,51 @@ class AwsSink(MqttClientSink):
             if endpoint.tls
             else None
         )
-        super().__init__(
+        self._message = UplinkMessage(config, config.uplinkTopicPattern)
+        self.session = MqttSession(
             connection_id,
-            config,
             context,
             endpoint=endpoint,
             client_id=default_client_id(connection_id),
-            uplink_topic=config.uplinkTopicPattern,
-            downlink_topic=config.downlinkTopicPattern,
+            reconnect_cap=reconnect_cap(config),
             qos=1,  # AWS IoT Core has no QoS 2
             tls=tls,
+            downlinks=downlink_topic(config, config.downlinkTopicPattern),
+            downlink_port=config.downlinkPort,
             pacer=Pacer(PUBLISH_RATE_PER_SECOND),
+            # AWS IoT Core accepts shared subscriptions from MQTT 5 clients only; the session
+            # speaks 3.1.1, so in a fleet each instance receives each downlink (decisions.md).
+            shares_subscriptions=False,
+            websocket_path=self._websocket_path,
         )
-        if problem is not None:
-            self._broken = PermanentSinkError(problem)
-        self._aws = config
         self.registrar = ThingRegistrar(connection_id, config) if config.createDevices else None
 
-    def _before_publish(self, delivery: Delivery) -> None:
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.session.endpoint
+
+    @property
+    def client_id(self) -> str:
+        return self.session.client_id
+
+    async def start(self) -> None:
+        if self._problem is None:
+            self.session.start()
+
+    async def send(self, delivery: Delivery) -> None:
+        if self._problem is not None:
+            raise PermanentSinkError(str(self._problem))
+        self.session.raise_if_broken()
+        topic, body = self._message.render(delivery)
         if self.registrar is not None:
             self.registrar.offer(delivery.dev_eui)
+        await self.session.publish(topic, body)
+
+    async def healthcheck(self) -> bool:
+        return self.session.connected
 
     def _websocket_path(self) -> str:
+        """A SigV4-signed path, made afresh for each connection attempt."""
         access_key = secret_value(self._aws.accessKeyId)
         secret_key = secret_value(self._aws.secretAccessKey)
         if not access_key or not secret_key:
@@ -371,6 +394,6 @@ class AwsSink(MqttClientSink):
         return presign_websocket_path(self.endpoint.host, self._aws.region, access_key, secret_key)
 
     async def close(self) -> None:
-        await super().close()
+        await self.session.close()
         if self.registrar is not None:
             await self.registrar.close()
