@@ -197,7 +197,7 @@ class HttpKind(SinkKind):
     """HttpSink against the local webhook cloud."""
 
     name = "http"
-    faults = RETRYABLE + PERMANENT + AUTHENTICATION
+    faults: tuple[Fault, ...] = RETRYABLE + PERMANENT + AUTHENTICATION
 
     def __init__(self) -> None:
         self.cloud = FakeCloud()
@@ -349,7 +349,7 @@ class EchoKind(HttpKind):
 
     name = "acme-echo"
     # Its URL and headers are not templates: the header-injection fault does not apply.
-    faults = tuple(
+    faults: tuple[Fault, ...] = tuple(
         f
         for f in RETRYABLE + PERMANENT + AUTHENTICATION
         if f.name != "header template renders a line break"

@@ -101,7 +101,8 @@ def fake_distribution(
 
 BROKEN_PLUGINS: dict[str, str] = {
     # entry point name → why it must be left out
-    "acme-broken-import": "ImportError",
+    "acme-broken-import": "ModuleNotFoundError",
+    "acme-raising-import": "RuntimeError: the plugin's own bug",
     "acme-not-a-connector": "names a str",
     "actility-http-iot": "already registered",
     "acme-wrong-id": "names connector 'acme-other'",
@@ -116,6 +117,7 @@ def broken_plugins(site: Path) -> Path:
         "acme-broken",
         {
             "acme-broken-import": "acme_broken_import:CONNECTOR",
+            "acme-raising-import": "acme_raising_import:CONNECTOR",
             "acme-not-a-connector": "acme_broken_objects:NOT_A_CONNECTOR",
             "actility-http-iot": "acme_broken_objects:TAKES_HTTP",
             "acme-wrong-id": "acme_broken_objects:WRONG_ID",
@@ -123,6 +125,7 @@ def broken_plugins(site: Path) -> Path:
         },
         {
             "acme_broken_import": "import acme_module_that_does_not_exist  # noqa\n",
+            "acme_raising_import": 'raise RuntimeError("the plugin\'s own bug")\n',
             "acme_broken_objects": (
                 "from iotflow.plugin import Connector, ConnectorConfiguration\n"
                 "NOT_A_CONNECTOR = 'oops'\n"
