@@ -152,7 +152,9 @@ def load_connectors(points: Iterable[EntryPoint] | None = None) -> dict[str, Con
             )
             continue
         catalog[connector.id] = connector
-    if not catalog:
+    if catalog:
+        log.info("Connectors loaded", connectors=sorted(catalog))
+    else:
         log.error("No connector installed", group=GROUP)
     return catalog
 
