@@ -107,6 +107,7 @@ BROKEN_PLUGINS: dict[str, str] = {
     "actility-http-iot": "already registered",
     "acme-wrong-id": "names connector 'acme-other'",
     "acme-missing-object": "AttributeError",
+    "acme-bad-configuration": "not a ConnectorConfiguration subclass",
 }
 
 
@@ -122,6 +123,7 @@ def broken_plugins(site: Path) -> Path:
             "actility-http-iot": "acme_broken_objects:TAKES_HTTP",
             "acme-wrong-id": "acme_broken_objects:WRONG_ID",
             "acme-missing-object": "acme_broken_objects:MISSING",
+            "acme-bad-configuration": "acme_broken_objects:BAD_CONFIGURATION",
         },
         {
             "acme_broken_import": "import acme_module_that_does_not_exist  # noqa\n",
@@ -135,6 +137,8 @@ def broken_plugins(site: Path) -> Path:
                 " version='6.6.6', configuration=ConnectorConfiguration, create_sink=_sink)\n"
                 "WRONG_ID = Connector(id='acme-other', description='x', version='1',"
                 " configuration=ConnectorConfiguration, create_sink=_sink)\n"
+                "BAD_CONFIGURATION = Connector(id='acme-bad-configuration', description='x',"
+                " version='1', configuration=dict, create_sink=_sink)\n"
             ),
         },
     )

@@ -109,6 +109,8 @@ def _checked(point: EntryPoint, loaded: object) -> Connector:
         raise PluginError("its configuration is not a ConnectorConfiguration subclass")
     if not callable(loaded.create_sink):
         raise PluginError("its create_sink is not callable")
+    if loaded.apply_brand is not None and not callable(loaded.apply_brand):
+        raise PluginError("its apply_brand is not callable")
     for name in ("description", "version"):
         if not isinstance(getattr(loaded, name), str):
             raise PluginError(f"its {name} is not a string")
@@ -116,6 +118,24 @@ def _checked(point: EntryPoint, loaded: object) -> Connector:
     # rather than failing every GET /connectors.
     connector_document(loaded)
     return loaded
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:  # a plugin's exception whose text itself fails
+        text = "(message unavailable)"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _not_loaded(point: EntryPoint, error: str) -> None:
+    log.error(
+        "Connector plugin not loaded",
+        entry_point=point.name,
+        value=point.value,
+        distribution=_distribution(point),
+        error=error,
+    )
 
 
 def load_connectors(points: Iterable[EntryPoint] | None = None) -> dict[str, Connector]:
@@ -129,27 +149,19 @@ def load_connectors(points: Iterable[EntryPoint] | None = None) -> dict[str, Con
     # Built-ins first, then the others, each by id: which of two conflicting plugins wins
     # is reproducible, and a plugin cannot take over the id of a built-in.
     found.sort(key=lambda p: (_distribution(p) != OWN_DISTRIBUTION, p.name, _distribution(p)))
+    if points is None and not any(_distribution(p) == OWN_DISTRIBUTION for p in found):
+        # Run from a tree whose installed metadata predates the entry points (an editable
+        # install made before they were added): say what to do rather than list nothing.
+        log.error("Built-in connectors not registered; reinstall iotflow", group=GROUP)
     catalog: dict[str, Connector] = {}
     for point in found:
         try:
             connector = _checked(point, point.load())
         except Exception as exc:  # a plugin's import may raise anything
-            log.error(
-                "Connector plugin not loaded",
-                entry_point=point.name,
-                value=point.value,
-                distribution=_distribution(point),
-                error=f"{type(exc).__name__}: {exc}",
-            )
+            _not_loaded(point, _describe(exc))
             continue
         if connector.id in catalog:
-            log.error(
-                "Connector plugin not loaded",
-                entry_point=point.name,
-                value=point.value,
-                distribution=_distribution(point),
-                error=f"connector id {connector.id!r} is already registered",
-            )
+            _not_loaded(point, f"connector id {connector.id!r} is already registered")
             continue
         catalog[connector.id] = connector
     if catalog:
