@@ -51,6 +51,7 @@ from support.clouds import Behaviour, FakeCloud
 from support.cumulocity import FakeCumulocity
 from support.mosquitto import HOST, Mosquitto
 from support.mqttproxy import MqttFaultProxy
+from support.plugins import example_connector
 from support.tls import Pki, make_pki
 from support.uplinks import actility
 
@@ -217,7 +218,7 @@ class HttpKind(SinkKind):
     """HttpSink against the local webhook cloud."""
 
     name = "http"
-    faults = RETRYABLE + PERMANENT + AUTHENTICATION
+    faults: tuple[Fault, ...] = RETRYABLE + PERMANENT + AUTHENTICATION
 
     def __init__(self) -> None:
         self.cloud = FakeCloud()
@@ -658,7 +659,57 @@ class CumulocityKind(SinkKind):
         return [document(n) for n in counters]
 
 
-KINDS: tuple[type[SinkKind], ...] = (HttpKind, RaisingKind, MqttKind, AwsKind, CumulocityKind)
+ECHO_KEY = "acme-s3cret-key-90b1"
+
+
+class EchoKind(HttpKind):
+    """The example third-party connector (examples/acme-echo, installed with pip) against
+    the local webhook cloud: a plugin keeps the same contract as a built-in."""
+
+    name = "acme-echo"
+    # Its URL and headers are not templates: the header-injection fault does not apply.
+    faults: tuple[Fault, ...] = tuple(
+        f
+        for f in RETRYABLE + PERMANENT + AUTHENTICATION
+        if f.name != "header template renders a line break"
+    )
+    secrets = (ECHO_KEY,)
+
+    def connection(self) -> Connection:
+        connector = example_connector()
+        configuration = connector.configuration.model_validate(
+            {"url": self.cloud.url("/uplink"), "apiKey": ECHO_KEY, "uplinkTimeValidity": "1h"}
+        )
+        return Connection(
+            id=CONNECTION_ID,
+            name="contract",
+            connectorId=connector.id,
+            configuration=configuration,
+        )
+
+    def sink(self, connection: Connection) -> Sink:
+        context = SinkContext(timeout=SEND_TIMEOUT, max_in_flight=1)
+        return example_connector().create_sink(connection, context)
+
+    async def check(self, fault: Fault) -> None:
+        await super().check(fault)
+        for request in self.cloud.all_requests:
+            assert request.headers["X-Acme-Key"] == ECHO_KEY
+            assert request.headers["X-Acme-Device"] == "0018B20000000B20"
+        attempts = [r.headers["X-Acme-Attempt"] for r in self.cloud.requests_to("/uplink")]
+        # The faulted delivery's tries count up; the next delivery starts again at 1.
+        expected = ["1", "1"] if fault.expect == "failed" else ["1", "2", "1"]
+        assert attempts == expected, attempts
+
+
+KINDS: tuple[type[SinkKind], ...] = (
+    HttpKind,
+    RaisingKind,
+    MqttKind,
+    AwsKind,
+    CumulocityKind,
+    EchoKind,
+)
 
 
 # -- the worker around a sink --------------------------------------------------------------

@@ -13,66 +13,10 @@ from iotflow.alarms.model import Alarm
 from iotflow.api.body import MAX_PAGE, MAX_PER_PAGE
 from iotflow.api.routes import BASE, DOWNLINK_ROUTE
 from iotflow.connectors.connection import ID_PATTERN
-from iotflow.connectors.cumulocity import CumulocityConfig
-from iotflow.connectors.http import BRANDS, HttpConfig
-from iotflow.connectors.mqtt import AwsConfig, MqttConfig
+from iotflow.connectors.inputs import connection_input_model
 from iotflow.downlinks.parse import MAX_CORRELATION_ID, MAX_PAYLOAD_BYTES
 from iotflow.ingest.http import INGEST_ROUTE, RETRY_AFTER_SECONDS
 from iotflow.telemetry.metrics import STATES
-
-
-class _ConnectionInput(BaseModel):
-    """What every connection takes, whatever its connector."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    id: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
-    name: Annotated[str, Field(min_length=1, max_length=200)]
-    active: bool = True
-    alarms: list[Alarm] = Field(default_factory=list)
-
-
-class HttpConnectionInput(_ConnectionInput):
-    connectorId: Literal["actility-http-iot"]
-    brand: str | None = Field(default=None, json_schema_extra={"enum": [*sorted(BRANDS), None]})
-    configuration: HttpConfig
-
-
-class MqttConnectionInput(_ConnectionInput):
-    connectorId: Literal["actility-mqtt-iot"]
-    brand: None = None
-    configuration: MqttConfig
-
-
-class AwsConnectionInput(_ConnectionInput):
-    connectorId: Literal["actility-aws-iot"]
-    brand: None = None
-    configuration: AwsConfig
-
-
-class CumulocityConnectionInput(_ConnectionInput):
-    connectorId: Literal["actility-cumulocity-iot"]
-    brand: None = None
-    configuration: CumulocityConfig
-
-
-class ConnectionInput(
-    RootModel[
-        Annotated[
-            HttpConnectionInput
-            | MqttConnectionInput
-            | AwsConnectionInput
-            | CumulocityConnectionInput,
-            Field(discriminator="connectorId"),
-        ]
-    ]
-):
-    """A connection as POST and PUT take it, its configuration the connector's (GET /connectors).
-
-    Only HTTP connections have brands. Read-only fields are ignored when sent back.
-    """
-
-    model_config = ConfigDict(title="ConnectionInput")
 
 
 class Statistics(BaseModel):
@@ -527,7 +471,7 @@ def _paths() -> dict[str, Any]:
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
-        ConnectionInput,
+        connection_input_model(),
         Connection,
         Statistics,
         Device,

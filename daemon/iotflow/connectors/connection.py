@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 from iotflow.alarms.model import Alarm
 from iotflow.connectors.catalog import CATALOG
 from iotflow.connectors.common import CommonConfig
-from iotflow.connectors.http import HttpConfig, apply_brand
 from iotflow.connectors.secrets import Redactor
 from iotflow.errors import ConfigError, Problem
 
@@ -133,20 +132,24 @@ def parse_connection(data: Any, *, default_id: str | None = None) -> Connection:
     connector = CATALOG.get(connector_id) if isinstance(connector_id, str) else None
     if connector is None and isinstance(connector_id, str):
         known = ", ".join(sorted(CATALOG))
-        problems.append(Problem("connectorId", f"unknown connector; known: {known}"))
+        problems.append(
+            Problem(
+                "connectorId", f"unknown connector (no installed one has this id); known: {known}"
+            )
+        )
     raw_configuration = (
         envelope.configuration if envelope is not None else raw.get("configuration", {})
     )
     config: CommonConfig | None = None
     if connector is not None and isinstance(raw_configuration, dict):
         try:
-            config = connector.config_model.model_validate(raw_configuration)
+            config = connector.configuration.model_validate(raw_configuration)
         except ValidationError as exc:
             problems.extend(problems_of(exc, "configuration"))
     if envelope is None or config is None:
         raise ConfigError(problems)
-    if isinstance(config, HttpConfig):
-        config, brand_problems = apply_brand(envelope.brand, config)
+    if connector is not None and connector.apply_brand is not None:
+        config, brand_problems = connector.apply_brand(envelope.brand, config)
         problems.extend(brand_problems)
     elif envelope.brand is not None:
         problems.append(Problem("brand", f"connector {connector_id} has no brands"))

@@ -7,12 +7,17 @@ import ipaddress
 import re
 import ssl
 from datetime import timedelta
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AfterValidator, Field, field_validator
 
 from iotflow.config.types import Duration, Secret
+from iotflow.connectors.catalog import Connector
 from iotflow.connectors.common import CommonConfig
+
+if TYPE_CHECKING:
+    from iotflow.connectors.connection import Connection
+    from iotflow.sinks.base import Sink, SinkContext
 
 # `c8y.example.com`, `c8y.example.com:8443`, `https://c8y.example.com`, `http://127.0.0.1:8443`,
 # `[::1]:8443`: a scheme and a port are optional (DESIGN "Connectors"); a path is not, since
@@ -104,3 +109,21 @@ class CumulocityConfig(CommonConfig):
         # The Basic credential the sink sends, in case a tenant's error quotes it back.
         login = f"{self.tenantId}/{self.username}:{self.password.get_secret_value()}"
         return super().secret_values() | {base64.b64encode(login.encode()).decode("ascii")}
+
+
+def _create_sink(connection: Connection, context: SinkContext) -> Sink:
+    # Imported here: the sink module imports this one for its configuration.
+    from iotflow.sinks.cumulocity import CumulocitySink
+
+    config = connection.configuration
+    assert isinstance(config, CumulocityConfig)  # validated with this connector's model
+    return CumulocitySink(connection.id, config, context)
+
+
+CONNECTOR = Connector(
+    id="actility-cumulocity-iot",
+    description="Cumulocity IoT connector",
+    version="1.0.0",
+    configuration=CumulocityConfig,
+    create_sink=_create_sink,
+)

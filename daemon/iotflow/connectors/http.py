@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SerializationInfo, field_serializer, field_validator
 
 from iotflow.config.types import MASK, reveal
+from iotflow.connectors.catalog import Connector
 from iotflow.connectors.common import CommonConfig
 from iotflow.connectors.secrets import header_secrets, is_credential_name, mask_url, url_secrets
 from iotflow.errors import Problem
 from iotflow.formats import Template
+
+if TYPE_CHECKING:
+    from iotflow.connectors.connection import Connection
+    from iotflow.sinks.base import Sink, SinkContext
 
 # Header names whose values are credentials (masked on output, never logged): the same rule
 # as for URL query parameters, see connectors/secrets.py.
@@ -195,3 +200,28 @@ def brand_documents() -> list[dict[str, Any]]:
         }
         for b in BRANDS.values()
     ]
+
+
+def _create_sink(connection: Connection, context: SinkContext) -> Sink:
+    # Imported here: the sink module imports this one for its configuration.
+    from iotflow.sinks.http import HttpSink
+
+    config = connection.configuration
+    assert isinstance(config, HttpConfig)  # validated with this connector's model
+    return HttpSink(config, timeout=context.timeout, max_in_flight=context.max_in_flight)
+
+
+def _apply_brand(brand_id: str | None, config: Any) -> tuple[Any, list[Problem]]:
+    assert isinstance(config, HttpConfig)
+    return apply_brand(brand_id, config)
+
+
+CONNECTOR = Connector(
+    id="actility-http-iot",
+    description="HTTP webhook connector (Datacake, Cayenne, Qubitro, TagoIO, ...)",
+    version="1.0.0",
+    configuration=HttpConfig,
+    create_sink=_create_sink,
+    brands=brand_documents(),
+    apply_brand=_apply_brand,
+)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator
 
 from iotflow.config.types import Secret
+from iotflow.connectors.catalog import Connector
 from iotflow.connectors.common import CommonConfig
 from iotflow.formats import Template
+
+if TYPE_CHECKING:
+    from iotflow.connectors.connection import Connection
+    from iotflow.sinks.base import Sink, SinkContext
 
 _HOST_PORT = r"^[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?$"
 
@@ -51,3 +56,40 @@ class AwsConfig(CommonConfig):
     secretAccessKey: Secret | None = None
 
     _templates = field_validator("uplinkTopicPattern", "downlinkTopicPattern")(_template)
+
+
+# The sink modules are imported when a sink is made: they import this one for its
+# configuration, and the catalog need not load the MQTT client to list the connectors.
+
+
+def _mqtt_sink(connection: Connection, context: SinkContext) -> Sink:
+    from iotflow.sinks.mqtt import MqttSink
+
+    config = connection.configuration
+    assert isinstance(config, MqttConfig)  # validated with this connector's model
+    return MqttSink(connection.id, config, context)
+
+
+def _aws_sink(connection: Connection, context: SinkContext) -> Sink:
+    from iotflow.sinks.aws import AwsSink
+
+    config = connection.configuration
+    assert isinstance(config, AwsConfig)
+    return AwsSink(connection.id, config, context)
+
+
+MQTT = Connector(
+    id="actility-mqtt-iot",
+    description="Generic MQTT broker connector",
+    version="1.0.0",
+    configuration=MqttConfig,
+    create_sink=_mqtt_sink,
+)
+
+AWS = Connector(
+    id="actility-aws-iot",
+    description="Actility AWS Connector",
+    version="2.0.0",
+    configuration=AwsConfig,
+    create_sink=_aws_sink,
+)
