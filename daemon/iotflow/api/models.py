@@ -1,0 +1,264 @@
+"""The bodies the API reads and writes, as models.
+
+Handlers build their answers from these models (`body()` validates and serialises), and
+the OpenAPI document is generated from the same models: what is documented is what is sent.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model, field_serializer
+
+from iotflow.alarms.model import Alarm
+from iotflow.connectors import CATALOG
+from iotflow.connectors import Connector as CatalogEntry
+from iotflow.connectors.connection import ID_PATTERN
+from iotflow.downlinks.parse import MAX_CORRELATION_ID, MAX_PAYLOAD_BYTES, MAX_PORT, MIN_PORT
+from iotflow.formats.fields import DEV_EUI_PATTERN, NORMAL_DEV_EUI_PATTERN
+from iotflow.telemetry.metrics import STATES
+
+# -- what comes in -------------------------------------------------------------------------
+
+
+class _ConnectionInput(BaseModel):
+    """What every connection takes, whatever its connector."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    active: bool = True
+    alarms: list[Alarm] = Field(default_factory=list)
+
+
+def connectors() -> list[CatalogEntry]:
+    """The registered connectors: the one place the document learns of them."""
+    return list(CATALOG.values())
+
+
+def _connection_input(connector: CatalogEntry) -> type[BaseModel]:
+    """The input model of a connection of `connector`: its configuration, its brands."""
+    brands = [b["id"] for b in connector.brands]
+    brand: Any = (
+        (str | None, Field(default=None, json_schema_extra={"enum": [*sorted(brands), None]}))
+        if brands
+        else (None, None)
+    )
+    name = "".join(part.title() for part in connector.module_id.split("-"))
+    model: type[BaseModel] = create_model(
+        f"{name}ConnectionInput",
+        __base__=_ConnectionInput,
+        connectorId=(Literal[connector.id], ...),  # type: ignore[arg-type]
+        brand=brand,
+        configuration=(connector.config_model, ...),
+    )
+    return model
+
+
+def connection_input() -> type[BaseModel]:
+    """A connection as POST and PUT take it: one branch per connector."""
+    branches = tuple(_connection_input(c) for c in connectors())
+    union: Any = branches[0]
+    for branch in branches[1:]:
+        union = union | branch
+    if len(branches) > 1:
+        union = Annotated[union, Field(discriminator="connectorId")]
+    return create_model(
+        "ConnectionInput",
+        __base__=RootModel[union],
+        __doc__="A connection as POST and PUT take it, its configuration the connector's"
+        " (GET /connectors).\n\nOnly HTTP connections have brands. Read-only fields are"
+        " ignored when sent back.",
+    )
+
+
+ConnectionInput = connection_input()
+
+
+class DeviceInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    devEUI: str | None = None
+    connections: list[Annotated[str, Field(pattern=ID_PATTERN)]]
+
+
+_DevEUI = Annotated[str, Field(pattern=DEV_EUI_PATTERN)]
+_PAYLOAD_HEX = rf"^(?:[0-9A-Fa-f]{{2}}){{0,{MAX_PAYLOAD_BYTES}}}$"
+_Port = (
+    Annotated[int, Field(ge=MIN_PORT, le=MAX_PORT)] | Annotated[str, Field(pattern=r"^[0-9]{1,3}$")]
+)
+_Flag = bool | Literal[0, 1, "0", "1", "true", "false"]
+_Correlation = Annotated[str, Field(min_length=1, max_length=MAX_CORRELATION_ID)]
+_DEFAULT_PORT = "default: the connection's downlinkPort"
+
+
+class ThingParkDownlink(BaseModel):
+    """ThingPark's downlink; its other fields (Time, AS_ID, ValidityTime...) are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    DevEUI: _DevEUI
+    FPort: _Port | None = Field(default=None, description=_DEFAULT_PORT)
+    payload_hex: Annotated[str, Field(pattern=_PAYLOAD_HEX)]
+    Confirmed: _Flag | None = None
+    CorrelationID: _Correlation | None = None
+
+
+class ThingParkDownlinkMessage(BaseModel):
+    DevEUI_downlink: ThingParkDownlink
+
+
+class FlatDownlink(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    DevEUI: _DevEUI
+    FPort: _Port | None = Field(default=None, description=_DEFAULT_PORT)
+    payload_hex: Annotated[str, Field(pattern=_PAYLOAD_HEX)]
+    confirmed: _Flag | None = None
+    correlationId: _Correlation | None = None
+
+
+class DownlinkInput(RootModel[ThingParkDownlinkMessage | FlatDownlink]):
+    """A downlink: ThingPark's `DevEUI_downlink` document, or the same fields flat."""
+
+    model_config = ConfigDict(title="DownlinkInput")
+
+
+class UplinkInput(RootModel[dict[str, Any]]):
+    """An uplink in the [[ingest]] entry's format (see docs/ingest.md)."""
+
+    model_config = ConfigDict(title="UplinkInput")
+
+
+# -- what goes out -------------------------------------------------------------------------
+
+
+class _Out(BaseModel):
+    # A field the runtime adds and the model lacks fails the tests, not the document.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Statistics(_Out):
+    received: int
+    delivered: int
+    retried: int
+    expired: int
+    failed: int
+    dropped: int
+    pending: int
+    lastError: str | None
+    lastDeliveryTime: str | None
+
+
+class AlarmStatus(_Out):
+    """Where one alarm of a connection stands."""
+
+    alarm: int = Field(description="index in the connection's alarms")
+    state: str = Field(
+        json_schema_extra={"enum": ["PENDING", "OUTSIDE_WINDOW", "OBSERVING", "CLEAR", "RAISED"]}
+    )
+    rate: float | None = None
+    window: dict[str, str | None] | None = None
+    evaluatedAt: str | None = None
+    evaluatedFrom: str | None = None
+    since: str | None = None
+    raisedRate: float | None = None
+
+
+class ActiveAlarm(_Out):
+    """A raised alarm."""
+
+    connectionId: str
+    alarm: int
+    message: str
+    threshold: float
+    rate: float
+    since: str | None
+    window: dict[str, str | None]
+
+
+class Connection(_Out):
+    """A connection as the API shows it: secrets as "*****", and its status."""
+
+    id: str
+    name: str
+    connectorId: str
+    brand: str | None = None  # left out when there is none
+    active: bool
+    alarms: list[Alarm]
+    configuration: dict[str, Any]
+    state: str = Field(json_schema_extra={"enum": list(STATES)})
+    startupTime: str | None
+    statistics: Statistics
+    provisioned: bool
+    alarmStates: list[AlarmStatus]
+
+    @field_serializer("alarms")
+    def _alarms(self, alarms: list[Alarm]) -> list[dict[str, Any]]:
+        # As the connection's own document writes them (and the registry stores them).
+        return [a.model_dump(mode="json", exclude_none=True) for a in alarms]
+
+
+class Device(_Out):
+    devEUI: Annotated[str, Field(pattern=NORMAL_DEV_EUI_PATTERN)]
+    connections: list[str]
+
+
+class Event(_Out):
+    id: int
+    time: str
+    type: str
+    details: dict[str, Any]
+
+
+class ErrorDetail(_Out):
+    path: str
+    message: str
+
+
+class Error(_Out):
+    code: str
+    message: str
+    details: list[ErrorDetail]
+
+
+class Connector(_Out):
+    id: str
+    producerId: str
+    moduleId: str
+    version: str
+    description: str
+    brands: list[dict[str, Any]]
+    connection: dict[str, Any]
+    flow: dict[str, Any]
+
+
+class DownlinkAccepted(_Out):
+    """Published to the device's network server on the source broker."""
+
+    devEUI: str
+    fPort: int
+    topic: str
+
+
+class IngestAccepted(_Out):
+    """Committed to the spool (routed), or bound to no connection."""
+
+    accepted: bool
+    routed: bool
+
+
+class Health(_Out):
+    status: Literal["ok"]
+
+
+class Readiness(_Out):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, bool]
+
+
+class OpenApi(RootModel[dict[str, Any]]):
+    """An OpenAPI 3.1 document."""
+
+    model_config = ConfigDict(title="OpenApi")
