@@ -9,10 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 from iotflow.api.control import ControlPlane
 from iotflow.api.server import TABLE, create_app, openapi_document
+from iotflow.app import Daemon
+from iotflow.config.load import load_settings
+from support.clouds import FakeCloud
+from support.daemon import DaemonProcess
+from support.mosquitto import Mosquitto
 
 PACKAGE = Path(__file__).resolve().parents[1] / "daemon" / "iotflow"
 
@@ -114,7 +120,6 @@ def test_the_api_loads_without_the_daemon() -> None:
 
 def test_the_daemon_is_a_control_plane() -> None:
     """mypy checks it (`create_app(self)` in Daemon.start); this says it at run time too."""
-    from iotflow.app import Daemon
     from iotflow.config.load import Settings
     from iotflow.config.model import Config
 
@@ -126,6 +131,59 @@ def test_the_daemon_is_a_control_plane() -> None:
     assert missing == []
     assert daemon.worker("nothing") is None
     assert daemon.alarm_states("nothing") == []
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+# What start opens, in order; shutdown closes it in reverse.
+STARTED = [
+    "registry",
+    "events",
+    "alarms",
+    "directory",
+    "spool",
+    "deliveries",
+    "transitions",
+    "registry-changes",
+    "api",
+    "source",
+    "systemd-ready",
+]
+
+
+async def test_shutdown_closes_what_start_opened_in_reverse(
+    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
+) -> None:
+    layout = DaemonProcess(
+        tmp_path / "lifecycle",
+        broker_url=mosquitto.url,
+        connections=[
+            {
+                "id": "c1",
+                "name": "c1",
+                "connectorId": "actility-http-iot",
+                "devices": ["0018B20000000C01"],
+                "configuration": {"destinationURL": cloud.url("/c1")},
+            }
+        ],
+    )  # writes the config; the daemon runs in this process
+    daemon = Daemon(load_settings(layout.config_path, env={}))
+    await daemon.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{layout.api}/healthz") as answer,
+        ):
+            assert answer.status == 200
+    finally:
+        code = await daemon.shutdown()
+    assert code == 0
+    assert daemon.closed == list(reversed(STARTED))
+    # The API writes through the spool, the workers too: both are gone before it closes.
+    closed = daemon.closed
+    assert closed.index("api") < closed.index("deliveries") < closed.index("spool")
+    assert await daemon.shutdown() == 0  # a second shutdown closes nothing twice
+    assert daemon.closed == list(reversed(STARTED))
 
 
 # -- the document and the router come from one table ---------------------------------------

@@ -64,6 +64,7 @@ class Daemon:
         # What start opened, closed in reverse by shutdown; each close isolated (`_closing`).
         self._stack = contextlib.AsyncExitStack()
         self._failed: list[str] = []  # shutdown steps that failed
+        self.closed: list[str] = []  # shutdown steps run, in order (what a test checks)
         self._tasks: list[asyncio.Task[Any]] = []
         self._transitions: set[asyncio.Task[None]] = set()
         self._refresh_lock = asyncio.Lock()
@@ -190,6 +191,7 @@ class Daemon:
         is logged and the rest still close (an exit stack alone stops at the first)."""
 
         async def step() -> None:
+            self.closed.append(name)
             try:
                 await action()
             except Exception as exc:
