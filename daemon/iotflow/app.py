@@ -65,7 +65,7 @@ class Daemon:
         self._stack = contextlib.AsyncExitStack()
         self._failed: list[str] = []  # shutdown steps that failed
         self.closed: list[str] = []  # shutdown steps run, in order (what a test checks)
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: list[asyncio.Task[Any]] = []  # of the daemon's life; the stack ends them
         self._transitions: set[asyncio.Task[None]] = set()
         self._refresh_lock = asyncio.Lock()
         self._reject_window = (0.0, 0)  # (minute start, lines logged in it)
@@ -182,8 +182,8 @@ class Daemon:
                 fix='set [api] tokens, e.g. tokens = ["${IOTFLOW_API_TOKEN}"]',
             )
         self.source = MqttSource(config.mqtt, self.handle, self.metrics)
-        self._closing("source", self._stop_source)
-        self._background(self.source.run(), "source")
+        source = self._background(self.source.run(), "source", cancel=False)
+        self._closing("source", lambda: self._stop_source(source))
         self._background(self._announce_ready(), "systemd-ready")
 
     def _closing(self, name: str, action: Callable[[], Awaitable[object]]) -> None:
@@ -200,21 +200,22 @@ class Daemon:
 
         self._stack.push_async_callback(step)
 
-    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
-        """A task for the daemon's life; the source's ends with `_stop_source`, the others
-        are cancelled at shutdown, before what was started before them closes."""
+    def _background(
+        self, work: Coroutine[Any, Any, None], name: str, *, cancel: bool = True
+    ) -> asyncio.Task[None]:
+        """A task for the daemon's life, cancelled at shutdown (unless told otherwise)
+        before what was started before it closes."""
         task = asyncio.create_task(work, name=name)
         self._tasks.append(task)
-        if name != "source":
+        if cancel:
             self._closing(name, lambda: _cancel(task))
+        return task
 
-    async def _stop_source(self) -> None:
+    async def _stop_source(self, task: asyncio.Task[None]) -> None:
         """No new uplinks: the source finishes acknowledging what it committed, then ends."""
         assert self.source is not None
         self.source.stop()
-        for task in self._tasks:
-            if task.get_name() == "source":
-                await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(task, return_exceptions=True)
 
     async def _announce_ready(self) -> None:
         """READY=1 once the source has subscribed: systemd's start is complete then."""
