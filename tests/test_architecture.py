@@ -5,17 +5,21 @@ describes exactly the routes that are served."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 
 from iotflow.api.control import ControlPlane
 from iotflow.api.server import TABLE, create_app, openapi_document
 from iotflow.app import Daemon
 from iotflow.config.load import load_settings
+from iotflow.formats.fields import DEV_EUI_PATTERN, normalize_dev_eui
 from support.clouds import FakeCloud
 from support.daemon import DaemonProcess
 from support.mosquitto import Mosquitto
@@ -280,3 +284,21 @@ def test_every_module_logs_as_iotflow_dot_its_package() -> None:
         if bad:
             wrong[module] = (bad, expected)
     assert wrong == {}
+
+
+# -- the document's patterns are the runtime's -----------------------------------------------
+
+
+@given(st.text(alphabet="0123456789abcdefABCDEFgG-: \n", max_size=24))
+def test_the_documented_dev_eui_pattern_is_what_normalize_accepts(text: str) -> None:
+    """`normalize_dev_eui` checks with the pattern the document shows; it accepts what it
+    accepted before: 16 hex digits once '-' and ':' are removed."""
+    digits = text.replace("-", "").replace(":", "")
+    before = len(digits) == 16 and all(c in "0123456789abcdefABCDEF" for c in digits)
+    assert (re.fullmatch(DEV_EUI_PATTERN, text) is not None) == before
+    try:
+        assert normalize_dev_eui(text) == digits.upper()
+        accepted = True
+    except ValueError:
+        accepted = False
+    assert accepted == before
