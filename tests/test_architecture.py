@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from iotflow.api.control import ControlPlane
 from iotflow.api.server import TABLE, create_app, openapi_document
@@ -155,10 +156,9 @@ STARTED = [
 ]
 
 
-async def test_shutdown_closes_what_start_opened_in_reverse(
-    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
-) -> None:
-    layout = DaemonProcess(
+def _layout(tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud) -> DaemonProcess:
+    """The config of a daemon with one connection; the daemon runs in this process."""
+    return DaemonProcess(
         tmp_path / "lifecycle",
         broker_url=mosquitto.url,
         connections=[
@@ -170,7 +170,13 @@ async def test_shutdown_closes_what_start_opened_in_reverse(
                 "configuration": {"destinationURL": cloud.url("/c1")},
             }
         ],
-    )  # writes the config; the daemon runs in this process
+    )
+
+
+async def test_shutdown_closes_what_start_opened_in_reverse(
+    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
+) -> None:
+    layout = _layout(tmp_path, mosquitto, cloud)
     daemon = Daemon(load_settings(layout.config_path, env={}))
     await daemon.start()
     try:
@@ -188,6 +194,27 @@ async def test_shutdown_closes_what_start_opened_in_reverse(
     assert closed.index("api") < closed.index("deliveries") < closed.index("spool")
     assert await daemon.shutdown() == 0  # a second shutdown closes nothing twice
     assert daemon.closed == list(reversed(STARTED))
+
+
+async def test_a_close_that_fails_does_not_keep_the_others_open(
+    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
+) -> None:
+    layout = _layout(tmp_path, mosquitto, cloud)
+    daemon = Daemon(load_settings(layout.config_path, env={}))
+    await daemon.start()
+
+    async def broken() -> None:
+        raise OSError("No space left on device")
+
+    # A resource opened after the source: the first to close, and it fails.
+    daemon._closing("broken", broken)
+    with capture_logs() as logs:
+        code = await daemon.shutdown()
+    assert code == 1
+    assert daemon.closed == ["broken", *reversed(STARTED)]
+    failed = [e for e in logs if e["event"] == "Shutdown step failed"]
+    assert [(e["step"], e["error"]) for e in failed] == [("broken", "No space left on device")]
+    assert [e["failed"] for e in logs if e["event"] == "Stopped with errors"] == [["broken"]]
 
 
 # -- the document and the router come from one table ---------------------------------------
