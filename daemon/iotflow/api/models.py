@@ -14,7 +14,16 @@ from iotflow.alarms.model import Alarm
 from iotflow.connectors import CATALOG
 from iotflow.connectors import Connector as CatalogEntry
 from iotflow.connectors.connection import ID_PATTERN
-from iotflow.downlinks.parse import MAX_CORRELATION_ID, MAX_PAYLOAD_BYTES, MAX_PORT, MIN_PORT
+from iotflow.downlinks.parse import (
+    CONFIRMED_TEXTS,
+    MAX_CORRELATION_ID,
+    MAX_PAYLOAD_BYTES,
+    MAX_PORT,
+    MIN_PORT,
+    PAYLOAD_HEX_PATTERN,
+    PORT_TEXT_PATTERN,
+    SPELLINGS,
+)
 from iotflow.formats.fields import DEV_EUI_PATTERN, NORMAL_DEV_EUI_PATTERN
 from iotflow.telemetry.metrics import STATES
 
@@ -84,42 +93,49 @@ class DeviceInput(BaseModel):
 
 
 _DevEUI = Annotated[str, Field(pattern=DEV_EUI_PATTERN)]
-_PAYLOAD_HEX = rf"^(?:[0-9A-Fa-f]{{2}}){{0,{MAX_PAYLOAD_BYTES}}}$"
+_PayloadHex = Annotated[
+    str, Field(pattern=rf"^{PAYLOAD_HEX_PATTERN}$", max_length=2 * MAX_PAYLOAD_BYTES)
+]
 _Port = (
-    Annotated[int, Field(ge=MIN_PORT, le=MAX_PORT)] | Annotated[str, Field(pattern=r"^[0-9]{1,3}$")]
+    Annotated[int, Field(ge=MIN_PORT, le=MAX_PORT)]
+    | Annotated[str, Field(pattern=rf"^{PORT_TEXT_PATTERN}$")]
 )
-_Flag = bool | Literal[0, 1, "0", "1", "true", "false"]
+_Flag = bool | Literal[0, 1] | Literal[CONFIRMED_TEXTS]  # type: ignore[valid-type]
 _Correlation = Annotated[str, Field(min_length=1, max_length=MAX_CORRELATION_ID)]
-_DEFAULT_PORT = "default: the connection's downlinkPort"
 
 
-class ThingParkDownlink(BaseModel):
-    """ThingPark's downlink; its other fields (Time, AS_ID, ValidityTime...) are ignored."""
+def _downlink(name: str, shape: str, doc: str) -> type[BaseModel]:
+    """A downlink shape, its fields spelt as the parser reads them first."""
+    spelt = {what: names[0] for what, names in SPELLINGS[shape].items()}
+    fields: dict[str, Any] = {
+        spelt["dev_eui"]: (_DevEUI, ...),
+        spelt["port"]: (
+            _Port | None,
+            Field(default=None, description="default: the connection's downlinkPort"),
+        ),
+        "payload_hex": (_PayloadHex, ...),
+        spelt["confirmed"]: (_Flag | None, None),
+        spelt["correlation"]: (_Correlation | None, None),
+    }
+    model: type[BaseModel] = create_model(
+        name, __config__=ConfigDict(extra="allow"), __doc__=doc, **fields
+    )
+    return model
 
-    model_config = ConfigDict(extra="allow")
 
-    DevEUI: _DevEUI
-    FPort: _Port | None = Field(default=None, description=_DEFAULT_PORT)
-    payload_hex: Annotated[str, Field(pattern=_PAYLOAD_HEX)]
-    Confirmed: _Flag | None = None
-    CorrelationID: _Correlation | None = None
+ThingParkDownlink = _downlink(
+    "ThingParkDownlink",
+    "thingpark",
+    "ThingPark's downlink; its other fields (Time, AS_ID, ValidityTime...) are ignored.",
+)
+FlatDownlink = _downlink("FlatDownlink", "flat", "ThingPark's downlink fields, flat.")
 
 
 class ThingParkDownlinkMessage(BaseModel):
-    DevEUI_downlink: ThingParkDownlink
+    DevEUI_downlink: ThingParkDownlink  # type: ignore[valid-type]
 
 
-class FlatDownlink(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    DevEUI: _DevEUI
-    FPort: _Port | None = Field(default=None, description=_DEFAULT_PORT)
-    payload_hex: Annotated[str, Field(pattern=_PAYLOAD_HEX)]
-    confirmed: _Flag | None = None
-    correlationId: _Correlation | None = None
-
-
-class DownlinkInput(RootModel[ThingParkDownlinkMessage | FlatDownlink]):
+class DownlinkInput(RootModel[ThingParkDownlinkMessage | FlatDownlink]):  # type: ignore[valid-type]
     """A downlink: ThingPark's `DevEUI_downlink` document, or the same fields flat."""
 
     model_config = ConfigDict(title="DownlinkInput")
