@@ -18,7 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fixtures_path import FIXTURES
-from iotflow.api.openapi import DownlinkInput, openapi_document
+from iotflow.api.models import DownlinkInput
+from iotflow.api.server import openapi_document
 from iotflow.config.model import DownlinkSettings
 from iotflow.connectors.connection import parse_connection
 from iotflow.downlinks import REASONS, DownlinkRejected, DownlinkRequest, parse_downlink

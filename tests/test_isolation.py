@@ -92,6 +92,12 @@ async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
     await spool.close()
 
 
+async def apply(deliveries: Deliveries, spool: Spool, connections: list[Connection]) -> None:
+    """What a refresh of the daemon does: register the connections, complete the change."""
+    pending = await spool.pending_counts()
+    await deliveries.complete(deliveries.register(connections, None, pending))
+
+
 async def deliver_one(spool: Spool, deliveries: Deliveries, *targets: str) -> None:
     now = time.time()
     committed = await spool.append(
@@ -118,8 +124,8 @@ async def test_a_sink_that_fails_takes_only_its_connection_out_of_service(
     )
     connections = [http("bad", cloud), http("good", cloud)]
     with capture_logs() as logs:
-        await deliveries.apply(connections)
-        await deliveries.apply(connections)  # a later refresh: said once, not again
+        await apply(deliveries, spool, connections)
+        await apply(deliveries, spool, connections)  # a later refresh: said once, not again
     try:
         bad, good = deliveries.worker("bad"), deliveries.worker("good")
         assert bad is not None
@@ -144,7 +150,7 @@ async def test_a_sink_that_fails_takes_only_its_connection_out_of_service(
 
         # Repaired (here: the sink factory works again once the connection is edited).
         deliveries._sink_factory = make_sink_factory()
-        await deliveries.apply([http("bad", cloud, name="repaired"), http("good", cloud)])
+        await apply(deliveries, spool, [http("bad", cloud, name="repaired"), http("good", cloud)])
         (late,) = await cloud.wait_for(1, path="/bad")
         assert late.body
         repaired = deliveries.worker("bad")
@@ -212,7 +218,7 @@ async def test_a_quarantined_connection_gets_a_worker_out_of_service(
         "old", {"name": "old", "connectorId": "gone"}, "stored connection is not valid: x"
     )
     try:
-        await deliveries.apply([broken, http("good", cloud)])
+        await apply(deliveries, spool, [broken, http("good", cloud)])
         worker = deliveries.worker("old")
         assert worker is not None
         assert (worker.state, worker.stats.lastError) == (ConnectionState.CLOSED, broken.fault)

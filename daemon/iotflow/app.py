@@ -1,14 +1,16 @@
-"""The daemon's lifecycle, in one place: start registry → spool → workers → API → source,
-stop in reverse. Signals set events; tasks do the work."""
+"""The daemon's lifecycle, in one place: start registry → events → alarms → directory →
+downlinks → spool → workers → API → source, stop in reverse (an exit stack: what started
+last stops first, by construction). Signals set events; tasks do the work."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -19,7 +21,9 @@ from iotflow.alarms.evaluator import Alarms
 from iotflow.api.listen import bind
 from iotflow.api.server import create_app
 from iotflow.config.load import Settings, load_settings
+from iotflow.config.model import Config
 from iotflow.delivery.manager import Deliveries, make_sink_factory
+from iotflow.delivery.worker import ConnectionWorker
 from iotflow.downlinks.directory import DeviceDirectory
 from iotflow.downlinks.service import Downlinks
 from iotflow.errors import ConfigError, IotflowError, Rejection
@@ -33,7 +37,7 @@ from iotflow.telemetry import logging as logs
 from iotflow.telemetry.metrics import Metrics
 from iotflow.telemetry.systemd import Notifier
 
-log = logs.get_logger("iotflow")
+log = logs.get_logger("iotflow.app")
 
 _LOGGED_PAYLOAD = 200  # bytes of a rejected message shown in its log line
 _REJECT_LINES = 100  # rejected messages logged per minute at most
@@ -57,8 +61,11 @@ class Daemon:
         self._api_sockets: list[socket.socket] = []
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
-        self._changed = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
+        # What start opened, closed in reverse by shutdown; each close isolated (`_closing`).
+        self._stack = contextlib.AsyncExitStack()
+        self._failed: list[str] = []  # shutdown steps that failed
+        self.closed: list[str] = []  # shutdown steps run, in order (what a test checks)
+        self._tasks: list[asyncio.Task[Any]] = []  # of the daemon's life; the stack ends them
         self._transitions: set[asyncio.Task[None]] = set()
         self._refresh_lock = asyncio.Lock()
         self._reject_window = (0.0, 0)  # (minute start, lines logged in it)
@@ -107,10 +114,12 @@ class Daemon:
     async def start(self) -> None:
         config = self.settings.config
         self.store = open_registry(config)
+        self._closing("registry", self.store.close)
         version = await self.store.migrate()
         log.info("Registry ready", schema_version=version)
         self.events = EventLog(self.store)
         self.events.start()
+        self._closing("events", self.events.close)
         await self._reconcile(self.settings)
         self.alarms = Alarms(
             self.store,
@@ -119,8 +128,10 @@ class Daemon:
             notify=self._notify if config.alarms.notify_topic else None,
             clock=Clock.from_environment(),
         )
+        self._closing("alarms", self.alarms.close)
         self.directory = DeviceDirectory(self.store)
         self.directory.start()
+        self._closing("directory", self.directory.close)
         # Before the workers: their sinks hand the commands of their clouds to it.
         self.downlinks = Downlinks(
             store=self.store,
@@ -131,6 +142,8 @@ class Daemon:
             settings=lambda: self.settings.config.downlinks,
         )
         self.spool = await Spool.open(config.spool.path)
+        # The API and the workers write through it: it closes after both (stack order).
+        self._closing("spool", self.spool.close)
         spool = self.spool
         self.metrics.spool_writable.set_function(lambda: float(spool.writable))
         self.deliveries = Deliveries(
@@ -140,12 +153,23 @@ class Daemon:
             record=self.events,
             sink_factory=make_sink_factory(self.downlinks, config.mqtt.shared_group),
         )
+        deliveries = self.deliveries
+        # In-flight sends finish within the drain timeout of the moment (SIGTERM).
+        self._closing(
+            "deliveries",
+            lambda: deliveries.stop(self.settings.config.delivery.drain_timeout.total_seconds()),
+        )
+        # Transitions started by the last refreshes (an API call, a registry change)
+        # complete before the workers stop.
+        self._closing("transitions", self.settle)
         await self.refresh()
         await self.settle()  # workers running before the first uplink arrives
         await self.alarms.start()
-        self._tasks.append(asyncio.create_task(self._follow_changes(), name="registry-changes"))
+        self._background(self._follow_changes(), "registry-changes")
         self._runner = web.AppRunner(create_app(self), access_log=None)
         await self._runner.setup()
+        # The API writes through the spool (HTTP ingest, re-sends): it closes before it.
+        self._closing("api", self._runner.cleanup)
         if not self._api_sockets:  # started without run()
             self._api_sockets = bind(config.api.host, config.api.port)
         for sock in self._api_sockets:
@@ -158,8 +182,40 @@ class Daemon:
                 fix='set [api] tokens, e.g. tokens = ["${IOTFLOW_API_TOKEN}"]',
             )
         self.source = MqttSource(config.mqtt, self.handle, self.metrics)
-        self._tasks.append(asyncio.create_task(self.source.run(), name="source"))
-        self._tasks.append(asyncio.create_task(self._announce_ready(), name="systemd-ready"))
+        source = self._background(self.source.run(), "source", cancel=False)
+        self._closing("source", lambda: self._stop_source(source))
+        self._background(self._announce_ready(), "systemd-ready")
+
+    def _closing(self, name: str, action: Callable[[], Awaitable[object]]) -> None:
+        """Close `action` at shutdown, in reverse order of start. Isolated: one that fails
+        is logged and the rest still close (an exit stack alone stops at the first)."""
+
+        async def step() -> None:
+            self.closed.append(name)
+            try:
+                await action()
+            except Exception as exc:
+                self._failed.append(name)
+                log.error("Shutdown step failed", step=name, error=str(exc))
+
+        self._stack.push_async_callback(step)
+
+    def _background(
+        self, work: Coroutine[Any, Any, None], name: str, *, cancel: bool = True
+    ) -> asyncio.Task[None]:
+        """A task for the daemon's life, cancelled at shutdown (unless told otherwise)
+        before what was started before it closes."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.append(task)
+        if cancel:
+            self._closing(name, lambda: _cancel(task))
+        return task
+
+    async def _stop_source(self, task: asyncio.Task[None]) -> None:
+        """No new uplinks: the source finishes acknowledging what it committed, then ends."""
+        assert self.source is not None
+        self.source.stop()
+        await asyncio.gather(task, return_exceptions=True)
 
     async def _announce_ready(self) -> None:
         """READY=1 once the source has subscribed: systemd's start is complete then."""
@@ -181,7 +237,8 @@ class Daemon:
             reload.cancel()
 
     async def shutdown(self) -> int:
-        """Stop consuming, let in-flight sends finish, commit, close.
+        """Stop consuming, let in-flight sends finish, commit, close: what `start` opened,
+        in reverse (source, API, workers, spool, ..., registry).
 
         Every step runs even when one before it failed (a full disk must not leave the
         registry open). Returns the exit code: 0, or 1 when a step failed, e.g. the spool
@@ -189,55 +246,33 @@ class Daemon:
         """
         log.info("Stopping")
         self._stop.set()  # commits waiting for the spool give up: not acknowledged
-        failed: list[str] = []
-
-        async def step(name: str, action: Callable[[], Awaitable[object]]) -> None:
-            try:
-                await action()
-            except Exception as exc:
-                failed.append(name)
-                log.error("Shutdown step failed", step=name, error=str(exc))
-
-        if self.source is not None:
-            self.source.stop()
-        for task in self._tasks:
-            if task.get_name() == "source":
-                await asyncio.gather(task, return_exceptions=True)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await step("transitions", self.settle)
-        # The API writes through the spool (HTTP ingest, re-sends): it closes before them.
-        if self._runner is not None:
-            await step("api", self._runner.cleanup)
-        if self.alarms is not None:
-            await step("alarms", self.alarms.close)
-        if self.deliveries is not None:
-            drain = self.settings.config.delivery.drain_timeout.total_seconds()
-            deliveries = self.deliveries
-            await step("deliveries", lambda: deliveries.stop(drain))
-        if self.spool is not None:
-            await step("spool", self.spool.close)
-        if self.directory is not None:
-            await step("directory", self.directory.close)
-        if self.events is not None:
-            await step("events", self.events.close)
-        if self.store is not None:
-            await step("registry", self.store.close)
-        if failed:
-            log.error("Stopped with errors", failed=failed)
+        await self._stack.aclose()
+        if self._failed:
+            log.error("Stopped with errors", failed=self._failed)
             return 1
         log.info("Stopped")
         return 0
 
-    def request_stop(self) -> None:
-        self._stop.set()
+    # -- what the API reads (iotflow.api.control.ControlPlane) ---------------------------
 
     @property
     def registry(self) -> Store:
         if self.store is None:
             raise RuntimeError("the registry is not open yet")
         return self.store
+
+    @property
+    def config(self) -> Config:
+        return self.settings.config
+
+    def worker(self, connection_id: str) -> ConnectionWorker | None:
+        return self.deliveries.worker(connection_id) if self.deliveries is not None else None
+
+    def alarm_states(self, connection_id: str) -> list[dict[str, Any]]:
+        return self.alarms.states_of(connection_id) if self.alarms is not None else []
+
+    def active_alarms(self) -> list[dict[str, Any]]:
+        return self.alarms.active() if self.alarms is not None else []
 
     def record(self, connection_id: str, kind: str, data: dict[str, Any]) -> None:
         """Add to a connection's event log, in the background."""
@@ -493,6 +528,11 @@ class Daemon:
                 registry = False
         broker = self.source is not None and self.source.connected.is_set()
         return {"broker": broker, "registry": registry}
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _retrieved(commit: asyncio.Future[None]) -> None:

@@ -59,7 +59,7 @@ async def _migrate(settings: Settings) -> int:
 def _run(path: str, why: str | None) -> int:
     """The daemon: from its first line on, everything it prints is one JSON object a line."""
     logs.configure()  # the file's [log] takes over once it is read
-    log = logs.get_logger("iotflow")
+    log = logs.get_logger("iotflow.cli")
     try:
         settings = load_settings(path)
     except ConfigError as exc:

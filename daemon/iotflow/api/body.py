@@ -8,10 +8,13 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from pydantic import BaseModel
 
 from iotflow.api.errors import ApiError
+from iotflow.api.table import Param
 from iotflow.errors import Problem
 from iotflow.formats import normalize_dev_eui
+from iotflow.formats.fields import DEV_EUI_PATTERN
 
 DEFAULT_PER_PAGE = 20
 MAX_PER_PAGE = 100
@@ -39,6 +42,31 @@ async def read_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_body", "The body must be a JSON object.")
     return data
+
+
+# The query parameters `page_params` reads, as the document shows them.
+PAGE = (
+    Param("page", "query", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 1}),
+    Param(
+        "perPage",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE, "default": DEFAULT_PER_PAGE},
+    ),
+)
+# The path parameter `dev_eui_param` reads.
+DEV_EUI = Param(
+    "devEUI",
+    "path",
+    {"type": "string", "pattern": DEV_EUI_PATTERN},
+    required=True,
+    description="16 hex digits; '-' or ':' separators and lower case accepted",
+)
+# The headers of a page (`paginated`).
+PAGE_HEADERS = (
+    ("X-Total", "items in all pages"),
+    ("X-Total-Pages", "number of pages"),
+    ("X-Page", "this page"),
+)
 
 
 def page_params(request: web.Request) -> tuple[int, int]:
@@ -75,6 +103,11 @@ def paginated(items: Sequence[Any], total: int, page: int, per_page: int) -> web
 
 def json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+
+
+def dump(model: BaseModel) -> Any:
+    """A model as the API writes it: fields left unset (an absent brand) left out."""
+    return model.model_dump(mode="json", exclude_unset=True)
 
 
 def _dumps(data: Any) -> str:

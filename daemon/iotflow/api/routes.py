@@ -4,34 +4,51 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from iotflow.api.body import (
+    DEV_EUI,
+    PAGE,
+    PAGE_HEADERS,
     dev_eui_param,
+    dump,
     json,
     page_params,
     paginated,
     read_json_bytes,
     read_object,
 )
+from iotflow.api.control import CONTROL, ControlPlane
 from iotflow.api.errors import ApiError, invalid
+from iotflow.api.models import (
+    ActiveAlarm,
+    AlarmStatus,
+    ConnectionInput,
+    Device,
+    DeviceInput,
+    DownlinkAccepted,
+    DownlinkInput,
+    Event,
+    Statistics,
+)
+from iotflow.api.models import Connection as ConnectionView
+from iotflow.api.models import Connector as ConnectorView
+from iotflow.api.table import Answer, Auth, Param, RouteTable
 from iotflow.config.types import secret_value, unmask
 from iotflow.connectors import CATALOG, Connection, connector_document, parse_connection
-from iotflow.connectors.connection import CONNECTION_ID
+from iotflow.connectors.connection import CONNECTION_ID, ID_PATTERN
 from iotflow.connectors.secrets import unmask_url
-from iotflow.delivery.worker import Statistics, iso
+from iotflow.delivery.worker import Statistics as WorkerStatistics
+from iotflow.delivery.worker import iso
 from iotflow.downlinks import DownlinkRejected, parse_downlink
 from iotflow.downlinks.signature import ReplayGuard, Unauthorized, verify
 from iotflow.errors import NotFoundError, Problem
 from iotflow.formats import normalize_dev_eui
-from iotflow.registry import Event
+from iotflow.registry import Event as StoredEvent
 from iotflow.states import ConnectionState
 from iotflow.telemetry.logging import get_logger
-
-if TYPE_CHECKING:
-    from iotflow.app import Daemon
 
 BASE = "/iot-flow/v1"
 
@@ -44,13 +61,33 @@ REPLAYS: web.AppKey[ReplayGuard] = web.AppKey("downlink_replays", ReplayGuard)
 
 log = get_logger("iotflow.api")
 
-routes = web.RouteTableDef()
+routes = RouteTable()
+
+# Answers that are not successes, in the Error shape. Every route under the bearer token
+# can answer 401, and 503 when the registry is unavailable.
+_ERRORS = {
+    400: "Malformed JSON, body or query",
+    401: "Missing or wrong bearer token",
+    404: "Not found",
+    409: "Conflict (duplicate id, read-only provisioned connection)",
+    413: "Body too large",
+    415: "Body is not application/json",
+    422: "Invalid connection or binding, field by field",
+    503: "Registry unavailable",
+}
 
 
-def daemon_of(request: web.Request) -> Daemon:
-    from iotflow.api.server import DAEMON
+def errors(*statuses: int) -> dict[int, Answer]:
+    return {s: Answer(_ERRORS[s]) for s in (401, 503, *statuses)}
 
-    return request.app[DAEMON]
+
+_CONNECTOR_ID = Param("id", "path", {"type": "string"}, required=True)
+# The path parameter `connection_id` reads.
+_ID = Param("id", "path", {"type": "string", "pattern": ID_PATTERN}, required=True)
+
+
+def control_of(request: web.Request) -> ControlPlane:
+    return request.app[CONTROL]
 
 
 def connection_id(request: web.Request) -> str:
@@ -60,22 +97,30 @@ def connection_id(request: web.Request) -> str:
     return value
 
 
-def connection_document(daemon: Daemon, connection: Connection) -> dict[str, Any]:
+def connection_document(control: ControlPlane, connection: Connection) -> dict[str, Any]:
     """The connection as the product shows it: configuration (secrets masked) and status."""
     document = connection.document()
-    worker = daemon.deliveries.worker(connection.id) if daemon.deliveries else None
+    worker = control.worker(connection.id)
+    state: str
     if not connection.active:
         state = ConnectionState.DEACTIVATED
     else:
         state = worker.state if worker is not None else ConnectionState.OPENING
-    document["state"] = state
     startup = worker.startup_time if worker is not None else None
-    document["startupTime"] = iso(startup) if startup is not None else None
-    stats = worker.stats if worker is not None else Statistics()
-    document["statistics"] = stats.document()
-    document["provisioned"] = connection.provisioned
-    document["alarmStates"] = daemon.alarms.states_of(connection.id) if daemon.alarms else []
-    return document
+    stats = worker.stats if worker is not None else WorkerStatistics()
+    view = ConnectionView(
+        **{k: v for k, v in document.items() if k != "alarms"},
+        # The validated alarms, not their document: one stored by an older version is
+        # shown as it is, never validated again by today's rules.
+        alarms=connection.alarms if connection.fault is None else [],
+        state=state,
+        startupTime=iso(startup) if startup is not None else None,
+        statistics=Statistics.model_validate(stats.document()),
+        provisioned=connection.provisioned,
+        alarmStates=[AlarmStatus.model_validate(s) for s in control.alarm_states(connection.id)],
+    )
+    result: dict[str, Any] = dump(view)
+    return result
 
 
 def _input(body: dict[str, Any]) -> dict[str, Any]:
@@ -85,59 +130,103 @@ def _input(body: dict[str, Any]) -> dict[str, Any]:
 # -- connectors ----------------------------------------------------------------------------
 
 
-@routes.get(f"{BASE}/connectors")
+@routes.route(
+    "GET",
+    f"{BASE}/connectors",
+    summary="The connector catalog",
+    answers={200: Answer("Connectors", ConnectorView, many=True), **errors()},
+)
 async def list_connectors(request: web.Request) -> web.Response:
-    return json([connector_document(c) for c in CATALOG.values()])
+    return json(
+        [dump(ConnectorView.model_validate(connector_document(c))) for c in CATALOG.values()]
+    )
 
 
-@routes.get(f"{BASE}/connectors/{{id}}")
+@routes.route(
+    "GET",
+    f"{BASE}/connectors/{{id}}",
+    summary="One connector",
+    parameters=[_CONNECTOR_ID],
+    answers={200: Answer("A connector", ConnectorView), **errors(404)},
+)
 async def get_connector(request: web.Request) -> web.Response:
     connector = CATALOG.get(request.match_info["id"])
     if connector is None:
         raise ApiError(404, "not_found", f"No connector {request.match_info['id']!r}.")
-    return json(connector_document(connector))
+    return json(dump(ConnectorView.model_validate(connector_document(connector))))
 
 
 # -- connections ---------------------------------------------------------------------------
 
 
-@routes.get(f"{BASE}/connections")
+@routes.route(
+    "GET",
+    f"{BASE}/connections",
+    summary="List connections",
+    parameters=PAGE,
+    answers={
+        200: Answer("A page", ConnectionView, many=True, headers=PAGE_HEADERS),
+        **errors(400),
+    },
+)
 async def list_connections(request: web.Request) -> web.Response:
-    daemon = daemon_of(request)
+    control = control_of(request)
     page, per_page = page_params(request)
-    connections = await daemon.registry.list_connections()
+    connections = await control.registry.list_connections()
     start = (page - 1) * per_page
     chosen = connections[start : start + per_page]
     return paginated(
-        [connection_document(daemon, c) for c in chosen], len(connections), page, per_page
+        [connection_document(control, c) for c in chosen], len(connections), page, per_page
     )
 
 
-@routes.post(f"{BASE}/connections")
+@routes.route(
+    "POST",
+    f"{BASE}/connections",
+    summary="Create a connection",
+    request=ConnectionInput,
+    answers={
+        201: Answer("Created", ConnectionView, headers=(("Location", "the new connection"),)),
+        **errors(400, 409, 413, 415, 422),
+    },
+)
 async def create_connection(request: web.Request) -> web.Response:
-    daemon = daemon_of(request)
+    control = control_of(request)
     body = _input(await read_object(request))
     connection = parse_connection(body, default_id=uuid.uuid4().hex[:12])
-    created = await daemon.registry.create_connection(connection)
-    daemon.record(created.id, "connection_created", {"by": "api"})
-    await daemon.refresh()
+    created = await control.registry.create_connection(connection)
+    control.record(created.id, "connection_created", {"by": "api"})
+    await control.refresh()
     location = f"{BASE}/connections/{created.id}"
-    return json(connection_document(daemon, created), status=201, headers={"Location": location})
+    return json(connection_document(control, created), status=201, headers={"Location": location})
 
 
-@routes.get(f"{BASE}/connections/{{id}}")
+@routes.route(
+    "GET",
+    f"{BASE}/connections/{{id}}",
+    summary="One connection, with state, startupTime and statistics",
+    parameters=[_ID],
+    answers={200: Answer("The connection", ConnectionView), **errors(404)},
+)
 async def get_connection(request: web.Request) -> web.Response:
-    daemon = daemon_of(request)
-    connection = await daemon.registry.get_connection(connection_id(request))
-    return json(connection_document(daemon, connection))
+    control = control_of(request)
+    connection = await control.registry.get_connection(connection_id(request))
+    return json(connection_document(control, connection))
 
 
-@routes.put(f"{BASE}/connections/{{id}}")
+@routes.route(
+    "PUT",
+    f"{BASE}/connections/{{id}}",
+    summary="Replace a connection ('*****' keeps a stored secret)",
+    parameters=[_ID],
+    request=ConnectionInput,
+    answers={200: Answer("Replaced", ConnectionView), **errors(400, 404, 409, 413, 415, 422)},
+)
 async def replace_connection(request: web.Request) -> web.Response:
-    daemon = daemon_of(request)
+    control = control_of(request)
     cid = connection_id(request)
     body = _input(await read_object(request))
-    current = await daemon.registry.get_connection(cid)
+    current = await control.registry.get_connection(cid)
     if current.provisioned:
         raise _provisioned(cid)
     if body.get("id") not in (None, cid):  # null, as in POST, means "the one in the path"
@@ -148,23 +237,29 @@ async def replace_connection(request: web.Request) -> web.Response:
         body.get("configuration", {}), stored.get("configuration"), unmask_url
     )
     connection = parse_connection(body, default_id=cid)
-    replaced = await daemon.registry.replace_connection(connection)
+    replaced = await control.registry.replace_connection(connection)
     now = replaced.document(reveal=True)
     changed = sorted(key for key in set(stored) | set(now) if stored.get(key) != now.get(key))
-    daemon.record(cid, "configuration_changed", {"by": "api", "fields": changed})
-    await daemon.refresh()
-    return json(connection_document(daemon, replaced))
+    control.record(cid, "configuration_changed", {"by": "api", "fields": changed})
+    await control.refresh()
+    return json(connection_document(control, replaced))
 
 
-@routes.delete(f"{BASE}/connections/{{id}}")
+@routes.route(
+    "DELETE",
+    f"{BASE}/connections/{{id}}",
+    summary="Delete a connection; its pending deliveries are dropped",
+    parameters=[_ID],
+    answers={204: Answer("Deleted"), **errors(404, 409)},
+)
 async def delete_connection(request: web.Request) -> web.Response:
-    daemon = daemon_of(request)
+    control = control_of(request)
     cid = connection_id(request)
-    current = await daemon.registry.get_connection(cid)
+    current = await control.registry.get_connection(cid)
     if current.provisioned:
         raise _provisioned(cid)
-    await daemon.registry.delete_connection(cid)
-    await daemon.refresh()
+    await control.registry.delete_connection(cid)
+    await control.refresh()
     return web.Response(status=204)
 
 
@@ -176,87 +271,125 @@ def _provisioned(cid: str) -> ApiError:
     )
 
 
-@routes.get(f"{BASE}/connections/{{id}}/events")
+@routes.route(
+    "GET",
+    f"{BASE}/connections/{{id}}/events",
+    summary="The connection's event log, newest first",
+    parameters=[_ID, *PAGE],
+    answers={200: Answer("A page", Event, many=True, headers=PAGE_HEADERS), **errors(400, 404)},
+)
 async def list_events(request: web.Request) -> web.Response:
-    daemon = daemon_of(request)
+    control = control_of(request)
     cid = connection_id(request)
     page, per_page = page_params(request)
-    events, total = await daemon.registry.list_events(cid, (page - 1) * per_page, per_page)
+    events, total = await control.registry.list_events(cid, (page - 1) * per_page, per_page)
     return paginated([event_document(e) for e in events], total, page, per_page)
 
 
-def event_document(event: Event) -> dict[str, Any]:
-    return {
-        "id": event.id,
-        "time": event.time.isoformat(timespec="milliseconds"),
-        "type": event.kind,
-        "details": event.data,
-    }
+def event_document(event: StoredEvent) -> dict[str, Any]:
+    view = Event(
+        id=event.id,
+        time=event.time.isoformat(timespec="milliseconds"),
+        type=event.kind,
+        details=event.data,
+    )
+    result: dict[str, Any] = dump(view)
+    return result
 
 
 # -- alarms --------------------------------------------------------------------------------
 
 
-@routes.get(f"{BASE}/alarms")
+@routes.route(
+    "GET",
+    f"{BASE}/alarms",
+    summary="Raised alarms, across connections",
+    answers={200: Answer("Raised alarms", ActiveAlarm, many=True), **errors()},
+)
 async def list_alarms(request: web.Request) -> web.Response:
-    daemon = daemon_of(request)
-    return json(daemon.alarms.active() if daemon.alarms else [])
+    control = control_of(request)
+    return json([dump(ActiveAlarm.model_validate(a)) for a in control.active_alarms()])
 
 
 # -- devices -------------------------------------------------------------------------------
 
 
-@routes.get(f"{BASE}/devices")
+@routes.route(
+    "GET",
+    f"{BASE}/devices",
+    summary="Device bindings",
+    parameters=[Param("connectionId", "query", {"type": "string"}), *PAGE],
+    answers={200: Answer("A page", Device, many=True, headers=PAGE_HEADERS), **errors(400)},
+)
 async def list_devices(request: web.Request) -> web.Response:
-    daemon = daemon_of(request)
+    control = control_of(request)
     page, per_page = page_params(request)
     wanted = request.query.get("connectionId")
-    bindings, total = await daemon.registry.list_devices(wanted, (page - 1) * per_page, per_page)
-    items = [{"devEUI": b.dev_eui, "connections": list(b.connections)} for b in bindings]
+    bindings, total = await control.registry.list_devices(wanted, (page - 1) * per_page, per_page)
+    items = [dump(Device(devEUI=b.dev_eui, connections=list(b.connections))) for b in bindings]
     return paginated(items, total, page, per_page)
 
 
-@routes.get(f"{BASE}/devices/{{devEUI}}")
+@routes.route(
+    "GET",
+    f"{BASE}/devices/{{devEUI}}",
+    summary="A device's connections",
+    parameters=[DEV_EUI],
+    answers={200: Answer("The device", Device), **errors(400, 404)},
+)
 async def get_device(request: web.Request) -> web.Response:
-    daemon = daemon_of(request)
+    control = control_of(request)
     dev_eui = dev_eui_param(request)
     try:
-        connections = await daemon.registry.get_device(dev_eui)
+        connections = await control.registry.get_device(dev_eui)
     except NotFoundError:
         raise ApiError(404, "not_found", f"Device {dev_eui} is bound to no connection.") from None
-    return json({"devEUI": dev_eui, "connections": connections})
+    return json(dump(Device(devEUI=dev_eui, connections=connections)))
 
 
-@routes.put(f"{BASE}/devices/{{devEUI}}")
+@routes.route(
+    "PUT",
+    f"{BASE}/devices/{{devEUI}}",
+    summary="Set a device's connections",
+    parameters=[DEV_EUI],
+    request=DeviceInput,
+    answers={200: Answer("The device", Device), **errors(400, 409, 413, 415, 422)},
+)
 async def put_device(request: web.Request) -> web.Response:
-    daemon = daemon_of(request)
+    control = control_of(request)
     dev_eui = dev_eui_param(request)
     body = await read_object(request)
     wanted = _connection_ids(body, dev_eui)
     try:
-        before = set(await daemon.registry.get_device(dev_eui))
+        before = set(await control.registry.get_device(dev_eui))
     except NotFoundError:
         before = set()
-    await _check_bindable(daemon, before ^ set(wanted))
+    await _check_bindable(control, before ^ set(wanted))
     try:
-        await daemon.registry.set_device(dev_eui, wanted)
+        await control.registry.set_device(dev_eui, wanted)
     except NotFoundError as exc:
         raise invalid([Problem("connections", str(exc))]) from None
-    await daemon.refresh()
-    return json({"devEUI": dev_eui, "connections": sorted(set(wanted))})
+    await control.refresh()
+    return json(dump(Device(devEUI=dev_eui, connections=sorted(set(wanted)))))
 
 
-@routes.delete(f"{BASE}/devices/{{devEUI}}")
+@routes.route(
+    "DELETE",
+    f"{BASE}/devices/{{devEUI}}",
+    summary="Unbind a device from every connection",
+    parameters=[DEV_EUI],
+    answers={204: Answer("Unbound"), **errors(400, 404, 409)},
+)
 async def delete_device(request: web.Request) -> web.Response:
-    daemon = daemon_of(request)
+    control = control_of(request)
     dev_eui = dev_eui_param(request)
     try:
-        bound = set(await daemon.registry.get_device(dev_eui))
+        bound = set(await control.registry.get_device(dev_eui))
     except NotFoundError:
         raise ApiError(404, "not_found", f"Device {dev_eui} is bound to no connection.") from None
-    await _check_bindable(daemon, bound)
-    await daemon.registry.delete_device(dev_eui)
-    await daemon.refresh()
+    await _check_bindable(control, bound)
+    await control.registry.delete_device(dev_eui)
+    await control.refresh()
     return web.Response(status=204)
 
 
@@ -283,12 +416,12 @@ def _connection_ids(body: dict[str, Any], dev_eui: str) -> list[str]:
     return [str(v) for v in value]
 
 
-async def _check_bindable(daemon: Daemon, changed: set[str]) -> None:
+async def _check_bindable(control: ControlPlane, changed: set[str]) -> None:
     """Bindings of provisioned connections belong to the config file (a reload resets them)."""
     problems = []
     for cid in sorted(changed):
         try:
-            connection = await daemon.registry.get_connection(cid)
+            connection = await control.registry.get_connection(cid)
         except NotFoundError:
             continue  # reported as unknown by set_device
         if connection.provisioned:
@@ -305,7 +438,40 @@ async def _check_bindable(daemon: Daemon, changed: set[str]) -> None:
 # -- downlinks -----------------------------------------------------------------------------
 
 
-@routes.post(DOWNLINK_ROUTE)
+_SIGNED = [
+    Param(name, "query", {"type": "string", "minLength": 1}, required=True, description=text)
+    for name, text in (
+        ("AS_ID", "the connection's downlinkAsId"),
+        ("Time", "ISO 8601 with offset; within [downlinks] max_time_deviation of the server"),
+        ("Token", "last: hex SHA-256 of the query before Token, the body and downlinkAsKey"),
+    )
+]
+
+
+@routes.route(
+    "POST",
+    DOWNLINK_ROUTE,
+    summary="Send a downlink to a device of the connection, through its network server",
+    description="Signed as ThingPark signs downlinks, with the connection's downlinkAsId and"
+    " downlinkAsKey instead of the bearer token: the query carries AS_ID, Time and, last,"
+    " Token = lower-case hex SHA-256 of (the query before '&Token=', percent-decoded) + (the"
+    " body) + (downlinkAsKey). Each Token is accepted once.",
+    auth=Auth.DOWNLINK,
+    parameters=[_ID, *_SIGNED],
+    request=DownlinkInput,
+    answers={
+        202: Answer("Published on the source broker", DownlinkAccepted),
+        401: Answer("Missing, wrong, stale or replayed signature"),
+        404: Answer("No such connection"),
+        413: Answer("Body too large"),
+        415: Answer("Body is not application/json"),
+        422: Answer(
+            "Refused; code: not_json, wrong_shape, bad_dev_eui, bad_port, bad_payload,"
+            " unknown_device or disabled"
+        ),
+        503: Answer("Source broker not connected (not_connected), or registry unavailable"),
+    },
+)
 async def post_downlink(request: web.Request) -> web.Response:
     """A cloud's command to one of its devices, signed with the connection's AS id and key
     (see iotflow.downlinks.signature), published to the device's network server.
@@ -314,17 +480,17 @@ async def post_downlink(request: web.Request) -> web.Response:
     on the connection: an unknown id, a connection without downlink credentials and wrong
     credentials all get the same 401, and the log says which it was.
     """
-    daemon = daemon_of(request)
+    control = control_of(request)
     cid = request.match_info["id"]
     connection: Connection | None = None
     if CONNECTION_ID.match(cid):
         try:
-            connection = await daemon.registry.get_connection(cid)
+            connection = await control.registry.get_connection(cid)
         except NotFoundError:
             connection = None
     body = await read_json_bytes(request)
     config = connection.configuration if connection is not None else None
-    settings = daemon.settings.config.downlinks
+    settings = control.config.downlinks
     try:
         token, sent_at = verify(
             request.rel_url.raw_query_string,
@@ -353,7 +519,7 @@ async def post_downlink(request: web.Request) -> web.Response:
     # verify() refuses a request for no connection: both are there from here on.
     assert connection is not None
     assert config is not None
-    downlinks = daemon.downlinks
+    downlinks = control.downlinks
     if downlinks is None:
         raise ApiError(503, "not_ready", "The daemon is starting; try again shortly.")
     try:
@@ -365,7 +531,8 @@ async def post_downlink(request: web.Request) -> web.Response:
         sent = await downlinks.send(cid, downlink, connection=connection)
     except DownlinkRejected as rejection:
         raise _downlink_error(rejection) from None
-    return json({"devEUI": sent.dev_eui, "fPort": sent.f_port, "topic": sent.topic}, status=202)
+    accepted = DownlinkAccepted(devEUI=sent.dev_eui, fPort=sent.f_port, topic=sent.topic)
+    return json(dump(accepted), status=202)
 
 
 def _downlink_error(rejection: DownlinkRejected) -> ApiError:

@@ -2,67 +2,100 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from iotflow.api.auth import auth_middleware
-from iotflow.api.body import json
+from iotflow.api.body import dump, json
+from iotflow.api.control import CONTROL, ControlPlane
 from iotflow.api.errors import error_middleware
-from iotflow.api.openapi import openapi_document
-from iotflow.api.routes import BASE, DOWNLINK_ROUTE, REPLAYS, routes
+from iotflow.api.models import Health, OpenApi, Readiness
+from iotflow.api.openapi import generate
+from iotflow.api.routes import BASE, REPLAYS, routes
+from iotflow.api.table import Answer, Auth, RouteTable
 from iotflow.downlinks.signature import ReplayGuard
-from iotflow.ingest.http import INGEST_REPLAYS, INGEST_ROUTE, ingest_uplink
+from iotflow.ingest.http import INGEST_REPLAYS, ingest_routes
 from iotflow.ingest.thingpark import ReplayGuard as IngestReplayGuard
 
-if TYPE_CHECKING:
-    from iotflow.app import Daemon
-
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+health = RouteTable()
 
 
+@health.route(
+    "GET",
+    "/healthz",
+    summary="Liveness: the process answers",
+    auth=Auth.OPEN,
+    answers={200: Answer("Alive", Health)},
+)
 async def healthz(request: web.Request) -> web.Response:
-    return json({"status": "ok"})
+    return json(dump(Health(status="ok")))
 
 
+@health.route(
+    "GET",
+    "/readyz",
+    summary="Readiness: the broker and the registry are reachable",
+    auth=Auth.OPEN,
+    answers={200: Answer("Ready", Readiness), 503: Answer("Not ready", Readiness)},
+)
 async def readyz(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    checks = await daemon.readiness()
+    checks = await request.app[CONTROL].readiness()
     ready = all(checks.values())
-    return json(
-        {"status": "ready" if ready else "not ready", "checks": checks},
-        status=200 if ready else 503,
-    )
+    answer = Readiness(status="ready" if ready else "not ready", checks=checks)
+    return json(dump(answer), status=200 if ready else 503)
 
 
+@health.route(
+    "GET",
+    "/metrics",
+    summary="Prometheus metrics",
+    auth=Auth.OPEN,
+    answers={
+        200: Answer(
+            "The text exposition format", media_type="text/plain", schema={"type": "string"}
+        )
+    },
+)
 async def metrics(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    body = generate_latest(daemon.metrics.registry)
+    body = generate_latest(request.app[CONTROL].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+@health.route(
+    "GET",
+    f"{BASE}/openapi.json",
+    summary="This document",
+    answers={
+        200: Answer("OpenAPI 3.1", OpenApi),
+        401: Answer("Missing or wrong bearer token"),
+        503: Answer("Registry unavailable"),
+    },
+)
 async def openapi(request: web.Request) -> web.Response:
     return json(openapi_document())
 
 
-def create_app(daemon: Daemon) -> web.Application:
-    api = daemon.settings.config.api
+# Every route of the listener, each declared once: the router and the document read it.
+TABLE = health + routes + ingest_routes
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    return generate(TABLE)
+
+
+def create_app(control: ControlPlane) -> web.Application:
+    api = control.config.api
     tokens = [t.get_secret_value().encode() for t in api.tokens]
     app = web.Application(
         client_max_size=api.max_body_bytes,
-        middlewares=[
-            error_middleware,
-            auth_middleware(tokens, exempt={DOWNLINK_ROUTE, INGEST_ROUTE}),
-        ],
+        middlewares=[error_middleware, auth_middleware(tokens, exempt=TABLE.exempt())],
     )
-    app[DAEMON] = daemon
+    app[CONTROL] = control
     app[REPLAYS] = ReplayGuard()
     app[INGEST_REPLAYS] = IngestReplayGuard()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get(f"{BASE}/openapi.json", openapi)
-    app.router.add_routes(routes)
-    app.router.add_post(INGEST_ROUTE, ingest_uplink)
+    TABLE.add_to(app.router)
     return app

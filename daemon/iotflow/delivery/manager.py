@@ -111,13 +111,6 @@ class Deliveries:
                 self._spool.complete(delivery.id)
                 self._metrics.deliveries.labels(delivery.connection_id, Outcome.DROPPED).inc()
 
-    async def apply(
-        self, connections: Sequence[Connection], settings: DeliverySettings | None = None
-    ) -> None:
-        """Start, replace and stop workers so that exactly `connections` run."""
-        pending = await self._spool.pending_counts()
-        await self.complete(self.register(connections, settings, pending))
-
     def register(
         self,
         connections: Sequence[Connection],

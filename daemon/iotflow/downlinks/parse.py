@@ -38,23 +38,28 @@ MIN_PORT, MAX_PORT = 1, 223
 MAX_DOWNLINK_BYTES = 16 * 1024
 MAX_CORRELATION_ID = 128  # characters; echoed in events and logs
 
-_HEX = re.compile(r"(?:[0-9A-Fa-f]{2})*")
-_PORT_TEXT = re.compile(r"[0-9]{1,3}")
+# The patterns and spellings below are also what the API's document shows (api/models.py).
+PAYLOAD_HEX_PATTERN = r"(?:[0-9A-Fa-f]{2})*"
+PORT_TEXT_PATTERN = r"[0-9]{1,3}"
+CONFIRMED_TEXTS = ("0", "1", "true", "false")  # in any case
+_HEX = re.compile(PAYLOAD_HEX_PATTERN)
+_PORT_TEXT = re.compile(PORT_TEXT_PATTERN)
 
 # Field names by shape: ThingPark's spelling first; the flat shape also takes the
 # camelCase spelling that the rest of iotflow's API uses (`devEUI`, `fPort`).
-_THINGPARK = {
+_THINGPARK: dict[str, tuple[str, ...]] = {
     "dev_eui": ("DevEUI",),
     "port": ("FPort",),
     "confirmed": ("Confirmed",),
     "correlation": ("CorrelationID",),
 }
-_FLAT = {
+_FLAT: dict[str, tuple[str, ...]] = {
     "dev_eui": ("DevEUI", "devEUI"),
     "port": ("FPort", "fPort"),
     "confirmed": ("confirmed", "Confirmed"),
     "correlation": ("correlationId", "CorrelationID"),
 }
+SPELLINGS: dict[str, dict[str, tuple[str, ...]]] = {"thingpark": _THINGPARK, "flat": _FLAT}
 
 
 def parse_downlink(
@@ -215,7 +220,7 @@ def _confirmed(path: str, value: Any) -> bool:
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.lower() in ("0", "1", "true", "false"):
+    if isinstance(value, str) and value.lower() in CONFIRMED_TEXTS:
         return value.lower() in ("1", "true")
     raise DownlinkRejected(
         "wrong_shape", f"{path}: expected true, false, 0 or 1, got {describe(value)}", path=path

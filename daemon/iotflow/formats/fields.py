@@ -27,8 +27,12 @@ _DECIMAL = re.compile(
 )
 # TTS writes nanoseconds; datetime holds microseconds.
 _EXCESS_FRACTION = re.compile(r"(\.[0-9]{6})[0-9]+")
-_HEX16 = re.compile(r"[0-9A-Fa-f]{16}")
 _EUI_SEPARATORS = str.maketrans("", "", "-:")
+# What `normalize_dev_eui` accepts (the API documents it as is): 16 hex digits once the
+# separators are removed.
+DEV_EUI_PATTERN = r"^[-:]*(?:[0-9A-Fa-f][-:]*){16}$"
+_DEV_EUI = re.compile(DEV_EUI_PATTERN)
+NORMAL_DEV_EUI_PATTERN = r"^[0-9A-F]{16}$"  # what it returns
 
 MAX_BYTE = 255  # FPort, spreading factor
 # No LoRaWAN network ran before 2015: an earlier time is a zero value written for "unset"
@@ -44,10 +48,9 @@ def normalize_dev_eui(s: str) -> str:
 
     Raises ValueError when what is left after removing the separators is not 16 hex digits.
     """
-    digits = s.translate(_EUI_SEPARATORS)
-    if _HEX16.fullmatch(digits) is None:
+    if _DEV_EUI.fullmatch(s) is None:
         raise ValueError(f"expected 16 hex digits, got {describe(s)}")
-    return digits.upper()
+    return s.translate(_EUI_SEPARATORS).upper()
 
 
 def gateway_id(s: str) -> str:

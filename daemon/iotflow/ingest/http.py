@@ -13,23 +13,23 @@ import asyncio
 import hmac
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from iotflow.api.body import json
+from iotflow.api.body import dump, json
+from iotflow.api.control import CONTROL, ControlPlane
 from iotflow.api.errors import ApiError
+from iotflow.api.models import IngestAccepted, UplinkInput
+from iotflow.api.table import Answer, Auth, Param, RouteTable
 from iotflow.config.model import IngestEndpoint
 from iotflow.config.types import secret_value
 from iotflow.errors import Rejection
 from iotflow.ingest.thingpark import ReplayGuard, Unauthorized, verify_uplink
 from iotflow.telemetry.logging import get_logger
 
-if TYPE_CHECKING:
-    from iotflow.app import Daemon
-
-__all__ = ["INGEST_REPLAYS", "INGEST_ROUTE", "ingest_uplink"]
+__all__ = ["INGEST_REPLAYS", "INGEST_ROUTE", "ingest_routes", "ingest_uplink"]
 
 log = get_logger("iotflow.ingest")
 
@@ -73,9 +73,9 @@ def _unauthorized() -> ApiError:
     )
 
 
-def _entry(daemon: Daemon, ingest_id: str) -> IngestEndpoint | None:
+def _entry(control: ControlPlane, ingest_id: str) -> IngestEndpoint | None:
     # Read at each request: [[ingest]] follows a reload (SIGHUP) without a restart.
-    for entry in daemon.settings.config.ingest:
+    for entry in control.config.ingest:
         if hmac.compare_digest(entry.id.encode(), ingest_id.encode()):
             return entry
     return None
@@ -105,14 +105,45 @@ async def _read_bounded(request: web.Request, limit: int) -> bytes | None:
     return bytes(body)
 
 
-async def ingest_uplink(request: web.Request) -> web.StreamResponse:
-    from iotflow.api.server import DAEMON
+ingest_routes = RouteTable()
 
-    daemon = request.app[DAEMON]
+
+@ingest_routes.route(
+    "POST",
+    INGEST_ROUTE,
+    summary="An uplink pushed by a network server, to an [[ingest]] entry",
+    description="Not bearer-authenticated: each [[ingest]] entry checks its own credentials"
+    " (auth = thingpark: ThingPark's AS_ID, Time and Token query parameters; header: the"
+    " entry's header and token; bearer: Authorization: Bearer <token>). 200 only once the"
+    " uplink's deliveries are committed to the spool. See docs/ingest.md.",
+    auth=Auth.OWN,
+    parameters=[
+        Param("ingestId", "path", {"type": "string"}, required=True),
+        Param(
+            "event",
+            "query",
+            {"type": "string"},
+            description="ChirpStack's event type; only 'up' is an uplink",
+        ),
+    ],
+    request=UplinkInput,
+    answers={
+        200: Answer("Committed to the spool (routed), or bound to no connection", IngestAccepted),
+        204: Answer("A ChirpStack event that is not an uplink"),
+        400: Answer(
+            "Not an uplink of the entry's format; code: not_json, wrong_shape, bad_dev_eui"
+        ),
+        401: Answer("Unknown ingest id, or missing, wrong, stale or replayed credentials"),
+        413: Answer("Body larger than the entry's max_body_bytes"),
+        503: Answer(f"The spool could not commit it; Retry-After: {RETRY_AFTER_SECONDS}"),
+    },
+)
+async def ingest_uplink(request: web.Request) -> web.StreamResponse:
+    control = request.app[CONTROL]
     ingest_id = request.match_info["ingestId"]
-    entry = _entry(daemon, ingest_id)
+    entry = _entry(control, ingest_id)
     label = entry.id if entry is not None else UNKNOWN_INGEST
-    requests = daemon.metrics.ingest_requests
+    requests = control.metrics.ingest_requests
 
     def refuse(result: str, answer: ApiError, reason: str, **fields: Any) -> ApiError:
         requests.labels(label, result).inc()
@@ -165,12 +196,12 @@ async def ingest_uplink(request: web.Request) -> web.StreamResponse:
         if event != CHIRPSTACK_UPLINK_EVENT:
             # Acknowledged so that ChirpStack does not log a failure for every join or
             # status event; counted, and not logged (they are routine).
-            daemon.metrics.uplinks_rejected.labels("not_uplink").inc()
+            control.metrics.uplinks_rejected.labels("not_uplink").inc()
             requests.labels(label, "rejected").inc()
             log.debug("Ingest event that is not an uplink", ingest=label, kind=event[:40])
             return web.Response(status=204)
     try:
-        commit = daemon.accept(entry.format, body, hold=False, ingest=label)
+        commit = control.accept(entry.format, body, hold=False, ingest=label)
     except Rejection as rejection:
         requests.labels(label, "rejected").inc()  # logged by the daemon, rate-limited
         status = 413 if rejection.reason == "too_large" else 400
@@ -200,4 +231,4 @@ async def ingest_uplink(request: web.Request) -> web.StreamResponse:
                 error=str(exc) or type(exc).__name__,
             ) from None
     requests.labels(label, "accepted").inc()
-    return json({"accepted": True, "routed": commit is not None})
+    return json(dump(IngestAccepted(accepted=True, routed=commit is not None)))

@@ -85,7 +85,7 @@ __all__ = [
     "SpoolWriteError",
 ]
 
-log = structlog.get_logger(__name__)
+log = structlog.get_logger("iotflow.spool")
 
 SCHEMA_VERSION = 1
 

@@ -30,7 +30,7 @@ _LIBRARY_LEVEL = logging.WARNING
 # Malformed HTTP requests logged per minute at most: a scanner must not drown the log.
 MALFORMED_LINES = 100
 
-log = structlog.get_logger("iotflow")
+log = structlog.get_logger("iotflow.telemetry")
 
 
 def _dumps(obj: Any, default: Any = None) -> str:
@@ -157,4 +157,6 @@ def install_loop_handler(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def get_logger(name: str) -> Any:
+    """The logger of a module: named `iotflow.<package>` (`iotflow.api`, `iotflow.sinks`),
+    the same for every module of a package, so that splitting a module renames nothing."""
     return structlog.get_logger(name)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 from iotflow.telemetry.logging import get_logger
 
-log = get_logger("iotflow.systemd")
+log = get_logger("iotflow.telemetry")
 
 READY_STATUS = "Consuming uplinks"
 

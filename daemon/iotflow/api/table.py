@@ -1,0 +1,116 @@
+"""The route table: each route declared once, with what the OpenAPI document says about it.
+
+A handler is registered with its method, path, summary, authentication, request model and
+answers (status → model); the router, the bearer-token exemptions and `openapi.json` are
+all read from the same declaration, so that the document cannot drift from the routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Auth(StrEnum):
+    BEARER = "bearer"  # the operators' bearer token ([api] tokens)
+    DOWNLINK = "downlink"  # signed with the connection's downlinkAsId and downlinkAsKey
+    OWN = "own"  # checks its own credentials (an [[ingest]] entry's)
+    OPEN = "open"  # health, readiness, metrics: no credentials
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A path or query parameter, its JSON Schema as the handler checks it."""
+
+    name: str
+    where: str  # "path" or "query"
+    schema: dict[str, Any]
+    required: bool = False
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One documented answer. `model` is the body's model (a list of it when `many`);
+    None for an error (the Error shape) or for no body."""
+
+    description: str
+    model: type[BaseModel] | None = None
+    many: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
+    media_type: str = "application/json"
+    schema: dict[str, Any] | None = None  # a body that is no model of ours (metrics)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    auth: Auth
+    answers: dict[int, Answer]
+    request: type[BaseModel] | None = None
+    parameters: tuple[Param, ...] = ()
+    description: str | None = None
+
+
+@dataclass
+class RouteTable:
+    routes: list[Route] = field(default_factory=list)
+
+    def route(
+        self,
+        method: str,
+        path: str,
+        *,
+        summary: str,
+        answers: dict[int, Answer],
+        auth: Auth = Auth.BEARER,
+        request: type[BaseModel] | None = None,
+        parameters: Iterable[Param] = (),
+        description: str | None = None,
+    ) -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            if any(r.method == method and r.path == path for r in self.routes):
+                raise ValueError(f"{method} {path} is declared twice")
+            self.routes.append(
+                Route(
+                    method,
+                    path,
+                    handler,
+                    summary,
+                    auth,
+                    answers,
+                    request,
+                    tuple(parameters),
+                    description,
+                )
+            )
+            return handler
+
+        return register
+
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self.routes)
+
+    def __add__(self, other: RouteTable) -> RouteTable:
+        return RouteTable([*self.routes, *other.routes])
+
+    def add_to(self, router: web.UrlDispatcher) -> None:
+        for route in self.routes:
+            if route.method == "GET":  # and HEAD, as aiohttp's add_get does
+                router.add_get(route.path, route.handler)
+            else:
+                router.add_route(route.method, route.path, route.handler)
+
+    def exempt(self) -> set[str]:
+        """Paths under the API prefix that do not take the bearer token."""
+        return {r.path for r in self.routes if r.auth in (Auth.DOWNLINK, Auth.OWN)}
