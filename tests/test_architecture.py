@@ -276,15 +276,6 @@ def test_routes_not_under_the_bearer_token_are_the_exempt_ones() -> None:
 
 # -- one logger naming scheme ----------------------------------------------------------------
 
-# Owned by helpers working in parallel (issue #12): they follow the scheme when they land.
-PENDING = {
-    "iotflow.sinks.aws",
-    "iotflow.sinks.cumulocity",
-    "iotflow.sinks.mqtt",
-    "iotflow.sources.mqtt",
-}
-
-
 def logger_names() -> dict[str, list[str]]:
     names: dict[str, list[str]] = {}
     for path in PACKAGE.rglob("*.py"):
@@ -304,8 +295,6 @@ def logger_names() -> dict[str, list[str]]:
 def test_every_module_logs_as_iotflow_dot_its_package() -> None:
     wrong = {}
     for module, names in logger_names().items():
-        if module in PENDING:
-            continue
         expected = ".".join(module.split(".")[:2])  # iotflow.<package> (or .<module>)
         bad = [n for n in names if n not in (expected, "name")]
         if bad:

@@ -48,7 +48,7 @@ from iotflow.sinks.mqtt.sink import downlink_topic, reconnect_cap
 from iotflow.spool import Delivery
 from iotflow.telemetry.logging import get_logger
 
-log = get_logger("iotflow.sink.aws")
+log = get_logger("iotflow.sinks")
 
 # AWS IoT Core's per-connection limit, "Publish requests per second per connection"
 # (AWS IoT Core endpoints and quotas). Evenly spaced: never more than that in any second.

@@ -23,7 +23,7 @@ from iotflow.sources.ack import ConnectWatch, InflightGate, ManualAck
 from iotflow.telemetry.logging import get_logger
 from iotflow.telemetry.metrics import Metrics
 
-log = get_logger("iotflow.source")
+log = get_logger("iotflow.sources")
 
 # A broker that refuses our CONNECT (protocol, credentials) is not fixed by retrying fast;
 # it is retried this often so that a broker upgraded or reconfigured later is picked up.

@@ -16,7 +16,7 @@ from iotflow.sinks.cumulocity.documents import COMMAND_FRAGMENT, DOWNLINK_FRAGME
 from iotflow.sinks.cumulocity.registration import Devices
 from iotflow.telemetry.logging import get_logger
 
-log = get_logger("iotflow.sinks.cumulocity")
+log = get_logger("iotflow.sinks")
 
 OPERATIONS_PAGE = 100  # pending operations read per device and round
 _COMMAND = re.compile(r"^\s*(?:(?P<port>[0-9]{1,3})\s*:)?\s*(?P<hex>[0-9A-Fa-f\s]*?)\s*$")

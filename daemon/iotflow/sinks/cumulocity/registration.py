@@ -9,7 +9,7 @@ from iotflow.sinks.cumulocity.client import CumulocityClient, id_of, managed_obj
 from iotflow.sinks.cumulocity.documents import SERIAL_TYPE, device_document
 from iotflow.telemetry.logging import get_logger
 
-log = get_logger("iotflow.sinks.cumulocity")
+log = get_logger("iotflow.sinks")
 
 
 class Devices:

@@ -32,7 +32,7 @@ from iotflow.sinks.cumulocity.registration import Devices
 from iotflow.spool import Delivery
 from iotflow.telemetry.logging import get_logger
 
-log = get_logger("iotflow.sinks.cumulocity")
+log = get_logger("iotflow.sinks")
 
 _PROGRESS_KEPT = 4096  # deliveries whose event is in Cumulocity while the measurement is not
 

@@ -17,7 +17,7 @@ import aiomqtt
 from iotflow.sinks.mqtt.endpoint import Endpoint
 from iotflow.telemetry.logging import get_logger
 
-log = get_logger("iotflow.sink.mqtt")
+log = get_logger("iotflow.sinks")
 
 KEEPALIVE_SECONDS = 60
 
@@ -67,7 +67,7 @@ def make_client(
 ) -> aiomqtt.Client:
     """An MQTT 3.1.1 client for one attempt; `on_socket_error` hears what paho only logs."""
     endpoint = options.endpoint
-    paho_log = logging.Logger(f"iotflow.sink.mqtt.{connection_id}")
+    paho_log = logging.Logger(f"iotflow.sinks.mqtt.{connection_id}")
     paho_log.propagate = False
     paho_log.addHandler(_PahoLog(connection_id, on_socket_error))
     client = aiomqtt.Client(

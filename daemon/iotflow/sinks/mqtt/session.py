@@ -60,7 +60,7 @@ from iotflow.sinks.mqtt.topics import DownlinkTopic
 from iotflow.sources.ack import ManualAck
 from iotflow.telemetry.logging import get_logger
 
-log = get_logger("iotflow.sink.mqtt")
+log = get_logger("iotflow.sinks")
 
 # The first reconnect delay; it doubles after each failure up to the reconnectStrategy cap.
 RECONNECT_INITIAL_SECONDS = 1.0
