@@ -276,6 +276,7 @@ def test_routes_not_under_the_bearer_token_are_the_exempt_ones() -> None:
 
 # -- one logger naming scheme ----------------------------------------------------------------
 
+
 def logger_names() -> dict[str, list[str]]:
     names: dict[str, list[str]] = {}
     for path in PACKAGE.rglob("*.py"):
