@@ -22,6 +22,7 @@ from iotflow.api.listen import bind
 from iotflow.api.server import create_app
 from iotflow.config.load import Settings, load_settings
 from iotflow.config.model import Config
+from iotflow.connectors import CATALOG
 from iotflow.delivery.manager import Deliveries, make_sink_factory
 from iotflow.delivery.worker import ConnectionWorker
 from iotflow.downlinks.directory import DeviceDirectory
@@ -94,7 +95,7 @@ class Daemon:
             # What start-up allocated lives as long as the process: keep it out of the
             # collector's full passes, which otherwise grow with every uplink in flight.
             gc.freeze()
-            log.info("iotflow running", config=self.settings.path)
+            log.info("iotflow running", config=self.settings.path, connectors=sorted(CATALOG))
             await self._serve()
         except IotflowError as exc:
             # An expected failure (the registry refuses us, a bad registry URL): said in

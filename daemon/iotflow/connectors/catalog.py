@@ -165,7 +165,9 @@ def load_connectors(points: Iterable[EntryPoint] | None = None) -> dict[str, Con
             continue
         catalog[connector.id] = connector
     if catalog:
-        log.info("Connectors loaded", connectors=sorted(catalog))
+        # Said at debug here (loaded at the first use, by `iotflow check` too); the daemon's
+        # "iotflow running" line names them.
+        log.debug("Connectors loaded", connectors=sorted(catalog))
     else:
         log.error("No connector installed", group=GROUP)
     return catalog
