@@ -315,6 +315,10 @@ def test_out_of_range_alarms_are_field_errors(
         ({"uplinkTimeValidity": "0s"}, "configuration.uplinkTimeValidity", "between 1s"),
         ({"uplinkTimeValidity": "1.0005s"}, "configuration.uplinkTimeValidity", "milliseconds"),
         ({"description": "a\x00b"}, "configuration.description", "NUL"),
+        # yarl (what aiohttp sends with) refuses these at the first delivery.
+        ({"destinationURL": "http://h:99999/x"}, "configuration.destinationURL", "port"),
+        ({"destinationURL": "http://h:0/x"}, "configuration.destinationURL", "port"),
+        ({"destinationURL": "http://[::1/x"}, "configuration.destinationURL", "URL"),
     ],
 )
 def test_unusable_connection_values_are_field_errors(

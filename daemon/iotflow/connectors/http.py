@@ -48,9 +48,17 @@ class HttpConfig(CommonConfig):
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+            port = parts.port  # a port past 65535 is refused here, not at the first send
+        except ValueError:
+            raise ValueError(
+                "expected an absolute http:// or https:// URL with a port of 1 to 65535"
+            ) from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("expected an absolute http:// or https:// URL")
+        if port == 0:
+            raise ValueError("the port must be from 1 to 65535")
         if HEADER_CONTROL.search(value):
             raise ValueError("control characters must be percent-encoded")
         if "{" in value or "}" in value:
