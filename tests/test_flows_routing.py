@@ -8,9 +8,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from iotflow.connectors.connection import Connection, parse_connection
 from iotflow.flows import Flow, parse_flow
 from iotflow.formats import decode
-from iotflow.connectors.connection import Connection, parse_connection
 from iotflow.routing import RoutingIndex, Target
 
 

@@ -54,8 +54,8 @@ class RoutingIndex:
         "_connections",
         "_flow_count",
         "_keys",
-        "_range_starts",
         "_range_sets",
+        "_range_starts",
         "_routes",
         "_tags",
     )
