@@ -302,6 +302,16 @@ class Daemon:
                 changed=result.changed,
                 removed=result.removed,
             )
+        # After the connections: a provisioned flow names provisioned connections.
+        flows = await self.store.reconcile_flows(list(settings.flows))
+        if flows:
+            log.info(
+                "Provisioned flows reconciled",
+                added=flows.added,
+                changed=flows.changed,
+                removed=flows.removed,
+                replaced=flows.replaced,
+            )
 
     async def refresh(self) -> None:
         """Bring routing and workers in line with the registry.
@@ -369,7 +379,7 @@ class Daemon:
             )
             # Keep the running values of what cannot change live.
             new = new.model_copy(update={name: getattr(old, name) for name in restart_needed})
-        self.settings = Settings(settings.path, new, settings.connections)
+        self.settings = Settings(settings.path, new, settings.connections, settings.flows)
         logs.configure(new.log.level, new.log.format)
         try:
             await self._reconcile(settings)

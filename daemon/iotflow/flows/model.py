@@ -32,6 +32,8 @@ __all__ = [
     "Flow",
     "FlowConnector",
     "FlowDriver",
+    "FlowInput",
+    "FlowView",
     "KeyMatcher",
     "Matcher",
     "RangeMatcher",
@@ -127,13 +129,34 @@ class FlowConnector(_Strict):
         return None if v is None else v.total_seconds()
 
 
-class Flow(_Strict):
-    id: Annotated[str, Field(pattern=ID_PATTERN)]
+class _FlowFields(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     description: Annotated[str, Field(max_length=2000)] | None = None
     driver: FlowDriver | None = None
     matchers: Annotated[list[Matcher], Field(min_length=1, max_length=MAX_MATCHERS)]
     connectors: Annotated[list[FlowConnector], Field(min_length=1, max_length=100)]
+
+
+class FlowInput(_FlowFields):
+    """The body of POST and PUT: `id` is optional (POST makes one; PUT takes the path's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="FlowInput")
+
+    id: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
+    provisioned: bool | None = Field(default=None, description="read-only; ignored on input")
+
+
+class FlowView(_FlowFields):
+    """A flow as the API shows it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Flow")
+
+    id: str
+    provisioned: bool = Field(description="defined in the config file: read-only here")
+
+
+class Flow(_FlowFields):
+    id: Annotated[str, Field(pattern=ID_PATTERN)]
     provisioned: bool = Field(default=False, exclude=True)
 
     @model_validator(mode="after")
@@ -154,10 +177,21 @@ class Flow(_Strict):
         return [c.connectionId for c in self.connectors]
 
 
-def parse_flow(document: Any, *, prefix: str = "", provisioned: bool = False) -> Flow:
-    """A flow from its wire form; ConfigError with key paths (never values) when invalid."""
+def parse_flow(
+    document: Any,
+    *,
+    prefix: str = "",
+    provisioned: bool = False,
+    default_id: str | None = None,
+) -> Flow:
+    """A flow from its wire form; ConfigError with key paths (never values) when invalid.
+
+    `default_id` is the id of a document without one (or with `"id": null`).
+    """
     if not isinstance(document, dict):
         raise ConfigError([Problem(prefix, "expected an object")])
+    if default_id is not None and document.get("id") is None:
+        document = {**document, "id": default_id}
     try:
         flow = Flow.model_validate(document)
     except ValidationError as exc:
