@@ -143,6 +143,15 @@ def test_tags_from_each_format() -> None:
     )
     assert cs.tags == {"floor", "floor=1"}
     assert cs.application == "app-1"
+    named = decode(
+        "chirpstack",
+        b'{"deviceInfo": {"devEui": "0018b20000000b01", "applicationId": "x",'
+        b' "applicationName": "Demo"}, "time": "2026-01-01T00:00:00Z", "fPort": 1, "data": ""}',
+    )
+    by_name = index(flow("n", [{"type": "application", "id": "DEMO"}], "c"))
+    assert ids(
+        by_name.targets(named.dev_eui, named.tags, named.application, named.application_name)
+    ) == ["c"]
     tts = decode(
         "tts",
         b'{"end_device_ids": {"dev_eui": "0018B20000000B01", "device_id": "d",'

@@ -432,7 +432,9 @@ class Daemon:
         except Rejection as rejection:
             self._reject(rejection, payload, **origin)
             raise
-        targets = self.index.targets(uplink.dev_eui, uplink.tags, uplink.application)
+        targets = self.index.targets(
+            uplink.dev_eui, uplink.tags, uplink.application, uplink.application_name
+        )
         if not targets:
             self.metrics.uplinks_unrouted.inc()
             log.debug("Uplink of an unbound device", devEUI=uplink.dev_eui, **origin)

@@ -78,6 +78,7 @@ def decode(document: dict[str, Any]) -> Uplink:
         document=document,
         tags=_tags(info),
         application=fold(app) if (app := info.opt_str("applicationId")) else None,
+        application_name=fold(name) if (name := info.opt_str("applicationName")) else None,
     )
 
 

@@ -39,7 +39,8 @@ class Uplink:
     `document` is the message as it was received (parsed JSON). `tags` are the device's
     tags, lower-cased, for flow matchers (ThingPark `CustomerData.tags`, ChirpStack
     `deviceInfo.tags` as `key=value` and `key`, The Things Stack `application:<id>`);
-    `application` is the network server's application id (ChirpStack, TTS), lower-cased.
+    `application` is the network server's application id (ChirpStack, TTS), lower-cased;
+    an `application` matcher also matches ChirpStack's `application_name`.
     """
 
     format: str  # actility | chirpstack | tts
@@ -55,6 +56,7 @@ class Uplink:
     document: dict[str, Any] = field(default_factory=dict)
     tags: frozenset[str] = frozenset()
     application: str | None = None
+    application_name: str | None = None  # ChirpStack `applicationName`, lower-cased
 
 
 def fold(value: str) -> str:

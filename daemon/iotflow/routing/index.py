@@ -139,6 +139,7 @@ class RoutingIndex:
         dev_eui: str,
         tags: frozenset[str] = frozenset(),
         application: str | None = None,
+        application_name: str | None = None,
     ) -> tuple[Target, ...]:
         """Where an uplink goes: bindings and matching flows, once per connection.
 
@@ -150,10 +151,11 @@ class RoutingIndex:
         found = self._keys.get(dev_eui)
         if found:
             matched.extend(found)
-        if application is not None:
-            found = self._apps.get(application)
-            if found:
-                matched.extend(found)
+        for app in (application, application_name):
+            if app is not None:
+                found = self._apps.get(app)
+                if found:
+                    matched.extend(found)
         if tags and self._tags:
             for tag in tags:
                 candidates = self._tags.get(tag)
