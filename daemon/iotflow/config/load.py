@@ -149,7 +149,7 @@ def _flows(raw: Any, connections: set[str], problems: list[Problem]) -> tuple[Fl
             if connector.connectionId not in connections:
                 problems.append(
                     Problem(
-                        f"{prefix}.connectors[{j}].connectionId",
+                        f"{prefix}.connectors.{j}.connectionId",
                         "not a connection of the config file",
                     )
                 )
