@@ -328,8 +328,13 @@ FLOWS = """
 id = "paris"
 name = "Paris"
 driver = { id = "actility:auto:1" }
-matchers = [{ type = "thing", tags = ["Site=Paris"] }, { type = "key", key = "lora:0018b20000000b20" }]
-connectors = [{ id = "actility-http-iot", connectionId = "datacake-main", uplinkTimeValidity = "72h" }]
+matchers = [
+  { type = "thing", tags = ["Site=Paris"] },
+  { type = "key", key = "lora:0018b20000000b20" },
+]
+connectors = [
+  { id = "actility-http-iot", connectionId = "datacake-main", uplinkTimeValidity = "72h" },
+]
 """
 ENV = {"DATACAKE_TOKEN": "x"}
 
