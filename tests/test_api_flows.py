@@ -3,6 +3,7 @@ real broker and a local cloud: CRUD, validation, provisioned flows, and routing 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -196,3 +197,20 @@ async def test_a_flow_by_tag_routes_chirpstack_and_its_validity_wins(
     await publish(mosquitto, cs_uplink("0018B20000003003", 4, tags={}))
     (routed,) = await cloud.wait_for(1, path="/other")
     assert routed.json["DevEUI_uplink"]["FCntUp"] == 4
+
+
+async def test_provisioned_flows_follow_the_config_file_on_sighup(
+    running: tuple[DaemonProcess, Api],
+) -> None:
+    daemon, api = running
+    text = daemon.config_path.read_text()
+    daemon.write_config([], text.replace('tags = ["Site=PARIS"]', 'tags = ["site=lyon"]'))
+    await daemon.signal(signal.SIGHUP)
+    await daemon.wait_log(lambda e: e.get("event") == "Config reloaded")
+    status, paris, _ = await api.call("GET", "/flows/paris")
+    assert paris["matchers"] == [{"type": "thing", "tags": ["site=lyon"]}]
+    daemon.write_config([], text.replace(FLOWS_TOML, ""))
+    await daemon.signal(signal.SIGHUP)
+    await daemon.wait_log(lambda e: e.get("event") == "Config reloaded", count=2)
+    status, _, _ = await api.call("GET", "/flows/paris")
+    assert status == 404
