@@ -214,3 +214,18 @@ async def test_provisioned_flows_follow_the_config_file_on_sighup(
     await daemon.wait_log(lambda e: e.get("event") == "Config reloaded", count=2)
     status, _, _ = await api.call("GET", "/flows/paris")
     assert status == 404
+
+
+async def test_the_openapi_document_describes_flows(running: tuple[DaemonProcess, Api]) -> None:
+    _, api = running
+    status, document, _ = await api.call("GET", "/openapi.json")
+    assert status == 200
+    paths = document["paths"]
+    assert set(paths["/iot-flow/v1/flows"]) >= {"get", "post"}
+    assert set(paths["/iot-flow/v1/flows/{id}"]) >= {"get", "put", "delete"}
+    schemas = document["components"]["schemas"]
+    flow_input = schemas["FlowInput"]
+    assert {"name", "matchers", "connectors", "driver"} <= set(flow_input["properties"])
+    for matcher in ("KeyMatcher", "ThingMatcher", "ApplicationMatcher", "RangeMatcher"):
+        assert matcher in schemas, matcher
+    assert "from" in schemas["RangeMatcher"]["properties"]
