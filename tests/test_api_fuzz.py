@@ -81,6 +81,8 @@ PROVISIONED = "from-file"
 PROVISIONED_DEVICE = "0018B20000001001"
 CREATED = "fuzz-target"
 CREATED_DEVICE = "0018b200-0000-2001"
+FLOW = "fuzz-flow"  # provisioned: read-only
+CREATED_FLOW = "fuzz-api-flow"
 
 FUZZ = settings(
     max_examples=EXAMPLES,
@@ -149,6 +151,11 @@ async def daemon(tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud) -> Asyn
     daemon = DaemonProcess(
         tmp_path / "fuzz",
         broker_url=mosquitto.url,
+        extra=(
+            f'[[flows]]\nid = "{FLOW}"\nname = "f"\n'
+            'matchers = [{type = "thing", tags = ["a"]}]\n'
+            f'connectors = [{{connectionId = "{PROVISIONED}"}}]\n'
+        ),
         connections=[
             {
                 "id": PROVISIONED,
@@ -175,6 +182,14 @@ async def daemon(tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud) -> Asyn
                 f"{BASE}/devices/{CREATED_DEVICE}", json={"connections": [CREATED]}
             ) as r:
                 assert r.status == 200, await r.text()
+            flow = {
+                "id": CREATED_FLOW,
+                "name": "made through the API",
+                "matchers": [{"type": "range", "from": "0" * 16, "to": "F" * 16}],
+                "connectors": [{"connectionId": CREATED, "uplinkTimeValidity": "1h"}],
+            }
+            async with api.post(f"{BASE}/flows", json=flow) as r:
+                assert r.status == 201, await r.text()
         yield daemon.api
         failed = [e for e in daemon.logs if e.get("event") == "API request failed"]
         assert not failed, f"the API logged unhandled errors:\n{daemon.tail()}"
@@ -255,6 +270,8 @@ def aimed_at_known_resources(operation: Operation) -> list[SearchStrategy[AnyCas
     names = {parameter.name for parameter in operation.path_parameters}
     if "id" in names and operation.path.startswith(f"{BASE}/connections/"):
         known = [{"id": PROVISIONED}, {"id": CREATED}]
+    elif "id" in names and operation.path.startswith(f"{BASE}/flows/"):
+        known = [{"id": FLOW}, {"id": CREATED_FLOW}]
     elif "devEUI" in names:
         known = [{"devEUI": PROVISIONED_DEVICE}, {"devEUI": CREATED_DEVICE}]
     else:
@@ -317,6 +334,10 @@ PATHS = [
     f"{BASE}/connections/{CREATED}/events",
     f"{BASE}/connections/%00",
     f"{BASE}/connections/..%2F..",
+    f"{BASE}/flows",
+    f"{BASE}/flows/{FLOW}",
+    f"{BASE}/flows/{CREATED_FLOW}",
+    f"{BASE}/flows/..%2Fconnections",
     f"{BASE}/devices",
     f"{BASE}/devices/{PROVISIONED_DEVICE}",
     f"{BASE}/devices/{CREATED_DEVICE}",

@@ -321,3 +321,37 @@ def test_bad_mqtt_settings(tmp_path: Path, line: str, path: str) -> None:
 def test_bad_qos(tmp_path: Path, qos: str) -> None:
     text = f'[[mqtt.subscriptions]]\ntopic = "t/#"\nformat = "tts"\nqos = {qos}\n'
     assert set(problems(tmp_path, text, env={})) == {"mqtt.subscriptions.0.qos"}
+
+
+FLOWS = """
+[[flows]]
+id = "paris"
+name = "Paris"
+driver = { id = "actility:auto:1" }
+matchers = [
+  { type = "thing", tags = ["Site=Paris"] },
+  { type = "key", key = "lora:0018b20000000b20" },
+]
+connectors = [
+  { id = "actility-http-iot", connectionId = "datacake-main", uplinkTimeValidity = "72h" },
+]
+"""
+ENV = {"DATACAKE_TOKEN": "x"}
+
+
+def test_provisioned_flows_are_parsed_and_checked(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD + FLOWS), env=ENV)
+    (flow,) = settings.flows
+    assert (flow.id, flow.provisioned) == ("paris", True)
+    assert flow.connectors[0].validity_seconds == 72 * 3600
+    bad = FLOWS.replace('"72h"', '"0s"').replace('"Site=Paris"', '" "')
+    assert set(problems(tmp_path, GOOD + bad, ENV)) == {
+        "flows[0].connectors.0.uplinkTimeValidity",
+        "flows[0].matchers.0.thing.tags.0",
+    }
+    no_id = problems(tmp_path, GOOD + FLOWS.replace('id = "paris"\n', ""), ENV)
+    assert no_id == {"flows[0].id": "required in the config file"}
+    unknown = problems(tmp_path, GOOD + FLOWS.replace("datacake-main", "api-only"), ENV)
+    assert unknown == {"flows[0].connectors.0.connectionId": "not a connection of the config file"}
+    dup = problems(tmp_path, GOOD + FLOWS + FLOWS, ENV)
+    assert dup == {"flows[1].id": "duplicate flow id 'paris'"}

@@ -526,3 +526,38 @@ async def test_a_probe_that_raises_frees_the_circuit_for_the_next(spool: Spool) 
     assert worker.stats.delivered == 1
     assert state(worker) == ConnectionState.OPENED
     await worker.stop(time.monotonic())
+
+
+async def test_a_deliverys_own_validity_wins_over_the_connections(spool: Spool) -> None:
+    """A flow's uplinkTimeValidity, stored with the delivery (issue #13), decides expiry."""
+
+    def busy(sink: ScriptedSink, delivery: Delivery) -> SinkError | None:
+        return RetryableSinkError("HTTP 429", status=429, retry_after=30)
+
+    sink, outcomes, clock = ScriptedSink(busy), Outcomes(), ManualClock(START)
+    worker = make_worker(spool, sink, outcomes, validity="1h", clock=clock)
+    await worker.start()
+    # Two hours old: past the connection's hour, within the flow's three days.
+    (kept,) = await spool.append(
+        b"{}",
+        dev_eui="A",
+        uplink_time=clock.now - 7200,
+        received_at=clock.now,
+        connection_ids=["c1"],
+        validity={"c1": 3 * 86400.0},
+    )
+    worker.offer(kept)
+    (old,) = await spool.append(
+        b"{}",
+        dev_eui="B",
+        uplink_time=clock.now - 7200,
+        received_at=clock.now,
+        connection_ids=["c1"],
+    )
+    worker.offer(old)
+    await outcomes.completed_count(1)
+    assert worker.stats.expired == 1
+    (expired,) = outcomes.kinds("delivery_expired")
+    assert expired["reason"] == "older than uplinkTimeValidity on arrival"
+    assert {d.dev_eui for _, d in sink.calls} == {"A"}  # only the flow's delivery is tried
+    await worker.stop(time.monotonic())

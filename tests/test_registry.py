@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 from iotflow.config.load import Provisioned
 from iotflow.connectors.connection import Connection, parse_connection
 from iotflow.errors import ConfigError, ConflictError, NotFoundError, RegistryError
+from iotflow.flows import Flow, parse_flow
 from iotflow.registry import (
     AlarmState,
     ChangeFeed,
@@ -205,7 +206,7 @@ def test_a_migration_is_written_once_with_dialect_fragments() -> None:
     )
     with pytest.raises(RegistryError, match="unknown type"):
         render("CREATE TABLE t (x {blob})", "sqlite")
-    assert [m.version for m in load_migrations("sqlite")] == [1, 2, 3]
+    assert [m.version for m in load_migrations("sqlite")] == [1, 2, 3, 4]
     assert all("{" not in m.sql for d in ("sqlite", "postgresql") for m in load_migrations(d))
 
 
@@ -915,10 +916,12 @@ async def test_a_registry_of_the_previous_stores_opens_without_loss(backend: Bac
         await create_previous_postgres(backend.url, data=True)
     applied_before = await backend.raw("SELECT version, applied_at FROM schema_migrations")
     store = backend.open()
-    assert await store.migrate() == 3
-    assert await backend.raw("SELECT version, applied_at FROM schema_migrations") == (
-        applied_before
-    ), "nothing migrated again"
+    assert await store.migrate() == 4
+    after = await backend.raw("SELECT version, applied_at FROM schema_migrations")
+    # The previous steps are not applied again; only 0004 (flows) is new.
+    assert sorted(after)[: len(applied_before)] == sorted(applied_before), "nothing migrated again"
+    assert [row[0] for row in sorted(after)][len(applied_before) :] == [4]
+    assert await store.list_flows() == []
     # Everything reads back as it was written.
     documents = previous_documents()
     listed = await store.list_connections()
@@ -1017,4 +1020,122 @@ async def test_the_migrations_make_the_schema_of_the_previous_files(backend: Bac
         previous = await postgres_schema(backend.url, "previous")
         now = await postgres_schema(backend.url, "public")
     assert len(now) >= 9  # 7 tables with their indexes, at least
-    assert now == previous
+    # 0004 (flows) came after the previous files: their tables are new, the rest the same.
+    table = 2 if backend.kind == "sqlite" else 0
+    new = {"flows", "flow_connections"}
+    assert {row[table] for row in now} >= new
+    assert [row for row in now if row[table] not in new] == previous
+
+
+# -- flows
+
+
+def flow(flow_id: str, *connection_ids: str, **extra: Any) -> Flow:
+    return parse_flow(
+        {
+            "id": flow_id,
+            "name": f"flow {flow_id}",
+            "matchers": [{"type": "thing", "tags": ["Floor=1"]}, {"type": "key", "key": D1}],
+            "connectors": [{"connectionId": c} for c in connection_ids or ("c1",)],
+            **extra,
+        }
+    )
+
+
+async def test_flows_create_get_list_replace_delete(store: Store) -> None:
+    await store.create_connection(connection("c1"))
+    await store.create_connection(connection("c2"))
+    await store.create_flow(flow("f2", "c1"))
+    created = await store.create_flow(flow("f1", "c1", "c2", description="d"))
+    assert await store.get_flow("f1") == created
+    assert [f.id for f in await store.list_flows()] == ["f1", "f2"]
+    assert (await store.get_flow("f1")).document()["matchers"][0]["tags"] == ["floor=1"]
+    with pytest.raises(ConflictError):
+        await store.create_flow(flow("f1", "c1"))
+    await store.replace_flow(flow("f1", "c2"))
+    assert (await store.get_flow("f1")).connection_ids == ["c2"]
+    await store.delete_flow("f1")
+    with pytest.raises(NotFoundError):
+        await store.get_flow("f1")
+    with pytest.raises(NotFoundError):
+        await store.delete_flow("f1")
+    with pytest.raises(NotFoundError):
+        await store.replace_flow(flow("nope", "c1"))
+
+
+async def test_a_flow_naming_an_unknown_connection_changes_nothing(store: Store) -> None:
+    await store.create_connection(connection("c1"))
+    with pytest.raises(ConfigError) as caught:
+        await store.create_flow(flow("f1", "c1", "gone"))
+    assert [p.path for p in caught.value.problems] == ["connectors.1.connectionId"]
+    assert await store.list_flows() == []
+    wrong = parse_flow(
+        {
+            "id": "f1",
+            "name": "x",
+            "matchers": [{"type": "key", "key": D1}],
+            "connectors": [{"id": "aws-iot", "connectionId": "c1"}],
+        }
+    )
+    with pytest.raises(ConfigError, match="connector"):
+        await store.create_flow(wrong)
+
+
+async def test_a_connection_that_flows_name_cannot_be_deleted(store: Store) -> None:
+    await store.create_connection(connection("c1"))
+    await store.create_flow(flow("f1", "c1"))
+    with pytest.raises(ConflictError, match="f1"):
+        await store.delete_connection("c1")
+    await store.delete_flow("f1")
+    await store.delete_connection("c1")  # nothing names it any more
+
+
+async def test_provisioned_flows_are_reconciled_and_read_only(store: Store) -> None:
+    await store.reconcile_provisioned([provisioned("p1")])
+    await store.create_flow(flow("api", "p1"))
+    first = await store.reconcile_flows([flow("f1", "p1"), flow("api", "p1")])
+    assert (first.added, first.replaced) == (["f1"], ["api"])
+    assert all(f.provisioned for f in await store.list_flows())
+    with pytest.raises(ConflictError, match="provisioned"):
+        await store.delete_flow("f1")
+    with pytest.raises(ConflictError, match="provisioned"):
+        await store.replace_flow(flow("f1", "p1"))
+    assert not await store.reconcile_flows([flow("f1", "p1"), flow("api", "p1")])
+    again = await store.reconcile_flows([flow("f1", "p1", description="new")])
+    assert (again.changed, again.removed) == (["f1"], ["api"])
+    assert [f.id for f in await store.list_flows()] == ["f1"]
+
+
+async def test_the_feed_fires_on_flow_changes(store: Store) -> None:
+    await store.create_connection(connection("c1"))
+    changes: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        ("create", lambda: store.create_flow(flow("f1"))),
+        ("replace", lambda: store.replace_flow(flow("f1", description="x"))),
+        ("delete", lambda: store.delete_flow("f1")),
+        ("reconcile", lambda: store.reconcile_flows([flow("p")])),
+    ]
+    with store.changes() as feed:
+        await next_change(feed)
+        for what, change in changes:
+            await change()
+            assert feed.pending, what
+            await next_change(feed)
+        await store.reconcile_flows([flow("p")])  # unchanged: no change
+        assert not feed.pending
+
+
+async def test_a_flow_change_through_another_instance_arrives_within_a_second(
+    pg_backend: Backend,
+) -> None:
+    store = pg_backend.open()
+    await store.migrate()
+    other = pg_backend.open()
+    await store.create_connection(connection("c1"))
+    with other.changes() as feed:
+        await next_change(feed)
+        await store.create_flow(flow("f1"))
+        await next_change(feed, timeout=1.0)
+        assert [f.id for f in await other.list_flows()] == ["f1"]
+        await store.delete_flow("f1")
+        await next_change(feed, timeout=1.0)
+        assert await other.list_flows() == []

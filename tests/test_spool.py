@@ -740,3 +740,64 @@ async def test_a_long_episode_logs_a_reminder_per_interval_only(
             ]
         finally:
             await spool.close()
+
+
+# -- per-delivery validity (flows, issue #13)
+
+
+async def test_a_deliverys_own_validity_survives_a_restart(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool.db")
+    appended = await spool.append(
+        b"{}",
+        dev_eui="0018B20000000B20",
+        uplink_time=1.0,
+        received_at=2.0,
+        connection_ids=["flow", "binding"],
+        validity={"flow": 259200.0},
+    )
+    assert [d.validity for d in appended] == [259200.0, None]
+    await spool.close()
+    spool = await Spool.open(tmp_path / "spool.db")
+    try:
+        assert [d.validity for d in await spool.load("flow")] == [259200.0]
+        assert [d.validity for d in await spool.load("binding")] == [None]
+    finally:
+        await spool.close()
+
+
+async def test_a_version_1_spool_is_upgraded_keeping_its_deliveries(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    # The schema of version 1, as the previous iotflow wrote it, with one pending delivery.
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE uplinks (id INTEGER PRIMARY KEY, dev_eui TEXT NOT NULL,
+            uplink_time REAL NOT NULL, received_at REAL NOT NULL, document BLOB NOT NULL);
+        CREATE TABLE deliveries (id INTEGER PRIMARY KEY, uplink_id INTEGER NOT NULL,
+            connection_id TEXT NOT NULL);
+        CREATE INDEX deliveries_connection ON deliveries (connection_id, id);
+        CREATE INDEX deliveries_uplink ON deliveries (uplink_id);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO meta (key, value) VALUES ('next_id', 2);
+        INSERT INTO uplinks VALUES (1, '0018B20000000B20', 1.0, 2.0, X'7B7D');
+        INSERT INTO deliveries VALUES (1, 1, 'c');
+        PRAGMA user_version = 1;
+        """
+    )
+    db.close()
+    spool = await Spool.open(path)
+    try:
+        (old,) = await spool.load("c")
+        assert (old.id, old.validity, old.document) == (1, None, b"{}")
+        (new,) = await spool.append(
+            b"{}",
+            dev_eui="0018B20000000B20",
+            uplink_time=1.0,
+            received_at=2.0,
+            connection_ids=["c"],
+            validity={"c": 60.0},
+        )
+        assert new.id == 2
+    finally:
+        await spool.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (2,)

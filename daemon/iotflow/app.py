@@ -10,8 +10,8 @@ import gc
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -44,6 +44,12 @@ _LOGGED_PAYLOAD = 200  # bytes of a rejected message shown in its log line
 _REJECT_LINES = 100  # rejected messages logged per minute at most
 
 
+class Decoder(Protocol):
+    """What `accept` needs of the payload drivers (iotflow.drivers.Drivers)."""
+
+    async def decode(self, document: dict[str, Any], driver_id: str) -> dict[str, Any]: ...
+
+
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -53,6 +59,7 @@ class Daemon:
         self.spool: Spool | None = None
         self.deliveries: Deliveries | None = None
         self.index = RoutingIndex([], {})
+        self.drivers: Decoder | None = None  # None: flows' drivers decode nothing
         self.source: MqttSource | None = None
         self.events: EventLog | None = None
         self.alarms: Alarms | None = None
@@ -296,6 +303,16 @@ class Daemon:
                 changed=result.changed,
                 removed=result.removed,
             )
+        # After the connections: a provisioned flow names provisioned connections.
+        flows = await self.store.reconcile_flows(list(settings.flows))
+        if flows:
+            log.info(
+                "Provisioned flows reconciled",
+                added=flows.added,
+                changed=flows.changed,
+                removed=flows.removed,
+                replaced=flows.replaced,
+            )
 
     async def refresh(self) -> None:
         """Bring routing and workers in line with the registry.
@@ -309,6 +326,7 @@ class Daemon:
         async with self._refresh_lock:
             connections = await self.store.list_connections()
             bindings = await self.store.bindings()
+            flows = await self.store.list_flows()
             pending = await self.spool.pending_counts()
             # Per connection: one whose alarms cannot be watched is taken out of service by
             # `register`, never stops the refresh of the others (issue #10).
@@ -316,7 +334,7 @@ class Daemon:
             transition = self.deliveries.register(
                 connections, self.settings.config.delivery, pending, faults
             )
-            self.index = RoutingIndex(connections, bindings)
+            self.index = RoutingIndex(connections, bindings, flows)
         task = asyncio.create_task(self.deliveries.complete(transition), name="transition")
         self._transitions.add(task)
         task.add_done_callback(self._transitions.discard)
@@ -362,7 +380,7 @@ class Daemon:
             )
             # Keep the running values of what cannot change live.
             new = new.model_copy(update={name: getattr(old, name) for name in restart_needed})
-        self.settings = Settings(settings.path, new, settings.connections)
+        self.settings = Settings(settings.path, new, settings.connections, settings.flows)
         logs.configure(new.log.level, new.log.format)
         try:
             await self._reconcile(settings)
@@ -415,29 +433,59 @@ class Daemon:
         except Rejection as rejection:
             self._reject(rejection, payload, **origin)
             raise
-        targets = self.index.route(uplink.dev_eui)
+        targets = self.index.targets(
+            uplink.dev_eui, uplink.tags, uplink.application, uplink.application_name
+        )
         if not targets:
             self.metrics.uplinks_unrouted.inc()
             log.debug("Uplink of an unbound device", devEUI=uplink.dev_eui, **origin)
             return None
         if self.alarms is not None:
-            self.alarms.count(targets)
+            self.alarms.count(t.connection_id for t in targets)
         if self.directory is not None:
             # Where a downlink to this device must go. Only routed devices: a device that
             # no connection is bound to gets no downlink, and the broker may carry many.
             self.directory.remember(uplink.dev_eui, uplink.format, uplink.source)
-        # orjson's result keeps its whole working buffer (kilobytes); a right-sized copy is
-        # what waits in the spool queue and in the workers' memory.
-        document = memoryview(orjson.dumps(actility_document(uplink))).tobytes()
-        # Started now, not when the acknowledgement loop gets to it: commits of consecutive
-        # uplinks must be in flight together for the spool to group them.
-        commit = asyncio.ensure_future(
-            self._commit(
-                document, uplink.dev_eui, uplink.time.timestamp(), received_at, targets, hold
+        base = actility_document(uplink)
+        validity = {t.connection_id: t.validity for t in targets if t.validity is not None}
+        groups: dict[str | None, list[str]] = {}
+        for target in targets:
+            driver = target.driver_id if self.drivers is not None else None
+            groups.setdefault(driver, []).append(target.connection_id)
+        times = (uplink.dev_eui, uplink.time.timestamp(), received_at)
+        if list(groups) == [None]:
+            # orjson's result keeps its whole working buffer (kilobytes); a right-sized copy
+            # is what waits in the spool queue and in the workers' memory.
+            document = memoryview(orjson.dumps(base)).tobytes()
+            # Started now, not when the acknowledgement loop gets to it: commits of
+            # consecutive uplinks must be in flight together for the spool to group them.
+            commit = asyncio.ensure_future(
+                self._commit(document, *times, tuple(groups[None]), validity, hold)
             )
-        )
+        else:
+            commit = asyncio.ensure_future(
+                self._commit_decoded(base, groups, times, validity, hold)
+            )
         commit.add_done_callback(_retrieved)
         return commit
+
+    async def _commit_decoded(
+        self,
+        base: dict[str, Any],
+        groups: dict[str | None, list[str]],
+        times: tuple[str, float, float],
+        validity: Mapping[str, float | None],
+        hold: bool,
+    ) -> None:
+        """Decode once per driver, then commit each group with its own document; done when
+        every group is committed (the acknowledgement waits for all of them)."""
+        assert self.drivers is not None
+        commits = []
+        for driver_id, connection_ids in groups.items():
+            document = base if driver_id is None else await self.drivers.decode(base, driver_id)
+            encoded = memoryview(orjson.dumps(document)).tobytes()
+            commits.append(self._commit(encoded, *times, tuple(connection_ids), validity, hold))
+        await asyncio.gather(*commits)
 
     async def _commit(
         self,
@@ -446,6 +494,7 @@ class Daemon:
         uplink_time: float,
         received_at: float,
         targets: tuple[str, ...],
+        validity: Mapping[str, float | None],
         hold: bool,
     ) -> None:
         assert self.spool is not None
@@ -458,6 +507,7 @@ class Daemon:
                     uplink_time=uplink_time,
                     received_at=received_at,
                     connection_ids=targets,
+                    validity=validity,
                 )
                 break
             except SpoolUnavailableError:

@@ -96,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings is None:
         return 1
     if args.command == "check":
-        print(f"{path}: OK ({len(settings.connections)} provisioned connections)")
+        print(
+            f"{path}: OK ({len(settings.connections)} provisioned connections,"
+            f" {len(settings.flows)} provisioned flows)"
+        )
         return 0
     return asyncio.run(_migrate(settings))

@@ -4,6 +4,8 @@
     .venv/bin/python tests/bench/bench_routing.py --fanout 3       # each device on 3 connections
     .venv/bin/python tests/bench/bench_routing.py --rate 500       # latency at a paced load
     .venv/bin/python tests/bench/bench_routing.py --json           # machine-readable figures
+    .venv/bin/python tests/bench/bench_routing.py --flows 1000,10000,100000
+                                    # per-uplink routing cost by flows (in process, no broker)
 
 One run starts a real Mosquitto (support.mosquitto), a minimal webhook cloud in a process of
 its own, and the daemon as a process (support.daemon) with `--fanout` provisioned
@@ -781,6 +783,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument(
+        "--flows",
+        help="comma-separated flow counts: print the routing index's per-uplink cost with"
+        " that many flows (key, thing, application and range matchers) and exit",
+    )
     args = parser.parse_args(argv)
     for name in ("n", "devices", "fanout", "in_flight", "window"):
         if getattr(args, name) < 1:
@@ -805,8 +812,81 @@ async def bounded(args: argparse.Namespace, workdir: Path, figures: Figures) -> 
         raise TimeoutError(f"the run passed its deadline ({args.deadline:g}s): {exc}") from None
 
 
+def flows_figure(counts: Sequence[int], lookups: int = 200_000) -> str:
+    """Per-uplink cost of `RoutingIndex.targets` with N flows, against the same lookups.
+
+    Flow i has a key matcher (its own DevEUI), a thing matcher on two tags (`site=<i % 500>`,
+    `floor=<i>`), an application matcher (`app-<i>`), and every 100th a range of 50 DevEUIs,
+    to one of 10 connections. Uplinks: a random DevEUI of the flows' (or not), two tags, an
+    application, drawn with a fixed seed; about half match a flow.
+    """
+    import random
+
+    from iotflow.connectors.connection import parse_connection
+    from iotflow.flows import parse_flow
+    from iotflow.routing import RoutingIndex
+
+    connections = [
+        parse_connection(
+            {
+                "id": f"c{k}",
+                "name": "x",
+                "connectorId": "actility-http-iot",
+                "configuration": {"destinationURL": "http://127.0.0.1:9/"},
+            }
+        )
+        for k in range(10)
+    ]
+    lines = ["routing cost by flows (RoutingIndex.targets, one thread, in process):"]
+    for n in counts:
+        flows = []
+        for i in range(n):
+            matchers: list[dict[str, Any]] = [
+                {"type": "key", "key": f"{0x0018B20000000000 + i:016X}"},
+                {"type": "thing", "tags": [f"site={i % 500}", f"floor={i}"]},
+                {"type": "application", "id": f"app-{i}"},
+            ]
+            if i % 100 == 0:
+                lo = 0x0018C20000000000 + i
+                matchers.append({"type": "range", "from": f"{lo:016X}", "to": f"{lo + 49:016X}"})
+            flows.append(
+                parse_flow(
+                    {
+                        "id": f"f{i:06d}",
+                        "name": "f",
+                        "matchers": matchers,
+                        "connectors": [{"connectionId": f"c{i % 10}"}],
+                    }
+                )
+            )
+        started = time.perf_counter()
+        index = RoutingIndex(connections, {}, flows)
+        built = time.perf_counter() - started
+        rng = random.Random(13)
+        uplinks = []
+        for _ in range(10_000):
+            i = rng.randrange(2 * n)  # half beyond the flows: no match
+            dev = f"{(0x0018B20000000000 if rng.random() < 0.7 else 0x0018C20000000000) + i:016X}"
+            tags = frozenset({f"site={i % 500}", f"floor={i}"})
+            uplinks.append((dev, tags, f"app-{rng.randrange(2 * n)}"))
+        routed = 0
+        started = time.perf_counter()
+        for k in range(lookups):
+            dev, tags, app = uplinks[k % len(uplinks)]
+            routed += len(index.targets(dev, tags, app))
+        per_uplink = (time.perf_counter() - started) / lookups
+        lines.append(
+            f"  {n:>7} flows: {per_uplink * 1e6:6.2f} µs per uplink"
+            f" ({routed / lookups:.2f} targets on average), index built in {built:.2f} s"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.flows:
+        print(flows_figure([int(n) for n in args.flows.split(",")]))
+        return 0
     if not sys.platform.startswith("linux"):
         print("bench_routing: Linux only (it reads /proc)", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from iotflow.api.auth import auth_middleware
 from iotflow.api.body import dump, json
 from iotflow.api.control import CONTROL, ControlPlane
 from iotflow.api.errors import error_middleware
+from iotflow.api.flows import flow_routes
 from iotflow.api.models import Health, OpenApi, Readiness
 from iotflow.api.openapi import generate
 from iotflow.api.routes import BASE, REPLAYS, routes
@@ -79,7 +80,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 # Every route of the listener, each declared once: the router and the document read it.
-TABLE = health + routes + ingest_routes
+TABLE = health + routes + flow_routes + ingest_routes
 
 
 @functools.cache

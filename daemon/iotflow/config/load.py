@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from iotflow.config.model import Config
 from iotflow.connectors.connection import Connection, parse_connection, problems_of
 from iotflow.errors import ConfigError, Problem
+from iotflow.flows.model import Flow, parse_flow
 from iotflow.formats import normalize_dev_eui
 
 DEFAULT_PATH = "/etc/iotflow/iotflow.toml"
@@ -36,6 +37,7 @@ class Settings:
     path: str
     config: Config
     connections: tuple[Provisioned, ...] = field(default_factory=tuple)
+    flows: tuple[Flow, ...] = field(default_factory=tuple)  # [[flows]], provisioned
 
 
 def default_path() -> str:
@@ -115,9 +117,44 @@ def parse_settings(raw: dict[str, Any], source: str, env: Mapping[str, str]) -> 
         provisioned.append(
             Provisioned(connection.model_copy(update={"provisioned": True}), eui_list)
         )
+    flows = _flows(data.get("flows", []), seen, problems)
     if problems or config is None:
         raise ConfigError(problems, source)
-    return Settings(source, config, tuple(provisioned))
+    return Settings(source, config, tuple(provisioned), flows)
+
+
+def _flows(raw: Any, connections: set[str], problems: list[Problem]) -> tuple[Flow, ...]:
+    """The `[[flows]]`: each a flow in the API's shape with an `id`, naming connections of
+    the config file only (an API connection may not exist when the file is checked)."""
+    flows: list[Flow] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw if isinstance(raw, list) else []):
+        prefix = f"flows[{i}]"
+        if not isinstance(item, dict):
+            continue  # already reported by Config
+        if "id" not in item:
+            problems.append(Problem(f"{prefix}.id", "required in the config file"))
+            continue
+        try:
+            flow = parse_flow(item, provisioned=True)
+        except ConfigError as exc:
+            problems.extend(
+                Problem(f"{prefix}.{p.path}".rstrip("."), p.message) for p in exc.problems
+            )
+            continue
+        if flow.id in seen:
+            problems.append(Problem(f"{prefix}.id", f"duplicate flow id {flow.id!r}"))
+        seen.add(flow.id)
+        for j, connector in enumerate(flow.connectors):
+            if connector.connectionId not in connections:
+                problems.append(
+                    Problem(
+                        f"{prefix}.connectors.{j}.connectionId",
+                        "not a connection of the config file",
+                    )
+                )
+        flows.append(flow)
+    return tuple(flows)
 
 
 def _devices(value: Any, path: str, problems: list[Problem]) -> tuple[str, ...]:

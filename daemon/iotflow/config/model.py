@@ -315,6 +315,7 @@ class Config(Section):
     # Validated one by one against the connector catalog by the loader, so that each
     # problem is reported with its connector's own key paths.
     connections: list[dict[str, Any]] = Field(default_factory=list)
+    flows: list[dict[str, Any]] = Field(default_factory=list)  # checked by config.load
 
     @field_validator("ingest")
     @classmethod

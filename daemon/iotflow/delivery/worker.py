@@ -274,7 +274,9 @@ class ConnectionWorker:
                 backlog.release(dev_eui)
 
     async def _deliver(self, delivery: Delivery) -> None:
-        deadline = delivery.uplink_time + self._validity
+        # A flow's validity, stored with the delivery, wins over the connection's.
+        validity = delivery.validity if delivery.validity is not None else self._validity
+        deadline = delivery.uplink_time + validity
         if self._clock() >= deadline:
             self._finish(delivery, Outcome.EXPIRED, "older than uplinkTimeValidity on arrival")
             return

@@ -15,7 +15,7 @@ from typing import Any
 
 from iotflow.errors import NOT_UPLINK, Rejection
 from iotflow.formats.fields import MAX_BYTE, Fields
-from iotflow.formats.uplink import Gateway, Radio, Uplink
+from iotflow.formats.uplink import Gateway, Radio, Uplink, fold
 
 ROOT = "DevEUI_uplink"
 _MESSAGE_PREFIX = "DevEUI_"  # DevEUI_notification, DevEUI_location, DevEUI_downlink_Sent...
@@ -46,7 +46,16 @@ def decode(document: dict[str, Any]) -> Uplink:
         device_name=customer.opt_str("name") if customer is not None else None,
         source={},
         document=document,
+        tags=_tags(customer),
     )
+
+
+def _tags(customer: Fields | None) -> frozenset[str]:
+    # A list of strings; anything else in it is ignored rather than rejecting the uplink.
+    raw = customer.data.get("tags") if customer is not None else None
+    if not isinstance(raw, list):
+        return frozenset()
+    return frozenset(fold(t) for t in raw if isinstance(t, str) and t.strip())
 
 
 def _radio(up: Fields) -> Radio:

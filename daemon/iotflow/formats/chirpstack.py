@@ -19,7 +19,7 @@ from typing import Any
 
 from iotflow.errors import NOT_UPLINK, Rejection
 from iotflow.formats.fields import MAX_BYTE, MAX_FREQUENCY_HZ, Fields, gateway_id, radio
-from iotflow.formats.uplink import Gateway, Radio, Uplink
+from iotflow.formats.uplink import Gateway, Radio, Uplink, fold
 
 # Fields that only the other event types carry (integration.proto): StatusEvent `margin`,
 # `batteryLevel`...; AckEvent and TxAckEvent `queueItemId`, `fCntDown`; LogEvent `level`,
@@ -76,7 +76,25 @@ def decode(document: dict[str, Any]) -> Uplink:
         device_name=info.opt_str("deviceName"),
         source={k: v for k, v in source.items() if v is not None},
         document=document,
+        tags=_tags(info),
+        application=fold(app) if (app := info.opt_str("applicationId")) else None,
+        application_name=fold(name) if (name := info.opt_str("applicationName")) else None,
     )
+
+
+def _tags(info: Fields) -> frozenset[str]:
+    # `{"key": "value"}`: matched as `key=value` and as the bare `key`; non-strings ignored.
+    raw = info.data.get("tags")
+    if not isinstance(raw, dict):
+        return frozenset()
+    tags: set[str] = set()
+    for key, value in raw.items():
+        if not isinstance(key, str) or not key.strip():
+            continue
+        tags.add(fold(key))
+        if isinstance(value, str):
+            tags.add(fold(f"{key}={value}"))
+    return frozenset(tags)
 
 
 def _time(root: Fields, rx_info: list[Fields]) -> datetime:

@@ -18,7 +18,7 @@ from typing import Any
 
 from iotflow.errors import NOT_UPLINK, Rejection
 from iotflow.formats.fields import MAX_BYTE, MAX_FREQUENCY_HZ, Fields, gateway_id, radio
-from iotflow.formats.uplink import Gateway, Radio, Uplink
+from iotflow.formats.uplink import Gateway, Radio, Uplink, fold
 
 # TTS Cloud names the tenant in `network_ids`; The Things Network (community) often does not.
 DEFAULT_TENANT = "ttn"
@@ -55,6 +55,7 @@ def decode(document: dict[str, Any]) -> Uplink:
     device_id = ids.opt_str("device_id")
     application = ids.opt_obj("application_ids")
     network = up.opt_obj("network_ids")
+    app_id = application.opt_str("application_id") if application is not None else None
     source = {
         "application_id": application.opt_str("application_id")
         if application is not None
@@ -76,6 +77,8 @@ def decode(document: dict[str, Any]) -> Uplink:
         device_name=device_id,
         source={k: v for k, v in source.items() if v is not None},
         document=document,
+        tags=frozenset({fold(f"application:{app_id}")}) if app_id else frozenset(),
+        application=fold(app_id) if app_id else None,
     )
 
 

@@ -36,7 +36,11 @@ class Uplink:
 
     `source` holds the network server's own identifiers of the device (ChirpStack
     `applicationId`, TTS `application_id`/`device_id`/`tenant_id`...), kept for downlinks.
-    `document` is the message as it was received (parsed JSON).
+    `document` is the message as it was received (parsed JSON). `tags` are the device's
+    tags, lower-cased, for flow matchers (ThingPark `CustomerData.tags`, ChirpStack
+    `deviceInfo.tags` as `key=value` and `key`, The Things Stack `application:<id>`);
+    `application` is the network server's application id (ChirpStack, TTS), lower-cased;
+    an `application` matcher also matches ChirpStack's `application_name`.
     """
 
     format: str  # actility | chirpstack | tts
@@ -50,3 +54,11 @@ class Uplink:
     device_name: str | None
     source: dict[str, str] = field(default_factory=dict)
     document: dict[str, Any] = field(default_factory=dict)
+    tags: frozenset[str] = frozenset()
+    application: str | None = None
+    application_name: str | None = None  # ChirpStack `applicationName`, lower-cased
+
+
+def fold(value: str) -> str:
+    """Tags, applications and matchers compare without case: one folding for all."""
+    return value.strip().casefold()

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from iotflow.connectors.connection import Connection
-from iotflow.errors import ConflictError, NotFoundError, RegistryError
+from iotflow.errors import ConfigError, ConflictError, NotFoundError, Problem, RegistryError
+from iotflow.flows.model import Flow, parse_flow
 from iotflow.registry.db import (
     SCHEMA_MIGRATIONS,
     Conn,
@@ -170,6 +171,22 @@ class SqlStore:
     async def delete_connection(self, connection_id: str) -> None:
         async with self._db.transaction(lock=_WRITE_LOCK) as tx:
             await _check_writable(tx, connection_id)
+            flows = [
+                row[0]
+                for row in await tx.fetch(
+                    "SELECT flow_id FROM flow_connections WHERE connection_id = $1"
+                    " ORDER BY flow_id LIMIT 11",
+                    connection_id,
+                )
+            ]
+            if flows:
+                shown = ", ".join(repr(f) for f in flows[:10]) + (
+                    ", ..." if len(flows) > 10 else ""
+                )
+                raise ConflictError(
+                    f"connection {connection_id!r} is used by flows {shown}; "
+                    "change or delete them first"
+                )
             await tx.execute("DELETE FROM connections WHERE id = $1", connection_id)
             tx.changed = True
 
@@ -208,6 +225,104 @@ class SqlStore:
             )
             tx.changed = bool(plan.result)
         return plan.result
+
+    # -- flows
+
+    async def list_flows(self) -> list[Flow]:
+        async with self._db.connection() as conn:
+            rows = await conn.fetch("SELECT id, document, provisioned FROM flows ORDER BY id")
+        return [_load_flow(row[0], orjson.loads(row[1]), bool(row[2])) for row in rows]
+
+    async def get_flow(self, flow_id: str) -> Flow:
+        async with self._db.connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT document, provisioned FROM flows WHERE id = $1", flow_id
+            )
+        if row is None:
+            raise NotFoundError(f"flow {flow_id!r} not found")
+        return _load_flow(flow_id, orjson.loads(row[0]), bool(row[1]))
+
+    async def create_flow(self, flow: Flow) -> Flow:
+        async with self._db.transaction(lock=_WRITE_LOCK) as tx:
+            await _check_flow_connections(tx, flow)
+            inserted = await tx.execute(
+                "INSERT INTO flows (id, document, provisioned, created_at, updated_at)"
+                " VALUES ($1, $2, $3, $4, $4) ON CONFLICT (id) DO NOTHING",
+                flow.id,
+                _dumps(flow.document()),
+                flow.provisioned,
+                _now(),
+            )
+            if not inserted:
+                raise ConflictError(f"flow {flow.id!r} already exists")
+            await _link_flow(tx, flow)
+            tx.changed = True
+        return flow
+
+    async def replace_flow(self, flow: Flow) -> Flow:
+        async with self._db.transaction(lock=_WRITE_LOCK) as tx:
+            await _check_flow_writable(tx, flow.id)
+            await _check_flow_connections(tx, flow)
+            await tx.execute(
+                "UPDATE flows SET document = $2, provisioned = $3, updated_at = $4 WHERE id = $1",
+                flow.id,
+                _dumps(flow.document()),
+                flow.provisioned,
+                _now(),
+            )
+            await tx.execute("DELETE FROM flow_connections WHERE flow_id = $1", flow.id)
+            await _link_flow(tx, flow)
+            tx.changed = True
+        return flow
+
+    async def delete_flow(self, flow_id: str) -> None:
+        async with self._db.transaction(lock=_WRITE_LOCK) as tx:
+            await _check_flow_writable(tx, flow_id)
+            await tx.execute("DELETE FROM flows WHERE id = $1", flow_id)
+            tx.changed = True
+
+    async def reconcile_flows(self, flows: Sequence[Flow]) -> Reconciled:
+        result = Reconciled()
+        async with self._db.transaction(lock=_WRITE_LOCK) as tx:
+            stored = {
+                row[0]: (orjson.loads(row[1]), bool(row[2]))
+                for row in await tx.fetch("SELECT id, document, provisioned FROM flows")
+            }
+            wanted = {f.id for f in flows}
+            now = _now()
+            for flow in flows:
+                document = flow.document()
+                old = stored.get(flow.id)
+                if old is not None and old == (document, True):
+                    continue
+                if old is None:
+                    await tx.execute(
+                        "INSERT INTO flows (id, document, provisioned, created_at, updated_at)"
+                        " VALUES ($1, $2, true, $3, $3)",
+                        flow.id,
+                        _dumps(document),
+                        now,
+                    )
+                    result.added.append(flow.id)
+                else:
+                    await tx.execute(
+                        "UPDATE flows SET document = $2, provisioned = true, updated_at = $3"
+                        " WHERE id = $1",
+                        flow.id,
+                        _dumps(document),
+                        now,
+                    )
+                    (result.changed if old[1] else result.replaced).append(flow.id)
+                await tx.execute("DELETE FROM flow_connections WHERE flow_id = $1", flow.id)
+                await _link_flow(tx, flow)
+            for flow_id, (_, was_provisioned) in stored.items():
+                if was_provisioned and flow_id not in wanted:
+                    await tx.execute("DELETE FROM flows WHERE id = $1", flow_id)
+                    result.removed.append(flow_id)
+            for ids in (result.added, result.changed, result.removed, result.replaced):
+                ids.sort()
+            tx.changed = bool(result)
+        return result
 
     # -- devices
 
@@ -463,3 +578,49 @@ async def _check_writable(conn: Conn, connection_id: str) -> None:
         raise ConflictError(
             f"connection {connection_id!r} is provisioned by the config file and read-only"
         )
+
+
+def _load_flow(flow_id: str, document: Any, provisioned: bool) -> Flow:
+    # Stored documents were validated on the way in; a newer iotflow's may not be: the
+    # error names the flow rather than failing the whole refresh with a bare traceback.
+    try:
+        return parse_flow(document, provisioned=provisioned)
+    except ConfigError as exc:
+        raise RegistryError(f"stored flow {flow_id!r} does not validate: {exc}") from None
+
+
+async def _check_flow_connections(conn: Conn, flow: Flow) -> None:
+    """Every connection a flow names exists, with the connector it says: 422 otherwise."""
+    wanted = flow.connection_ids
+    rows = await conn.fetch(
+        f"SELECT id, document FROM connections WHERE id IN ({_marks(len(wanted))})", *wanted
+    )
+    connectors = {row[0]: orjson.loads(row[1]).get("connectorId") for row in rows}
+    problems = []
+    for i, c in enumerate(flow.connectors):
+        if c.connectionId not in connectors:
+            problems.append(Problem(f"connectors.{i}.connectionId", "no such connection"))
+        elif c.id is not None and c.id != connectors[c.connectionId]:
+            problems.append(
+                Problem(
+                    f"connectors.{i}.id",
+                    f"the connection's connector is {connectors[c.connectionId]!r}",
+                )
+            )
+    if problems:
+        raise ConfigError(problems)
+
+
+async def _link_flow(conn: Conn, flow: Flow) -> None:
+    await conn.executemany(
+        "INSERT INTO flow_connections (flow_id, connection_id) VALUES ($1, $2)",
+        [(flow.id, cid) for cid in flow.connection_ids],
+    )
+
+
+async def _check_flow_writable(conn: Conn, flow_id: str) -> None:
+    provisioned = await conn.fetchval("SELECT provisioned FROM flows WHERE id = $1", flow_id)
+    if provisioned is None:
+        raise NotFoundError(f"flow {flow_id!r} not found")
+    if provisioned:
+        raise ConflictError(f"flow {flow_id!r} is provisioned by the config file and read-only")

@@ -21,6 +21,7 @@ from iotflow.telemetry.logging import get_logger
 if TYPE_CHECKING:
     # Only the shape is used; importing at run time would tie the registry to the config loader.
     from iotflow.config.load import Provisioned
+    from iotflow.flows.model import Flow
 
 __all__ = [
     "DEFAULT_MAX_EVENTS",
@@ -131,12 +132,38 @@ class Store(Protocol):
     async def delete_connection(self, connection_id: str) -> None:
         """Delete a connection with its device bindings and events.
 
-        NotFoundError when there is none; ConflictError when it is provisioned (read-only).
+        NotFoundError when there is none; ConflictError when it is provisioned (read-only)
+        or when flows name it (they would silently stop routing to it: change them first).
         """
         ...
 
     async def reconcile_provisioned(self, items: Sequence[Provisioned]) -> Reconciled:
         """Make the provisioned connections, and their devices, those of the config file."""
+        ...
+
+    async def list_flows(self) -> list[Flow]:
+        """Every flow, by id."""
+        ...
+
+    async def get_flow(self, flow_id: str) -> Flow:
+        """NotFoundError when there is none."""
+        ...
+
+    async def create_flow(self, flow: Flow) -> Flow:
+        """ConflictError on a duplicate id; ConfigError (key paths) when a connection it
+        names does not exist or has another connector than its `id` says."""
+        ...
+
+    async def replace_flow(self, flow: Flow) -> Flow:
+        """NotFoundError, ConflictError when provisioned, ConfigError as `create_flow`."""
+        ...
+
+    async def delete_flow(self, flow_id: str) -> None:
+        """NotFoundError, ConflictError when provisioned."""
+        ...
+
+    async def reconcile_flows(self, flows: Sequence[Flow]) -> Reconciled:
+        """Make the provisioned flows those of the config file (after the connections)."""
         ...
 
     async def get_device(self, dev_eui: str) -> list[str]:

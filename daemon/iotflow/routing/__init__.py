@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from iotflow.routing.index import RoutingIndex
+from iotflow.routing.index import RoutingIndex, Target
 
-__all__ = ["RoutingIndex"]
+__all__ = ["RoutingIndex", "Target"]

@@ -55,7 +55,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +87,7 @@ __all__ = [
 
 log = structlog.get_logger("iotflow.spool")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Module level rather than an `open` argument: the durability level is a decision of this
 # module (see above), not a knob; only the benchmark changes it, to measure the cost.
@@ -108,7 +108,8 @@ CREATE TABLE uplinks (
 CREATE TABLE deliveries (
     id INTEGER PRIMARY KEY,
     uplink_id INTEGER NOT NULL,
-    connection_id TEXT NOT NULL
+    connection_id TEXT NOT NULL,
+    validity REAL  -- seconds, a flow's uplinkTimeValidity; NULL: the connection's
 );
 CREATE INDEX deliveries_connection ON deliveries (connection_id, id);
 CREATE INDEX deliveries_uplink ON deliveries (uplink_id);
@@ -120,21 +121,32 @@ WHEN NOT EXISTS (SELECT 1 FROM deliveries WHERE uplink_id = OLD.uplink_id)
 BEGIN
     DELETE FROM uplinks WHERE id = OLD.uplink_id;
 END;
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
+COMMIT;
+"""
+
+# Version 1 to 2: the per-delivery validity (flows, issue #13). One transaction: a crash
+# leaves version 1 whole, and the next open does it again.
+_UPGRADE_2 = """
+BEGIN;
+ALTER TABLE deliveries ADD COLUMN validity REAL;
+PRAGMA user_version = 2;
 COMMIT;
 """
 
 _INSERT_UPLINK = (
     "INSERT INTO uplinks (id, dev_eui, uplink_time, received_at, document) VALUES (?, ?, ?, ?, ?)"
 )
-_INSERT_DELIVERY = "INSERT INTO deliveries (id, uplink_id, connection_id) VALUES (?, ?, ?)"
+_INSERT_DELIVERY = (
+    "INSERT INTO deliveries (id, uplink_id, connection_id, validity) VALUES (?, ?, ?, ?)"
+)
 _DELETE_DELIVERY = "DELETE FROM deliveries WHERE id = ?"
 _DROP_CONNECTION = "DELETE FROM deliveries WHERE connection_id = ?"
 _UPDATE_NEXT_ID = "UPDATE meta SET value = ? WHERE key = 'next_id'"
 
 _SELECT = (
-    "SELECT d.id, d.connection_id, u.dev_eui, u.uplink_time, u.received_at, u.document"
-    " FROM deliveries AS d JOIN uplinks AS u ON u.id = d.uplink_id"
+    "SELECT d.id, d.connection_id, u.dev_eui, u.uplink_time, u.received_at, u.document,"
+    " d.validity FROM deliveries AS d JOIN uplinks AS u ON u.id = d.uplink_id"
     " WHERE d.connection_id = ? AND d.id > ?"
 )
 # Completes not yet committed are still rows; `?` is a JSON array of their ids.
@@ -158,6 +170,7 @@ class Delivery:
     uplink_time: float  # epoch seconds (the uplink's own time, for expiry)
     received_at: float  # epoch seconds (when iotflow received it, for latency)
     document: bytes  # the uplink document as JSON bytes, shared by all deliveries of one uplink
+    validity: float | None = None  # seconds: a flow's uplinkTimeValidity; None: the connection's
     attempts: int = 0  # in memory only
 
 
@@ -299,13 +312,15 @@ class Spool:
         uplink_time: float,
         received_at: float,
         connection_ids: Sequence[str],
+        validity: Mapping[str, float | None] | None = None,
     ) -> list[Delivery]:
         """Spool one uplink for each connection; return once its group commit is durable.
 
         Raises `SpoolFullError` (disk full) or `SpoolUnavailableError` (another write
         failure) when that transaction failed: nothing of it was written, and
         `wait_writable` tells when to try again. `SpoolClosedError` after `close`.
-        A duplicate connection id gets one delivery.
+        A duplicate connection id gets one delivery. `validity` gives a connection's
+        delivery its own uplinkTimeValidity (seconds; a flow's), stored with it.
         """
         self._check_open()
         targets = list(dict.fromkeys(connection_ids))
@@ -316,7 +331,15 @@ class Spool:
         uplink_id = self._next_id
         self._next_id += len(targets)
         deliveries = [
-            Delivery(uplink_id + i, cid, dev_eui, uplink_time, received_at, document)
+            Delivery(
+                uplink_id + i,
+                cid,
+                dev_eui,
+                uplink_time,
+                received_at,
+                document,
+                validity.get(cid) if validity else None,
+            )
             for i, cid in enumerate(targets)
         ]
         future: asyncio.Future[list[Delivery]] = asyncio.get_running_loop().create_future()
@@ -635,7 +658,11 @@ class Spool:
             await db.executemany(_INSERT_UPLINK, [a.uplink for a in batch.appends])
             await db.executemany(
                 _INSERT_DELIVERY,
-                [(d.id, a.uplink[0], d.connection_id) for a in batch.appends for d in a.deliveries],
+                [
+                    (d.id, a.uplink[0], d.connection_id, d.validity)
+                    for a in batch.appends
+                    for d in a.deliveries
+                ],
             )
             await db.execute(_UPDATE_NEXT_ID, (self._next_id,))
         # After the inserts, so a complete can never precede its own row; before the drop,
@@ -715,6 +742,8 @@ async def _prepare(db: aiosqlite.Connection, path: Path, wal_limit: int) -> int:
     version = await _scalar(db, "PRAGMA user_version")
     if version == 0:
         await db.executescript(_SCHEMA)
+    elif version == 1:
+        await db.executescript(_UPGRADE_2)
     elif version > SCHEMA_VERSION:
         raise SpoolError(
             f"spool {path} has schema version {version}; this iotflow knows up to {SCHEMA_VERSION}"

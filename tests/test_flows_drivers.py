@@ -1,0 +1,90 @@
+"""The wiring contract with the drivers (issue #13): `Daemon.accept` groups an uplink's
+targets by the flows' drivers, decodes once per driver through `Daemon.drivers.decode`,
+spools each group with its own document, and commits only when every group is in.
+
+The daemon runs in this process, with a real broker, spool, registry and local cloud; the
+decoder is a stand-in with the interface of `iotflow.drivers.Drivers` (another helper's),
+counting its calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from iotflow.app import Daemon
+from iotflow.config.load import load_settings
+from support.clouds import FakeCloud
+from support.daemon import DaemonProcess
+from support.mosquitto import Mosquitto
+from support.uplinks import actility
+
+DEV = "0018B20000000C01"
+FLOWS = f"""
+[[flows]]
+id = "decoded"
+name = "decoded"
+driver = {{ id = "acme:sensor:1" }}
+matchers = [{{ type = "key", key = "{DEV}" }}]
+connectors = [{{ connectionId = "c2" }}, {{ connectionId = "c3" }}]
+"""
+
+
+class Decoder:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def decode(self, document: dict[str, Any], driver_id: str) -> dict[str, Any]:
+        self.calls.append(driver_id)
+        inner = dict(document["DevEUI_uplink"])
+        inner["payload"] = {"decodedBy": driver_id}
+        return {**document, "DevEUI_uplink": inner}
+
+
+def layout(tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud) -> DaemonProcess:
+    return DaemonProcess(
+        tmp_path / "drivers",
+        broker_url=mosquitto.url,
+        extra=FLOWS,
+        connections=[
+            {
+                "id": cid,
+                "name": cid,
+                "connectorId": "actility-http-iot",
+                "devices": [DEV] if cid == "c1" else [],
+                "configuration": {"destinationURL": cloud.url(f"/{cid}")},
+            }
+            for cid in ("c1", "c2", "c3")
+        ],
+    )
+
+
+async def test_targets_are_decoded_once_per_driver_and_spooled_per_group(
+    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
+) -> None:
+    daemon = Daemon(load_settings(layout(tmp_path, mosquitto, cloud).config_path, env={}))
+    await daemon.start()
+    try:
+        decoder = Decoder()
+        daemon.drivers = decoder
+        commit = daemon.accept("actility", orjson.dumps(actility(DEV, 7)))
+        assert commit is not None
+        await commit  # every group is in the spool
+        assert decoder.calls == ["acme:sensor:1"]  # one decode for c2 and c3
+        (plain,) = await cloud.wait_for(1, path="/c1")
+        assert "payload" not in plain.json["DevEUI_uplink"]  # the binding: no driver
+        for path in ("/c2", "/c3"):
+            (decoded,) = await cloud.wait_for(1, path=path)
+            assert decoded.json["DevEUI_uplink"]["payload"] == {"decodedBy": "acme:sensor:1"}
+        # Without drivers (None), a flow's driver decodes nothing and one document goes out.
+        daemon.drivers = None
+        commit = daemon.accept("actility", orjson.dumps(actility(DEV, 8)))
+        assert commit is not None
+        await commit
+        for path in ("/c1", "/c2", "/c3"):
+            received = await cloud.wait_for(2, path=path)
+            assert "payload" not in received[1].json["DevEUI_uplink"]
+    finally:
+        await daemon.shutdown()
