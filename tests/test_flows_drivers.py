@@ -9,6 +9,7 @@ counting its calls.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -86,5 +87,50 @@ async def test_targets_are_decoded_once_per_driver_and_spooled_per_group(
         for path in ("/c1", "/c2", "/c3"):
             received = await cloud.wait_for(2, path=path)
             assert "payload" not in received[1].json["DevEUI_uplink"]
+    finally:
+        await daemon.shutdown()
+
+
+class SlowDecoder(Decoder):
+    """Holds the first decode until released: a codec slower than the next uplink."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def decode(self, document: dict[str, Any], driver_id: str) -> dict[str, Any]:
+        if not self.calls:
+            self.calls.append(driver_id)
+            await self.release.wait()
+            inner = dict(document["DevEUI_uplink"])
+            inner["payload"] = {"decodedBy": driver_id}
+            return {**document, "DevEUI_uplink": inner}
+        return await super().decode(document, driver_id)
+
+
+async def test_a_slow_decode_keeps_the_devices_order_in_the_spool(
+    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
+) -> None:
+    daemon = Daemon(load_settings(layout(tmp_path, mosquitto, cloud).config_path, env={}))
+    await daemon.start()
+    try:
+        decoder = SlowDecoder()
+        daemon.drivers = decoder
+        first = daemon.accept("actility", orjson.dumps(actility(DEV, 1)))
+        second = daemon.accept("actility", orjson.dumps(actility(DEV, 2)))
+        assert first is not None
+        assert second is not None
+        # The second uplink's decode is done at once while the first's is held. Its
+        # deliveries must still be spooled (and so sent) after the first's, on every
+        # connection, the binding's included. Without the order, the second is committed
+        # within this second; with it, it waits for the first (the timeout only gives the
+        # wrong order its chance to show).
+        await asyncio.wait({asyncio.ensure_future(second)}, timeout=1)
+        assert decoder.calls == ["acme:sensor:1", "acme:sensor:1"]
+        decoder.release.set()
+        await asyncio.gather(first, second)
+        for path in ("/c1", "/c2", "/c3"):
+            received = await cloud.wait_for(2, path=path)
+            assert [r.json["DevEUI_uplink"]["FCntUp"] for r in received] == [1, 2], path
     finally:
         await daemon.shutdown()

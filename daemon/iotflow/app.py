@@ -60,6 +60,8 @@ class Daemon:
         self.deliveries: Deliveries | None = None
         self.index = RoutingIndex([], {})
         self.drivers: Decoder | None = None  # None: flows' drivers decode nothing
+        # Per device, the uplink whose commits are not queued yet (it is being decoded).
+        self._queueing: dict[str, asyncio.Future[None]] = {}
         self.source: MqttSource | None = None
         self.events: EventLog | None = None
         self.alarms: Alarms | None = None
@@ -453,7 +455,8 @@ class Daemon:
             driver = target.driver_id if self.drivers is not None else None
             groups.setdefault(driver, []).append(target.connection_id)
         times = (uplink.dev_eui, uplink.time.timestamp(), received_at)
-        if list(groups) == [None]:
+        previous = self._queueing.get(uplink.dev_eui)
+        if list(groups) == [None] and previous is None:
             # orjson's result keeps its whole working buffer (kilobytes); a right-sized copy
             # is what waits in the spool queue and in the workers' memory.
             document = memoryview(orjson.dumps(base)).tobytes()
@@ -463,8 +466,12 @@ class Daemon:
                 self._commit(document, *times, tuple(groups[None]), validity, hold)
             )
         else:
+            # Decoding takes its time: the device's next uplinks queue behind this one, so
+            # that the spool (and so every connection) gets a device's uplinks in order.
+            queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._queueing[uplink.dev_eui] = queued
             commit = asyncio.ensure_future(
-                self._commit_decoded(base, groups, times, validity, hold)
+                self._commit_decoded(base, groups, times, validity, hold, previous, queued)
             )
         commit.add_done_callback(_retrieved)
         return commit
@@ -476,15 +483,38 @@ class Daemon:
         times: tuple[str, float, float],
         validity: Mapping[str, float | None],
         hold: bool,
+        previous: asyncio.Future[None] | None,
+        queued: asyncio.Future[None],
     ) -> None:
         """Decode once per driver, then commit each group with its own document; done when
-        every group is committed (the acknowledgement waits for all of them)."""
-        assert self.drivers is not None
-        commits = []
-        for driver_id, connection_ids in groups.items():
-            document = base if driver_id is None else await self.drivers.decode(base, driver_id)
-            encoded = memoryview(orjson.dumps(document)).tobytes()
-            commits.append(self._commit(encoded, *times, tuple(connection_ids), validity, hold))
+        every group is committed (the acknowledgement waits for all of them).
+
+        The commits are queued only once `previous` (the same device's uplink before this
+        one) has queued its own, and `queued` says the same to the next: tasks run their
+        first step in the order they were made, so the spool appends in arrival order.
+        """
+        dev_eui = times[0]
+        commits: list[asyncio.Future[None]] = []
+        try:
+            documents = {}
+            for driver_id in groups:
+                if driver_id is None or self.drivers is None:
+                    documents[driver_id] = base
+                else:
+                    documents[driver_id] = await self.drivers.decode(base, driver_id)
+            if previous is not None:
+                await previous
+            for driver_id, connection_ids in groups.items():
+                encoded = memoryview(orjson.dumps(documents[driver_id])).tobytes()
+                commits.append(
+                    asyncio.ensure_future(
+                        self._commit(encoded, *times, tuple(connection_ids), validity, hold)
+                    )
+                )
+        finally:
+            queued.set_result(None)
+            if self._queueing.get(dev_eui) is queued:
+                del self._queueing[dev_eui]
         await asyncio.gather(*commits)
 
     async def _commit(
