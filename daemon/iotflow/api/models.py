@@ -116,6 +116,7 @@ class Statistics(_Out):
     expired: int
     failed: int
     dropped: int
+    filtered: int
     pending: int
     lastError: str | None
     lastDeliveryTime: str | None
