@@ -124,6 +124,8 @@ class Filter(_Operation):
 
 
 Operation = CallProcessor | JmespathTemplate | JsonataExpression | Filter
+# For the OpenAPI document: one branch per `type`.
+UpOperation = Annotated[Operation, Field(discriminator="type")]
 
 _BY_TYPE: dict[str, type[_Operation]] = {
     "callProcessor": CallProcessor,
