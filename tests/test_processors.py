@@ -364,7 +364,7 @@ def outcome_count(worker: ConnectionWorker, outcome: Outcome) -> float | None:
     )
 
 
-TWO = [
+TWO: list[dict[str, Any]] = [
     {"type": "callProcessor", "id": "MESSAGE_FLATTENER"},
     {
         "type": "jmespath",
