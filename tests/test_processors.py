@@ -4,11 +4,14 @@ before the sink (outcomes `filtered` and `failed`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import time
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import orjson
 import pytest
 
@@ -17,9 +20,11 @@ from iotflow.connectors import parse_connection
 from iotflow.delivery.worker import ConnectionWorker
 from iotflow.errors import ConfigError, SinkError
 from iotflow.processors import Pipeline, ProcessorError, parse_operations
+from iotflow.sinks import SinkContext, create_sink
 from iotflow.spool import Delivery, Spool
 from iotflow.states import Outcome
 from iotflow.telemetry.metrics import Metrics
+from support.mosquitto import Mosquitto
 from test_delivery import Outcomes, ScriptedSink, settings
 
 # The uplink of the product's documentation ("Uplink Message", ThingPark X IoT Flow), cut to
@@ -319,8 +324,6 @@ def worker_for(
 
     def complete(delivery_id: int) -> None:
         original(delivery_id)
-        import asyncio
-
         asyncio.get_running_loop().create_task(outcomes.notify(delivery_id))
 
     spool.complete = complete  # type: ignore[method-assign]
@@ -477,3 +480,65 @@ async def test_a_filter_stops_before_any_sink(spool: Spool) -> None:
     assert sink.calls == 0
     assert worker.stats.filtered == 1
     await worker.stop(time.monotonic())
+
+
+async def test_the_same_processors_through_a_real_mqtt_sink(
+    spool: Spool, mosquitto: Mosquitto
+) -> None:
+    """Applied by the worker, not by a connector: an MQTT connection to Mosquitto publishes
+    the same reshaped documents, and its filter keeps the same uplinks out."""
+    operations = [{"type": "filter", "expression": "DevEUI_uplink.FPort != `9`"}, *TWO]
+    outcomes = Outcomes()
+    mqtt = parse_connection(
+        connection_document := {
+            **connection(
+                connectorId="actility-mqtt-iot",
+                configuration={
+                    "hostName": f"{mosquitto.host}:{mosquitto.port}",
+                    "uplinkTopicPattern": "processed/c1/uplink",
+                    "downlinkTopicPattern": None,
+                },
+            ),
+            "upOperations": operations,
+        }
+    )
+    assert connection_document["upOperations"] == operations
+    sink = create_sink(mqtt, SinkContext(timeout=5, max_in_flight=4))
+    worker = worker_for(
+        spool,
+        sink,
+        outcomes,
+        operations,
+        connector="actility-mqtt-iot",
+        configuration=connection_document["configuration"],
+    )
+    received: list[Any] = []
+    arrived = asyncio.Event()
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+        await client.subscribe("processed/#", qos=1)
+
+        async def listen() -> None:
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                received.append(orjson.loads(message.payload))
+                arrived.set()
+
+        task = asyncio.create_task(listen())
+        try:
+            await worker.start()
+            await feed(spool, worker, [uplink(2), uplink(9), uplink(3)])
+            await outcomes.completed_count(3)
+            async with asyncio.timeout(10):
+                while len(received) < 2:
+                    arrived.clear()
+                    await arrived.wait()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await worker.stop(time.monotonic())
+    assert sorted(received, key=lambda b: b["port"]) == [
+        {"eui": "0018B20000000B20", "port": 2},
+        {"eui": "0018B20000000B20", "port": 3},
+    ]
+    assert (worker.stats.delivered, worker.stats.filtered) == (2, 1)
