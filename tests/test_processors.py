@@ -542,3 +542,25 @@ async def test_the_same_processors_through_a_real_mqtt_sink(
         {"eui": "0018B20000000B20", "port": 3},
     ]
     assert (worker.stats.delivered, worker.stats.filtered) == (2, 1)
+
+
+def test_a_provisioned_connection_with_a_bad_expression_is_a_config_error() -> None:
+    from iotflow.config.load import parse_settings
+
+    raw = {
+        "connections": [
+            connection(
+                devices=["0018B20000000B20"],
+                upOperations=[
+                    {"type": "callProcessor", "id": "MESSAGE_FLATTENER"},
+                    {"type": "jsonata", "expression": "$foo("},
+                ],
+            )
+        ]
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw, "test.toml", {})
+    assert [p.path for p in caught.value.problems] == ["connections[0].upOperations.1.expression"]
+    raw["connections"][0]["upOperations"][1]["expression"] = "$"
+    (provisioned,) = parse_settings(raw, "test.toml", {}).connections
+    assert provisioned.connection.upOperations == raw["connections"][0]["upOperations"]
