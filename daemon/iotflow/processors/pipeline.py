@@ -32,7 +32,7 @@ from iotflow.processors.operations import (
 # every step, so an expression that loops or recurses without end stops with an error
 # (a failed delivery) instead of holding the event loop.
 JSONATA_TIMEOUT_MS = 100
-JSONATA_MAX_DEPTH = 100
+JSONATA_MAX_DEPTH = 200
 
 
 class ProcessorError(IotflowError):
