@@ -26,6 +26,7 @@ from iotflow.states import Outcome
 from iotflow.telemetry.metrics import Metrics
 from support.mosquitto import Mosquitto
 from test_delivery import Outcomes, ScriptedSink, settings
+from test_sink_contract import RaisingSink
 
 # The uplink of the product's documentation ("Uplink Message", ThingPark X IoT Flow), cut to
 # the fields these tests read, with the values of a frame on port 2.
@@ -564,3 +565,20 @@ def test_a_provisioned_connection_with_a_bad_expression_is_a_config_error() -> N
     raw["connections"][0]["upOperations"][1]["expression"] = "$"
     (provisioned,) = parse_settings(raw, "test.toml", {}).connections
     assert provisioned.connection.upOperations == raw["connections"][0]["upOperations"]
+
+
+async def test_the_same_processors_through_the_contract_s_raising_sink(spool: Spool) -> None:
+    """The raising sink of the sink contract: a sink fault after the processors fails that
+    delivery as the catch-all says, and the next one arrives processed."""
+    sink, outcomes = RaisingSink(), Outcomes()
+    sink.next_error = ValueError("a bug in a sink")
+    worker = worker_for(spool, sink, outcomes, TWO, delivery=settings(max_in_flight=1))
+    await worker.start()
+    await feed(spool, worker, [uplink(2), uplink(3)])
+    await outcomes.completed_count(2)
+    assert [orjson.loads(body) for body in sink.delivered] == [
+        {"eui": "0018B20000000B20", "port": 3}
+    ]
+    (event,) = outcomes.kinds("delivery_failed")
+    assert event["reason"] == "ValueError: a bug in a sink"
+    await worker.stop(time.monotonic())
