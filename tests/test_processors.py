@@ -55,6 +55,8 @@ UPLINK: dict[str, Any] = {
         "CustomerID": "1100000077",
         "CustomerData": {"alr": {"pro": "ADRF/DEMO", "ver": "2"}, "tags": ["site=Paris"]},
         "payload": {"temperature": 21.5, "humidity": 40},
+        "BatteryLevel": 254,
+        "BatteryTime": "2018-10-03T15:30:00.000+02:00",
     }
 }
 
@@ -94,6 +96,8 @@ def test_flattener_joins_keys_with_dots_into_one_level() -> None:
         "DevEUI_uplink.CustomerData.tags": ["site=Paris"],
         "DevEUI_uplink.payload.temperature": 21.5,
         "DevEUI_uplink.payload.humidity": 40,
+        "DevEUI_uplink.BatteryLevel": 254,
+        "DevEUI_uplink.BatteryTime": "2018-10-03T15:30:00.000+02:00",
     }
     assert all(not isinstance(v, dict) for v in out.values())
 
@@ -108,6 +112,9 @@ def test_simplifier_keeps_the_device_the_frame_the_payload_and_the_best_gateway(
             "FCntUp": 1174,
             "payload_hex": "9e1c4852512000220020e3831071",
             "payload": {"temperature": 21.5, "humidity": 40},
+            # Battery fields: part of the product's simplified message since 1.7.16.
+            "BatteryLevel": 254,
+            "BatteryTime": "2018-10-03T15:30:00.000+02:00",
             # The best gateway's radio (ThingPark's top-level Lrr* fields), not the others'.
             "Lrrid": "004A18E3",
             "LrrRSSI": -80.0,

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 # What MESSAGE_SIMPLIFIER keeps of `DevEUI_uplink`, in this order: the device, the time,
-# the frame, the payload raw and decoded, and the radio of the best gateway (ThingPark's
-# top-level Lrr* fields are those of the gateway that received the frame best).
+# the frame, the payload raw and decoded, the battery (in the product's since its 1.7.16,
+# TXIF-2600), and the radio of the best gateway (ThingPark's top-level Lrr* fields are
+# those of the gateway that received the frame best).
 SIMPLIFIED = (
     "DevEUI",
     "Time",
@@ -14,6 +15,8 @@ SIMPLIFIED = (
     "FCntUp",
     "payload_hex",
     "payload",
+    "BatteryLevel",
+    "BatteryTime",
     "Lrrid",
     "LrrRSSI",
     "LrrSNR",
