@@ -6,6 +6,7 @@
     .venv/bin/python tests/bench/bench_routing.py --json           # machine-readable figures
     .venv/bin/python tests/bench/bench_routing.py --flows 1000,10000,100000
                                     # per-uplink routing cost by flows (in process, no broker)
+    .venv/bin/python tests/bench/bench_routing.py --processors     # with and without upOperations
 
 One run starts a real Mosquitto (support.mosquitto), a minimal webhook cloud in a process of
 its own, and the daemon as a process (support.daemon) with `--fanout` provisioned
@@ -536,13 +537,36 @@ def device_euis(count: int) -> list[str]:
     return [f"0018B2BE{i:08X}" for i in range(count)]
 
 
-def connections_for(base_url: str, fanout: int, devices: list[str]) -> list[dict[str, Any]]:
+# `--processors`: two operations on every connection, a simplifier and a JMESPath template
+# that keeps what the cloud reads (DevEUI, FCntUp), so the same analysis applies.
+PROCESSORS: list[dict[str, Any]] = [
+    {"type": "callProcessor", "id": "MESSAGE_SIMPLIFIER"},
+    {
+        "type": "jmespath",
+        "template": {
+            "DevEUI": "{{ DevEUI_uplink.DevEUI }}",
+            "FCntUp": "{{ DevEUI_uplink.FCntUp }}",
+            "port": "{{ DevEUI_uplink.FPort }}",
+            "rssi": "{{ DevEUI_uplink.LrrRSSI }}",
+        },
+    },
+]
+
+
+def connections_for(
+    base_url: str,
+    fanout: int,
+    devices: list[str],
+    operations: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    extra = {"upOperations": operations} if operations else {}
     return [
         {
             "id": f"bench-{k}",
             "name": f"benchmark {k}",
             "connectorId": "actility-http-iot",
             "devices": devices,
+            **extra,
             "configuration": {"destinationURL": f"{base_url}/c{k}"},
         }
         for k in range(fanout)
@@ -581,7 +605,12 @@ async def wait_delivered(
         await asyncio.sleep(0.02)
 
 
-async def run(args: argparse.Namespace, workdir: Path, figures: Figures) -> None:
+async def run(
+    args: argparse.Namespace,
+    workdir: Path,
+    figures: Figures,
+    operations: list[dict[str, Any]] | None = None,
+) -> None:
     until = time.monotonic() + args.deadline
     devices = device_euis(args.devices)
     children: list[Child] = []
@@ -602,7 +631,7 @@ async def run(args: argparse.Namespace, workdir: Path, figures: Figures) -> None
             workdir / "daemon",
             broker_url=broker.url,
             client_id="iotflow-bench",
-            connections=connections_for(base_url, args.fanout, devices),
+            connections=connections_for(base_url, args.fanout, devices, operations),
             delivery={"max_in_flight": args.in_flight},
         )
         await daemon.start()
@@ -788,6 +817,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated flow counts: print the routing index's per-uplink cost with"
         " that many flows (key, thing, application and range matchers) and exit",
     )
+    parser.add_argument(
+        "--processors",
+        action="store_true",
+        help="run twice, without and then with two upOperations, and print both",
+    )
     args = parser.parse_args(argv)
     for name in ("n", "devices", "fanout", "in_flight", "window"):
         if getattr(args, name) < 1:
@@ -799,7 +833,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-async def bounded(args: argparse.Namespace, workdir: Path, figures: Figures) -> None:
+async def bounded(
+    args: argparse.Namespace,
+    workdir: Path,
+    figures: Figures,
+    operations: list[dict[str, Any]] | None = None,
+) -> None:
     # SIGTERM (a CI timeout, `kill`) stops the run the way Ctrl-C does: everything started
     # is stopped on the way out, nothing is left running.
     task = asyncio.current_task()
@@ -807,7 +846,7 @@ async def bounded(args: argparse.Namespace, workdir: Path, figures: Figures) -> 
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     try:
         async with asyncio.timeout(args.deadline):
-            await run(args, workdir, figures)
+            await run(args, workdir, figures, operations)
     except TimeoutError as exc:
         raise TimeoutError(f"the run passed its deadline ({args.deadline:g}s): {exc}") from None
 
@@ -890,30 +929,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not sys.platform.startswith("linux"):
         print("bench_routing: Linux only (it reads /proc)", file=sys.stderr)
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="iotflow-bench-", dir=args.dir))
-    spool_fs = filesystem_of(workdir)
-    figures = Figures(uplinks=args.n, fanout=args.fanout, expected=args.n * args.fanout)
-    load_before = os.getloadavg()[0]
-    try:
-        asyncio.run(bounded(args, workdir, figures))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("bench_routing: interrupted; everything it started is stopped", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        print(f"bench_routing: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        figures.load_average = (load_before, os.getloadavg()[0])
-        if args.keep:
-            print(f"work directory kept: {workdir}", file=sys.stderr)
+    # With --processors, the same run twice: without, then with the two operations.
+    variants: list[tuple[str, list[dict[str, Any]] | None]] = [("without processors", None)]
+    if args.processors:
+        variants.append(("with 2 processors", PROCESSORS))
+    results: list[tuple[str, Figures]] = []
+    for label, operations in variants:
+        if args.processors:
+            say(args, f"-- {label}")
+        workdir = Path(tempfile.mkdtemp(prefix="iotflow-bench-", dir=args.dir))
+        spool_fs = filesystem_of(workdir)
+        figures = Figures(uplinks=args.n, fanout=args.fanout, expected=args.n * args.fanout)
+        load_before = os.getloadavg()[0]
+        try:
+            asyncio.run(bounded(args, workdir, figures, operations))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            print("bench_routing: interrupted; everything it started is stopped", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            print(f"bench_routing: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            figures.load_average = (load_before, os.getloadavg()[0])
+            if args.keep:
+                print(f"work directory kept: {workdir}", file=sys.stderr)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+        results.append((label, figures))
+        if args.json:
+            document = {
+                "parameters": vars(args) | {"cpus": os.cpu_count()},
+                "variant": label,
+                **asdict(figures),
+            }
+            print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
-        document = {"parameters": vars(args) | {"cpus": os.cpu_count()}, **asdict(figures)}
-        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
-    else:
-        print(report(args, figures, spool_fs))
-    return 0 if figures.missing == 0 and figures.unexpected == 0 else 1
+            if args.processors:
+                print(f"== {label}")
+            print(report(args, figures, spool_fs))
+    if args.processors and not args.json:
+        (_, plain), (_, shaped) = results
+        ratio = shaped.end_to_end_per_second / plain.end_to_end_per_second
+        print(
+            f"processors: {shaped.end_to_end_per_second:.0f} deliveries/s with 2 processors,"
+            f" {plain.end_to_end_per_second:.0f} without ({ratio:.2f}x; steady"
+            f" {shaped.steady_per_second:.0f} vs {plain.steady_per_second:.0f})"
+        )
+    ok = all(f.missing == 0 and f.unexpected == 0 for _, f in results)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from iotflow.downlinks.parse import (
     SPELLINGS,
 )
 from iotflow.formats.fields import DEV_EUI_PATTERN, NORMAL_DEV_EUI_PATTERN
+from iotflow.processors.operations import UpOperation
 from iotflow.telemetry.metrics import STATES
 
 # -- what comes in -------------------------------------------------------------------------
@@ -116,6 +117,7 @@ class Statistics(_Out):
     expired: int
     failed: int
     dropped: int
+    filtered: int
     pending: int
     lastError: str | None
     lastDeliveryTime: str | None
@@ -157,6 +159,7 @@ class Connection(_Out):
     brand: str | None = None  # left out when there is none
     active: bool
     alarms: list[Alarm]
+    upOperations: list[UpOperation] | None = None  # left out when there are none
     configuration: dict[str, Any]
     state: str = Field(json_schema_extra={"enum": list(STATES)})
     startupTime: str | None
@@ -168,6 +171,12 @@ class Connection(_Out):
     def _alarms(self, alarms: list[Alarm]) -> list[dict[str, Any]]:
         # As the connection's own document writes them (and the registry stores them).
         return [a.model_dump(mode="json", exclude_none=True) for a in alarms]
+
+    @field_serializer("upOperations")
+    def _operations(self, operations: list[Any] | None) -> list[dict[str, Any]] | None:
+        if operations is None:
+            return None
+        return [o.model_dump(mode="json", exclude_none=True) for o in operations]
 
 
 class Device(_Out):

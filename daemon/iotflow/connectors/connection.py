@@ -12,6 +12,7 @@ from iotflow.connectors.catalog import CATALOG
 from iotflow.connectors.common import CommonConfig
 from iotflow.connectors.secrets import Redactor
 from iotflow.errors import ConfigError, Problem
+from iotflow.processors.operations import parse_operations
 
 CONNECTION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ID_PATTERN = CONNECTION_ID.pattern
@@ -28,6 +29,8 @@ class _Envelope(BaseModel):
     brand: str | None = None
     active: bool = True
     alarms: list[Alarm] = Field(default_factory=list)
+    # Validated on its own (processors.parse_operations) for per-operation key paths.
+    upOperations: Any = None
     configuration: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -40,6 +43,8 @@ class Connection(BaseModel):
     brand: str | None = None
     active: bool = True
     alarms: list[Alarm] = Field(default_factory=list)
+    # The processors' validated documents, in order; None (left out) when there are none.
+    upOperations: list[dict[str, Any]] | None = None
     configuration: SerializeAsAny[CommonConfig]
     provisioned: bool = Field(default=False, exclude=True)
     # Set on a stored connection that no longer validates (see `quarantined`): why it cannot
@@ -146,6 +151,10 @@ def parse_connection(data: Any, *, default_id: str | None = None) -> Connection:
             config = connector.configuration.model_validate(raw_configuration)
         except ValidationError as exc:
             problems.extend(problems_of(exc, "configuration"))
+    operations, operation_problems = parse_operations(
+        envelope.upOperations if envelope is not None else raw.get("upOperations")
+    )
+    problems.extend(operation_problems)
     if envelope is None or config is None:
         raise ConfigError(problems)
     if connector is not None and connector.apply_brand is not None:
@@ -166,6 +175,7 @@ def parse_connection(data: Any, *, default_id: str | None = None) -> Connection:
         brand=envelope.brand,
         active=envelope.active,
         alarms=envelope.alarms,
+        upOperations=operations or None,
         configuration=config,
     )
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
 from iotflow.alarms.model import Alarm
 from iotflow.connectors.catalog import CATALOG, Connector
 from iotflow.connectors.connection import ID_PATTERN
+from iotflow.processors.operations import MAX_OPERATIONS, UpOperation
 
 _DESCRIPTION = (
     "A connection as POST and PUT take it, its configuration the connector's (GET /connectors)."
@@ -27,6 +28,12 @@ class _ConnectionInput(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     active: bool = True
     alarms: list[Alarm] = Field(default_factory=list)
+    upOperations: list[UpOperation] | None = Field(
+        default=None,
+        max_length=MAX_OPERATIONS,
+        description="Processors applied in order to each uplink before it is sent "
+        "(docs/processors.md); each may have a JMESPath `condition`.",
+    )
 
 
 def _model_name(connector: Connector) -> str:

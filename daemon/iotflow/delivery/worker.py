@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import traceback
 from collections import deque
@@ -24,6 +25,7 @@ from iotflow.errors import (
     RetryableSinkError,
     SinkError,
 )
+from iotflow.processors import Pipeline, ProcessorError
 from iotflow.sinks import Sink
 from iotflow.spool import Delivery, Spool
 from iotflow.states import ConnectionState, Outcome
@@ -54,6 +56,7 @@ class Statistics:
     expired: int = 0
     failed: int = 0
     dropped: int = 0
+    filtered: int = 0
     pending: int = 0
     lastError: str | None = None
     lastDeliveryTime: float | None = None
@@ -66,6 +69,7 @@ class Statistics:
             "expired": self.expired,
             "failed": self.failed,
             "dropped": self.dropped,
+            "filtered": self.filtered,
             "pending": self.pending,
             "lastError": self.lastError,
             "lastDeliveryTime": None
@@ -160,6 +164,9 @@ class ConnectionWorker:
             clock=clock,
             on_change=self._circuit_changed,
         )
+        # upOperations compiled once per worker (a connection edit makes a new worker);
+        # None keeps the path without processors free of any parse.
+        self._pipeline = Pipeline(connection.upOperations) if connection.upOperations else None
         self._latency = metrics.latency.labels(self.id)
         self._pending_gauge = metrics.spool_pending.labels(self.id)
 
@@ -280,6 +287,19 @@ class ConnectionWorker:
         if self._clock() >= deadline:
             self._finish(delivery, Outcome.EXPIRED, "older than uplinkTimeValidity on arrival")
             return
+        if self._pipeline is not None:
+            # Once per delivery, before the first attempt: retries send the same document.
+            try:
+                document = self._pipeline.apply_bytes(delivery.document)
+            except ProcessorError as exc:
+                reason = self._redact(str(exc)[:MAX_REASON])
+                self._note_error(reason)
+                self._finish(delivery, Outcome.FAILED, reason)
+                return
+            if document is None:
+                self._finish(delivery, Outcome.FILTERED)
+                return
+            delivery = dataclasses.replace(delivery, document=document)
         last: SinkError | None = None
         try:
             try:
@@ -410,6 +430,11 @@ class ConnectionWorker:
             self.stats.delivered += 1
             self.stats.lastDeliveryTime = now
             self._latency.observe(max(0.0, now - delivery.received_at))
+            return
+        if outcome == Outcome.FILTERED:
+            # An operator's choice, not a fault: counted (metric, statistics), no event or
+            # log line per delivery, which would flood both at the uplink rate.
+            self.stats.filtered += 1
             return
         if outcome == Outcome.EXPIRED:
             self.stats.expired += 1
