@@ -89,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         path, why = default_source()
     if args.command == "run":
         return _run(path, why)
+    # check and migrate speak to a person: plain text, and only warnings from the libraries.
+    logs.configure("warning", "console")
     if why is not None:
         # Say which file, or a missing /etc/iotflow/iotflow.toml is a riddle.
         print(f"config: {path} ({why})", file=sys.stderr)
