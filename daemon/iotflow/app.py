@@ -32,6 +32,7 @@ from iotflow.formats import actility_document, decode
 from iotflow.registry import Store, open_registry
 from iotflow.routing import RoutingIndex
 from iotflow.sources.mqtt import Incoming, MqttSource
+from iotflow.drivers import Drivers
 from iotflow.spool import Spool, SpoolUnavailableError
 from iotflow.telemetry import logging as logs
 from iotflow.telemetry.metrics import Metrics
@@ -57,6 +58,7 @@ class Daemon:
         self.alarms: Alarms | None = None
         self.directory: DeviceDirectory | None = None
         self.downlinks: Downlinks | None = None
+        self.drivers: Drivers | None = None  # TS013 codecs; None: not started (no decoding)
         self._runner: web.AppRunner | None = None
         self._api_sockets: list[socket.socket] = []
         self._stop = asyncio.Event()
@@ -141,6 +143,10 @@ class Daemon:
             metrics=self.metrics,
             settings=lambda: self.settings.config.downlinks,
         )
+        # Loaded before the first uplink can be routed to one of them.
+        self.drivers = Drivers(config.drivers)
+        await self.drivers.start()
+        self._closing("drivers", self.drivers.close)
         self.spool = await Spool.open(config.spool.path)
         # The API and the workers write through it: it closes after both (stack order).
         self._closing("spool", self.spool.close)
