@@ -26,13 +26,13 @@ from iotflow.delivery.manager import Deliveries, make_sink_factory
 from iotflow.delivery.worker import ConnectionWorker
 from iotflow.downlinks.directory import DeviceDirectory
 from iotflow.downlinks.service import Downlinks
+from iotflow.drivers import Drivers
 from iotflow.errors import ConfigError, IotflowError, Rejection
 from iotflow.events import EventLog
 from iotflow.formats import actility_document, decode
 from iotflow.registry import Store, open_registry
 from iotflow.routing import RoutingIndex
 from iotflow.sources.mqtt import Incoming, MqttSource
-from iotflow.drivers import Drivers
 from iotflow.spool import Spool, SpoolUnavailableError
 from iotflow.telemetry import logging as logs
 from iotflow.telemetry.metrics import Metrics

@@ -64,7 +64,7 @@ NO_ENCODER = "no_encoder"
 _MESSAGE = 500  # characters of a codec's error message kept
 
 
-class CodecFault(Exception):  # noqa: N818 — a fault of the codec, reported, not raised on
+class CodecFault(Exception):
     """A call that gave no usable result: `code` is one of the codes above."""
 
     def __init__(self, code: str, message: str) -> None:

@@ -62,6 +62,9 @@ class DriverInfo:
 def discover(root: Path) -> list[tuple[str, Path]]:
     """`<producer>/<module>/<version>/driver.js` below `root`, as (id, path), by id."""
     found: list[tuple[str, Path]] = []
+    if not root.is_dir():
+        log.warning("Drivers path is no directory", path=str(root))
+        return found
     for path in sorted(root.glob("*/*/*/driver.js")):
         parts = path.relative_to(root).parts[:3]
         if all(_SEGMENT.match(p) and ":" not in p for p in parts):
@@ -87,9 +90,6 @@ class Drivers:
         if self.settings.path is None:
             return
         root = Path(self.settings.path)
-        if not root.is_dir():
-            log.warning("Drivers path is no directory", path=str(root))
-            return
         loop = asyncio.get_running_loop()
         for driver_id, path in await loop.run_in_executor(self._pool, discover, root):
             producer, module, version = driver_id.split(":")
@@ -107,7 +107,9 @@ class Drivers:
             self._infos[driver_id] = DriverInfo(
                 driver_id, producer, module, version, str(path), "ready", None, codec.has_encoder
             )
-        log.info("Drivers loaded", ready=len(self._codecs), failed=len(self._infos) - len(self._codecs))
+        log.info(
+            "Drivers loaded", ready=len(self._codecs), failed=len(self._infos) - len(self._codecs)
+        )
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -136,7 +138,9 @@ class Drivers:
                 self._pool, codec.decode, payload, f_port, recv_time
             )
 
-    async def encode(self, driver_id: str, data: Any, f_port: int | None) -> tuple[bytes, int | None]:
+    async def encode(
+        self, driver_id: str, data: Any, f_port: int | None
+    ) -> tuple[bytes, int | None]:
         """encodeDownlink: (bytes, fPort); CodecFault when the codec gives none."""
         codec = self._codec(driver_id)
         async with self._busy[driver_id]:
