@@ -24,9 +24,11 @@ from py_mini_racer import (
 
 # Taken away before the codec is loaded: timers would run codec code outside a call's
 # time limit. V8 itself has no file, network or process access (no require, fetch, process).
+# mini-racer defines them non-configurable: overwritten, since `delete` would do nothing.
 _PRELUDE = """
-delete globalThis.setTimeout; delete globalThis.clearTimeout;
-delete globalThis.setInterval; delete globalThis.clearInterval;
+["setTimeout", "clearTimeout", "setInterval", "clearInterval"].forEach(function (name) {
+  if (name in globalThis) { globalThis[name] = undefined; }
+});
 """
 
 # The TS013 calls, wrapped so that input and output are JSON text.
