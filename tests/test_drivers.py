@@ -36,7 +36,8 @@ def uplink(payload_hex: str, f_port: Any = "2", **extra: Any) -> dict[str, Any]:
 @pytest.fixture
 async def drivers() -> AsyncIterator[Drivers]:
     # A generous time limit, so that the hungry codec meets the memory limit first.
-    found = Drivers(DriverSettings(path=str(CODECS), timeout="300ms", memory_limit="16MiB"))
+    settings = {"path": str(CODECS), "timeout": "300ms", "memory_limit": "16MiB"}
+    found = Drivers(DriverSettings.model_validate(settings))
     await found.start()
     yield found
     await found.close()
