@@ -304,3 +304,11 @@ def test_cli_prints_the_error_and_exits_1(tmp_path: Path) -> None:
     done = _cli(tmp_path, "test:good:1", "xyz")
     assert done.returncode == 1
     assert "not hexadecimal" in done.stderr
+
+
+async def test_after_close_a_decode_is_an_error_not_an_exception() -> None:
+    found = Drivers(DriverSettings(path=str(CODECS)))
+    await found.start()
+    await found.close()
+    inner = (await found.decode(uplink("0a32"), "test:good:1"))["DevEUI_uplink"]
+    assert inner["payloadDecodedError"]["code"] in ("driver_not_found", "driver_unavailable")

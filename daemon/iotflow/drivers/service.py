@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from iotflow.config.model import DriverSettings
 from iotflow.drivers.engine import (
@@ -33,6 +34,7 @@ log = get_logger("iotflow.drivers")
 AUTO = "actility:auto:1"  # the uplink's own DriverCfg.id (ThingPark)
 ROOT = "DevEUI_uplink"
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+T = TypeVar("T")
 _THREADS = 4  # V8 runs without the GIL: a few threads serve many codecs
 
 
@@ -82,6 +84,7 @@ class Drivers:
         self._infos: dict[str, DriverInfo] = {}
         self._busy: dict[str, asyncio.Lock] = {}
         self._pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="iotflow-driver")
+        self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -116,7 +119,9 @@ class Drivers:
         for codec in self._codecs.values():
             await loop.run_in_executor(self._pool, codec.close)
         self._codecs.clear()
-        self._pool.shutdown(wait=True)
+        self._closed = True
+        # Off the loop: a call in flight may still run up to its time limit.
+        await loop.run_in_executor(None, self._pool.shutdown)
 
     # -- what the API reads ----------------------------------------------------------------
 
@@ -134,9 +139,7 @@ class Drivers:
         """The codec's `data`; CodecFault when it gives none."""
         codec = self._codec(driver_id)
         async with self._busy[driver_id]:  # one thread per codec: a looping one holds one
-            return await asyncio.get_running_loop().run_in_executor(
-                self._pool, codec.decode, payload, f_port, recv_time
-            )
+            return await self._run(codec.decode, payload, f_port, recv_time)
 
     async def encode(
         self, driver_id: str, data: Any, f_port: int | None
@@ -144,9 +147,15 @@ class Drivers:
         """encodeDownlink: (bytes, fPort); CodecFault when the codec gives none."""
         codec = self._codec(driver_id)
         async with self._busy[driver_id]:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._pool, codec.encode, data, f_port
-            )
+            return await self._run(codec.encode, data, f_port)
+
+    async def _run(self, call: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call, *args)
+        except RuntimeError as exc:  # the pool is shut down: the daemon is stopping
+            if self._closed:
+                raise CodecFault(LOAD_FAILED, "the drivers are closed") from None
+            raise exc from None
 
     async def decode(self, document: dict[str, Any], driver_id: str) -> dict[str, Any]:
         """A new document: `payload` from the codec, or `payloadDecodedError` without it."""
@@ -159,6 +168,10 @@ class Drivers:
             data = await self.decode_bytes(resolved, payload, f_port, str(inner.get("Time", "")))
         except CodecFault as fault:
             inner["payloadDecodedError"] = fault.document()
+        except Exception as exc:
+            # A bug of ours or of the engine: the uplink still goes on, undecoded.
+            log.error("Driver call failed", driver=driver_id, error=f"{type(exc).__name__}: {exc}")
+            inner["payloadDecodedError"] = {"code": "internal", "message": type(exc).__name__}
         else:
             inner["payload"] = data
         return {**document, ROOT: inner}
