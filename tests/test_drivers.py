@@ -312,3 +312,19 @@ async def test_after_close_a_decode_is_an_error_not_an_exception() -> None:
     await found.close()
     inner = (await found.decode(uplink("0a32"), "test:good:1"))["DevEUI_uplink"]
     assert inner["payloadDecodedError"]["code"] in ("driver_not_found", "driver_unavailable")
+
+
+def test_a_bad_drivers_section_is_a_config_error(tmp_path: Path) -> None:
+    from iotflow.config.load import load_settings
+    from iotflow.errors import ConfigError
+
+    config = tmp_path / "iotflow.toml"
+    config.write_text('[drivers]\npath = "x"\ntimeout = "50"\nmemory_limit = "1KiB"\n')
+    with pytest.raises(ConfigError) as error:
+        load_settings(str(config))
+    text = " ".join(str(p) for p in error.value.problems)
+    assert "drivers.timeout" in text
+    assert "drivers.memory_limit" in text
+    config.write_text('[drivers]\npath = "x"\ntimeout = "20ms"\nmemory_limit = "32MiB"\n')
+    drivers = load_settings(str(config)).config.drivers
+    assert (drivers.timeout.total_seconds(), int(drivers.memory_limit)) == (0.02, 32 << 20)
