@@ -146,6 +146,7 @@ STARTED = [
     "events",
     "alarms",
     "directory",
+    "drivers",
     "spool",
     "deliveries",
     "transitions",

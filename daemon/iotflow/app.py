@@ -27,6 +27,7 @@ from iotflow.delivery.manager import Deliveries, make_sink_factory
 from iotflow.delivery.worker import ConnectionWorker
 from iotflow.downlinks.directory import DeviceDirectory
 from iotflow.downlinks.service import Downlinks
+from iotflow.drivers import Drivers
 from iotflow.errors import ConfigError, IotflowError, Rejection
 from iotflow.events import EventLog
 from iotflow.formats import actility_document, decode
@@ -67,6 +68,7 @@ class Daemon:
         self.alarms: Alarms | None = None
         self.directory: DeviceDirectory | None = None
         self.downlinks: Downlinks | None = None
+        self.drivers: Drivers | None = None  # TS013 codecs; None: not started (no decoding)
         self._runner: web.AppRunner | None = None
         self._api_sockets: list[socket.socket] = []
         self._stop = asyncio.Event()
@@ -151,6 +153,10 @@ class Daemon:
             metrics=self.metrics,
             settings=lambda: self.settings.config.downlinks,
         )
+        # Loaded before the first uplink can be routed to one of them.
+        self.drivers = Drivers(config.drivers)
+        await self.drivers.start()
+        self._closing("drivers", self.drivers.close)
         self.spool = await Spool.open(config.spool.path)
         # The API and the workers write through it: it closes after both (stack order).
         self._closing("spool", self.spool.close)

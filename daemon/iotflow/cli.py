@@ -1,4 +1,4 @@
-"""Command line: `iotflow run | check | migrate [-c PATH]`."""
+"""Command line: `iotflow run | check | migrate [-c PATH]`, `iotflow drivers test ID HEX`."""
 
 from __future__ import annotations
 
@@ -31,7 +31,43 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="config file (default: $IOTFLOW_CONFIG, else /etc/iotflow/iotflow.toml)",
         )
+    drivers = commands.add_parser("drivers", help="try the payload drivers of [drivers] path")
+    actions = drivers.add_subparsers(dest="action", required=True)
+    test = actions.add_parser("test", help="decode a payload with a driver; exit 1 on error")
+    test.add_argument("id", help="producer:module:version")
+    test.add_argument("hex", help="the payload, in hexadecimal")
+    test.add_argument("--fport", type=int, default=None, help="the uplink's FPort")
+    test.add_argument("-c", "--config", default=None, help="config file (as for run)")
     return parser
+
+
+async def _drivers_test(settings: Settings, driver_id: str, text: str, f_port: int | None) -> int:
+    import orjson
+
+    from iotflow.drivers import CodecFault, Drivers
+
+    try:
+        payload = bytes.fromhex(text)
+    except ValueError:
+        print(f"{text!r} is not hexadecimal", file=sys.stderr)
+        return 1
+    drivers = Drivers(settings.config.drivers)
+    await drivers.start()
+    try:
+        data = await drivers.decode_bytes(driver_id, payload, f_port, _now())
+    except CodecFault as fault:
+        print(orjson.dumps({"payloadDecodedError": fault.document()}).decode())
+        return 1
+    finally:
+        await drivers.close()
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _load(path: str) -> Settings | None:
@@ -97,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = _load(path)
     if settings is None:
         return 1
+    if args.command == "drivers":
+        # Quiet: stdout is the result; a broken driver shows in its own error message.
+        logs.configure(level="error")
+        return asyncio.run(_drivers_test(settings, args.id, args.hex, args.fport))
     if args.command == "check":
         print(
             f"{path}: OK ({len(settings.connections)} provisioned connections,"

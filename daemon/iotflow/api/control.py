@@ -15,6 +15,7 @@ from aiohttp import web
 from iotflow.config.model import Config
 from iotflow.delivery.worker import Statistics
 from iotflow.downlinks.service import Downlinks
+from iotflow.drivers import Drivers
 from iotflow.registry import Store
 from iotflow.telemetry.metrics import Metrics
 
@@ -53,6 +54,11 @@ class ControlPlane(Protocol):
     @property
     def downlinks(self) -> Downlinks | None:
         """The downlink handler; None while the daemon is starting."""
+        ...
+
+    @property
+    def drivers(self) -> Drivers | None:
+        """The payload drivers; None while the daemon is starting."""
         ...
 
     def worker(self, connection_id: str) -> WorkerView | None: ...

@@ -241,3 +241,34 @@ class OpenApi(RootModel[dict[str, Any]]):
     """An OpenAPI 3.1 document."""
 
     model_config = ConfigDict(title="OpenApi")
+
+
+class Driver(_Out):
+    """A TS013 codec found under [drivers] path (docs/drivers.md)."""
+
+    id: str
+    producer: str
+    module: str
+    version: str
+    status: Literal["ready", "failed"]
+    error: str | None
+    encodeDownlink: bool
+
+
+class DecodeInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    payload_hex: Annotated[str, Field(pattern=r"^([0-9a-fA-F]{2}){0,242}$")]
+    fPort: Annotated[int, Field(ge=0, le=255)] | None = None
+
+
+class DecodedError(_Out):
+    code: str
+    message: str
+
+
+class Decoded(_Out):
+    """`payload` (the codec's data) or `payloadDecodedError`, as in DevEUI_uplink."""
+
+    payload: Any = None
+    payloadDecodedError: DecodedError | None = None

@@ -7,7 +7,15 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from iotflow.config.types import Duration, Secret
 from iotflow.formats import FORMATS, MAX_UPLINK_BYTES, Template
@@ -144,6 +152,31 @@ class RegistrySettings(Section):
 
 class SpoolSettings(Section):
     path: str = "var/spool.db"
+
+
+class DriverSettings(Section):
+    """[drivers]: TS013 JavaScript codecs under `path` (docs/drivers.md)."""
+
+    path: str | None = None  # <producer>/<module>/<version>/driver.js below it; None: none
+    # Each decodeUplink/encodeDownlink call; a codec that runs longer is interrupted.
+    timeout: Duration = timedelta(milliseconds=50)
+    # V8 heap of one codec ("64MiB", "32MB" or bytes); past it the call is stopped.
+    memory_limit: ByteSize = ByteSize(64 * 1024 * 1024)
+
+    @field_validator("timeout")
+    @classmethod
+    def _sane_timeout(cls, value: timedelta) -> timedelta:
+        if not timedelta(milliseconds=1) <= value <= timedelta(seconds=10):
+            raise ValueError("expected a duration between 1ms and 10s")
+        return value
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _sane_memory(cls, value: ByteSize) -> ByteSize:
+        # Below a few MiB V8 cannot even create its context.
+        if not 8 * 1024 * 1024 <= value <= 4 * 1024**3:
+            raise ValueError("expected between 8MiB and 4GiB")
+        return value
 
 
 class ApiSettings(Section):
@@ -311,6 +344,7 @@ class Config(Section):
     alarms: AlarmSettings = Field(default_factory=AlarmSettings)
     events: EventSettings = Field(default_factory=EventSettings)
     downlinks: DownlinkSettings = Field(default_factory=DownlinkSettings)
+    drivers: DriverSettings = Field(default_factory=DriverSettings)
     ingest: list[IngestEndpoint] = Field(default_factory=list)
     # Validated one by one against the connector catalog by the loader, so that each
     # problem is reported with its connector's own key paths.

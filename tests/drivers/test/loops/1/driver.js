@@ -1,0 +1,1 @@
+function decodeUplink(input) { while (true) {} }

@@ -1,0 +1,1 @@
+function decodeUplink(input) { throw new Error("cannot read byte " + input.bytes.length); }
