@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
 from iotflow.app import Daemon
 from iotflow.config.load import load_settings
+from iotflow.drivers import Drivers
 from support.clouds import FakeCloud
 from support.daemon import DaemonProcess
 from support.mosquitto import Mosquitto
@@ -69,7 +70,7 @@ async def test_targets_are_decoded_once_per_driver_and_spooled_per_group(
     await daemon.start()
     try:
         decoder = Decoder()
-        daemon.drivers = decoder
+        daemon.drivers = cast(Drivers, decoder)  # a stand-in of the same interface
         commit = daemon.accept("actility", orjson.dumps(actility(DEV, 7)))
         assert commit is not None
         await commit  # every group is in the spool
@@ -115,7 +116,7 @@ async def test_a_slow_decode_keeps_the_devices_order_in_the_spool(
     await daemon.start()
     try:
         decoder = SlowDecoder()
-        daemon.drivers = decoder
+        daemon.drivers = cast(Drivers, decoder)  # a stand-in of the same interface
         first = daemon.accept("actility", orjson.dumps(actility(DEV, 1)))
         second = daemon.accept("actility", orjson.dumps(actility(DEV, 2)))
         assert first is not None

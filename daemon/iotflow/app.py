@@ -11,7 +11,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -45,12 +45,6 @@ _LOGGED_PAYLOAD = 200  # bytes of a rejected message shown in its log line
 _REJECT_LINES = 100  # rejected messages logged per minute at most
 
 
-class Decoder(Protocol):
-    """What `accept` needs of the payload drivers (iotflow.drivers.Drivers)."""
-
-    async def decode(self, document: dict[str, Any], driver_id: str) -> dict[str, Any]: ...
-
-
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -60,7 +54,6 @@ class Daemon:
         self.spool: Spool | None = None
         self.deliveries: Deliveries | None = None
         self.index = RoutingIndex([], {})
-        self.drivers: Decoder | None = None  # None: flows' drivers decode nothing
         # Per device, the uplink whose commits are not queued yet (it is being decoded).
         self._queueing: dict[str, asyncio.Future[None]] = {}
         self.source: MqttSource | None = None
