@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -148,3 +149,77 @@ async def test_uplinks_keep_flowing_while_codecs_loop_and_allocate(
     # A delivery never waited for a looping codec (300 ms a call).
     assert max(busy) < 1.0
     assert median_busy < median_quiet + 0.25
+
+
+EXAMPLES = Path(__file__).parents[1] / "examples" / "drivers"
+SENSOR = "0018B20000003002"
+
+
+async def test_a_flows_driver_decodes_a_real_frame_and_processors_reshape_it(
+    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
+) -> None:
+    """Milesight EM300-TH's documented frame (User Guide 5.2), routed by a flow whose driver is
+    the shipped example codec: the binding's connection gets the document undecoded, the flow's
+    gets `payload`, and a connection with processors gets the decoded values reshaped."""
+    flows = f"""
+[[flows]]
+id = "em300"
+name = "EM300-TH sensors"
+driver = {{ id = "milesight:em300-th:1" }}
+matchers = [{{ type = "key", key = "lora:{SENSOR.lower()}" }}]
+connectors = [{{ connectionId = "decoded" }}, {{ connectionId = "shaped" }}]
+"""
+    daemon = DaemonProcess(
+        tmp_path / "flow-driver",
+        broker_url=mosquitto.url,
+        connections=[
+            {
+                "id": "raw",
+                "name": "raw",
+                "connectorId": "actility-http-iot",
+                "devices": [SENSOR],
+                "configuration": {"destinationURL": cloud.url("/raw")},
+            },
+            {
+                "id": "decoded",
+                "name": "decoded",
+                "connectorId": "actility-http-iot",
+                "configuration": {"destinationURL": cloud.url("/decoded")},
+            },
+            {
+                "id": "shaped",
+                "name": "shaped",
+                "connectorId": "actility-http-iot",
+                "upOperations": [
+                    {
+                        "type": "jmespath",
+                        "template": {
+                            "device": "{{ DevEUI_uplink.DevEUI }}",
+                            "celsius": "{{ DevEUI_uplink.payload.temperature }}",
+                        },
+                    }
+                ],
+                "configuration": {"destinationURL": cloud.url("/shaped")},
+            },
+        ],
+        extra=f'[drivers]\npath = "{EXAMPLES}"\n' + flows,
+    )
+    await daemon.start()
+    try:
+        topic, body = uplink("actility", SENSOR, 1)
+        document = json.loads(body)
+        document["DevEUI_uplink"].update(FPort=85, payload_hex="01756403671001046871")
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+            await client.publish(topic, json.dumps(document), qos=1)
+        (raw,) = await cloud.wait_for(1, path="/raw")
+        assert "payload" not in raw.json["DevEUI_uplink"]
+        (decoded,) = await cloud.wait_for(1, path="/decoded")
+        assert decoded.json["DevEUI_uplink"]["payload"] == {
+            "battery": 100,
+            "temperature": 27.2,
+            "humidity": 56.5,
+        }
+        (shaped,) = await cloud.wait_for(1, path="/shaped")
+        assert shaped.json == {"device": SENSOR, "celsius": 27.2}
+    finally:
+        await daemon.close()
