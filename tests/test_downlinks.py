@@ -178,9 +178,10 @@ def test_bad_payload(payload: Any) -> None:
 
 
 def test_payloads_only_a_driver_or_thingpark_could_use() -> None:
+    # A decoded payload is kept for the device's driver (the service encodes it or says why).
     raw = body({"DevEUI_downlink": {"DevEUI": DEV, "FPort": 1, "payload": {"DownMessageType": 1}}})
-    error = rejected(raw, "bad_payload")
-    assert "driver" in error.message
+    request = parse_downlink(raw)
+    assert (request.payload, request.data) == (b"", {"DownMessageType": 1})
     error = rejected(thingpark(FCntDn=12), "bad_payload")
     assert error.path == "DevEUI_downlink.FCntDn"
 
@@ -533,6 +534,9 @@ class Harness:
         self.metrics = Metrics()
         self.directory = DeviceDirectory(store)
         self.settings = DownlinkSettings(publish_timeout=timedelta(milliseconds=200))
+        # What the daemon learns from each routed uplink: device → {connection: its driver}.
+        self.routes: dict[str, dict[str, str | None]] = {}
+        self.encoded: list[tuple[str, Any, int]] = []
         self.downlinks = Downlinks(
             store=store,
             directory=self.directory,
@@ -540,7 +544,16 @@ class Harness:
             record=lambda cid, kind, data: self.events.append((cid, kind, data)),
             metrics=self.metrics,
             settings=lambda: self.settings,
+            routes=lambda dev_eui: self.routes.get(dev_eui, {}),
+            encode=self.encode,
         )
+
+    async def encode(self, driver_id: str, data: Any, f_port: int) -> tuple[bytes, int | None]:
+        """A stand-in encodeDownlink: `{"raise": ...}` is a codec fault; else 2 bytes, port 9."""
+        self.encoded.append((driver_id, data, f_port))
+        if "raise" in data:
+            raise RuntimeError(data["raise"])
+        return bytes([data["level"], f_port]), 9
 
     def count(self, connection: str, outcome: str) -> float:
         value = self.metrics.registry.get_sample_value(
@@ -635,6 +648,26 @@ async def test_the_service_refuses_with_a_reason(harness: Harness) -> None:
     assert harness.count("mine", "unknown_device") == 3
     assert harness.count("mine", "not_connected") == 2
     assert harness.count("ghost", "disabled") == 0
+
+
+async def test_a_decoded_payload_is_encoded_by_the_flows_driver(harness: Harness) -> None:
+    flowed = "0018B2000000F10A"  # routed to "other" by a flow only, with a driver
+    harness.directory.remember(flowed, "actility", {})
+    request = DownlinkRequest(flowed, 3, b"", data={"level": 7})
+    # Not bound, not routed: not this connection's device.
+    assert "not bound" in await harness.refused("other", request, "unknown_device")
+    harness.routes[flowed] = {"other": None}  # routed by a flow without a driver
+    assert "no flow with a driver" in await harness.refused("other", request, "bad_payload")
+    harness.routes[flowed] = {"other": "acme:valve:1"}
+    sent = await harness.downlinks.send("other", request)
+    assert harness.encoded == [("acme:valve:1", {"level": 7}, 3)]
+    assert (sent.f_port, sent.size) == (9, 2)  # the codec's fPort and bytes
+    ((_, document),) = harness.broker.published
+    assert document["DevEUI_downlink"]["payload_hex"] == "0703"
+    failing = DownlinkRequest(flowed, 3, b"", data={"raise": "no such level"})
+    message = await harness.refused("other", failing, "bad_payload")
+    assert "acme:valve:1 could not encode payload: no such level" in message
+    assert len(harness.broker.published) == 1
 
 
 async def test_each_network_server_gets_its_own_format(harness: Harness) -> None:

@@ -27,7 +27,7 @@ from iotflow.delivery.manager import Deliveries, make_sink_factory
 from iotflow.delivery.worker import ConnectionWorker
 from iotflow.downlinks.directory import DeviceDirectory
 from iotflow.downlinks.service import Downlinks
-from iotflow.drivers import Drivers
+from iotflow.drivers import AUTO, Drivers
 from iotflow.errors import ConfigError, IotflowError, Rejection
 from iotflow.events import EventLog
 from iotflow.formats import actility_document, decode
@@ -54,6 +54,9 @@ class Daemon:
         self.spool: Spool | None = None
         self.deliveries: Deliveries | None = None
         self.index = RoutingIndex([], {})
+        # Per device, the connections its last uplink was routed to, each with the driver of
+        # the flow that routed it there (for downlinks: whose they are, how to encode them).
+        self._routes: dict[str, dict[str, str | None]] = {}
         # Per device, the uplink whose commits are not queued yet (it is being decoded).
         self._queueing: dict[str, asyncio.Future[None]] = {}
         self.source: MqttSource | None = None
@@ -145,6 +148,8 @@ class Daemon:
             record=self.record,
             metrics=self.metrics,
             settings=lambda: self.settings.config.downlinks,
+            routes=lambda dev_eui: self._routes.get(dev_eui, {}),
+            encode=self._encode,
         )
         # Loaded before the first uplink can be routed to one of them.
         self.drivers = Drivers(config.drivers)
@@ -448,6 +453,9 @@ class Daemon:
             # no connection is bound to gets no downlink, and the broker may carry many.
             self.directory.remember(uplink.dev_eui, uplink.format, uplink.source)
         base = actility_document(uplink)
+        self._routes[uplink.dev_eui] = {
+            t.connection_id: _own_driver(t.driver_id, base) for t in targets
+        }
         validity = {t.connection_id: t.validity for t in targets if t.validity is not None}
         groups: dict[str | None, list[str]] = {}
         for target in targets:
@@ -547,6 +555,11 @@ class Daemon:
                     raise
         self.deliveries.dispatch(deliveries)
 
+    async def _encode(self, driver_id: str, data: Any, f_port: int) -> tuple[bytes, int | None]:
+        if self.drivers is None:
+            raise ConnectionError("the drivers are not loaded yet")
+        return await self.drivers.encode(driver_id, data, f_port)
+
     async def _until_writable(self) -> bool:
         """Wait until the spool commits again (True) or the daemon stops (False)."""
         assert self.spool is not None
@@ -631,3 +644,12 @@ def _os_error(exc: OSError) -> str:
 
 async def run(settings: Settings) -> int:
     return await Daemon(settings).run()
+
+
+def _own_driver(driver_id: str | None, document: dict[str, Any]) -> str | None:
+    """The driver a flow names, `actility:auto:1` resolved to the uplink's `DriverCfg.id`."""
+    if driver_id != AUTO:
+        return driver_id
+    cfg = document.get("DevEUI_uplink", {}).get("DriverCfg")
+    own = cfg.get("id") if isinstance(cfg, dict) else None
+    return own if isinstance(own, str) and own else None

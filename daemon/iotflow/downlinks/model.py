@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from iotflow.errors import IotflowError
 
@@ -28,6 +28,9 @@ class DownlinkRequest:
     payload: bytes
     confirmed: bool = False
     correlation_id: str | None = None  # the cloud's own reference, echoed in events
+    # A decoded `payload` to encode with the device's driver (encodeDownlink); `payload` is
+    # empty until it is encoded.
+    data: Any = None
 
 
 class DownlinkRejected(IotflowError):

@@ -109,12 +109,14 @@ def _read(
                 return prefix + name, fields[name]
         return prefix + names[what][0], None
 
+    data = fields.get("payload") if fields.get("payload_hex") is None else None
     return DownlinkRequest(
         dev_eui=_dev_eui(*field("dev_eui"), topic_eui),
         f_port=_port(*field("port"), default_port),
-        payload=_payload(fields, prefix),
+        payload=b"" if data is not None else _payload(fields, prefix),
         confirmed=_confirmed(*field("confirmed")),
         correlation_id=_correlation(*field("correlation")),
+        data=data,
     )
 
 
@@ -178,14 +180,6 @@ def _payload(fields: Mapping[str, Any], prefix: str) -> bytes:
     path = f"{prefix}payload_hex"
     value = fields.get("payload_hex")
     if value is None:
-        if fields.get("payload") is not None:
-            # ThingPark encodes a decoded `payload` with the device's driver; iotflow has
-            # no drivers, and guessing an encoding would send the device garbage.
-            raise DownlinkRejected(
-                "bad_payload",
-                f"{prefix}payload needs a device driver to encode it; send payload_hex instead",
-                path=f"{prefix}payload",
-            )
         raise DownlinkRejected("bad_payload", f"{path} is missing", path=path)
     if fields.get("FCntDn") is not None:
         # A payload the application server encrypted itself, for ThingPark's frame counter:

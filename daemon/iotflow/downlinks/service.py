@@ -10,8 +10,8 @@ says what happened: an event of the connection, a log line, `iotflow_downlinks_t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiomqtt
@@ -21,6 +21,7 @@ from iotflow.connectors.connection import Connection
 from iotflow.downlinks.directory import DeviceDirectory
 from iotflow.downlinks.model import DownlinkRejected, DownlinkRequest
 from iotflow.downlinks.network import render_downlink
+from iotflow.downlinks.parse import MAX_PAYLOAD_BYTES, MAX_PORT, MIN_PORT
 from iotflow.errors import NotFoundError
 from iotflow.registry import Store
 from iotflow.telemetry.logging import get_logger
@@ -32,6 +33,8 @@ log = get_logger("iotflow.downlinks")
 
 Publish = Callable[[str, bytes], Awaitable[None]]  # on the source broker, QoS 1
 Record = Callable[[str, str, dict[str, Any]], None]  # a connection's event log
+# A driver's encodeDownlink: (driver id, decoded payload, fPort) → (bytes, fPort or None).
+Encoder = Callable[[str, Any, int], Awaitable[tuple[bytes, int | None]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +63,11 @@ class Downlinks:
         record: Record,
         metrics: Metrics,
         settings: Callable[[], DownlinkSettings],
+        routes: Callable[[str], Mapping[str, str | None]] = lambda dev_eui: {},
+        encode: Encoder | None = None,
     ) -> None:
+        self._routes = routes  # the connections (and their flows' drivers) a device reaches
+        self._encode = encode
         self._store = store
         self._directory = directory
         self._publish = publish
@@ -128,6 +135,33 @@ class Downlinks:
         self._metrics.downlinks.labels(connection_id, rejection.reason).inc()
         self._record(connection_id, "downlink_rejected", details)
 
+    async def _encoded(
+        self, connection_id: str, request: DownlinkRequest, driver_id: str | None
+    ) -> DownlinkRequest:
+        """A downlink with a decoded `payload`, encoded by the driver of the flow that routes
+        the device to this connection (TS013 encodeDownlink), as ThingPark does."""
+        if driver_id is None or self._encode is None:
+            raise DownlinkRejected(
+                "bad_payload",
+                f"payload needs a driver to encode it: no flow with a driver routes device"
+                f" {request.dev_eui} to connection {connection_id!r}; send payload_hex instead",
+                path="payload",
+            )
+        try:
+            payload, port = await self._encode(driver_id, request.data, request.f_port)
+        except Exception as exc:  # a codec's fault, whatever it is: this downlink only
+            raise DownlinkRejected(
+                "bad_payload", f"driver {driver_id} could not encode payload: {exc}", path="payload"
+            ) from None
+        if not payload or len(payload) > MAX_PAYLOAD_BYTES:
+            raise DownlinkRejected(
+                "bad_payload",
+                f"driver {driver_id} encoded {len(payload)} bytes (1..{MAX_PAYLOAD_BYTES})",
+                path="payload",
+            )
+        f_port = port if port is not None and MIN_PORT <= port <= MAX_PORT else request.f_port
+        return replace(request, payload=payload, f_port=f_port, data=None)
+
     async def _send(
         self, connection_id: str, request: DownlinkRequest, connection: Connection | None
     ) -> Sent:
@@ -151,9 +185,11 @@ class Downlinks:
             bound = await self._store.get_device(dev_eui)
         except NotFoundError:
             bound = []
-        if connection_id not in bound:
-            # A cloud commands its own devices only. Said as "unknown" to it: whether the
-            # device exists for other connections is none of its business.
+        routes = self._routes(dev_eui)
+        if connection_id not in bound and connection_id not in routes:
+            # A cloud commands its own devices only (bound to it, or routed to it by a flow).
+            # Said as "unknown" to it: whether the device exists for other connections is
+            # none of its business.
             raise DownlinkRejected(
                 "unknown_device", f"device {dev_eui} is not bound to connection {connection_id!r}"
             )
@@ -165,6 +201,8 @@ class Downlinks:
                 " from its uplinks",
             )
         fmt, source = found
+        if request.data is not None:
+            request = await self._encoded(connection_id, request, routes.get(connection_id))
         settings = self._settings()
         downlink = render_downlink(fmt, source, request, actility_topic=settings.actility_topic)
         try:
