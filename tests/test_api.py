@@ -299,6 +299,11 @@ async def test_catalog_describes_each_connector(running: tuple[DaemonProcess, Ap
     assert {b["id"] for b in http["brands"]} >= {"DATACAKE", "CAYENNE", "QUBITRO", "TAGO"}
     aws = by_id["actility-aws-iot"]["connection"]["configurationSchema"]["properties"]
     assert aws["secretAccessKey"]["writeOnly"] is True
+    # upOperations apply to every connector: each entry describes them, by `type`.
+    operations = http["connection"]["upOperationsSchema"]
+    assert operations["type"] == "array"
+    assert set(operations["$defs"]) >= {"CallProcessor", "Filter"}
+    assert operations == by_id["actility-mqtt-iot"]["connection"]["upOperationsSchema"]
     status, one, _ = await api.call("GET", "/connectors/actility-cumulocity-iot")
     assert one["connection"]["configurationSchema"]["properties"]["password"]["writeOnly"]
     status, missing, _ = await api.call("GET", "/connectors/nope")

@@ -7,6 +7,8 @@
     .venv/bin/python tests/bench/bench_routing.py --flows 1000,10000,100000
                                     # per-uplink routing cost by flows (in process, no broker)
     .venv/bin/python tests/bench/bench_routing.py --processors     # with and without upOperations
+    .venv/bin/python tests/bench/bench_routing.py --processors --driver
+                                    # the second run also decodes every uplink with a driver
 
 One run starts a real Mosquitto (support.mosquitto), a minimal webhook cloud in a process of
 its own, and the daemon as a process (support.daemon) with `--fanout` provisioned
@@ -553,6 +555,22 @@ PROCESSORS: list[dict[str, Any]] = [
 ]
 
 
+# `--driver`: a flow over every bench device whose driver is the shipped EM300-TH example
+# codec (examples/drivers), so that every delivery of the second run is decoded first.
+EXAMPLE_DRIVERS = Path(__file__).resolve().parents[2] / "examples" / "drivers"
+
+
+def driver_flow(fanout: int) -> str:
+    connectors = ", ".join(f'{{ connectionId = "c{k}" }}' for k in range(fanout))
+    return (
+        f'[drivers]\npath = "{EXAMPLE_DRIVERS}"\n\n'
+        '[[flows]]\nid = "bench"\nname = "bench"\n'
+        'driver = { id = "milesight:em300-th:1" }\n'
+        'matchers = [{ type = "range", from = "0018B2BE00000000", to = "0018B2BEFFFFFFFF" }]\n'
+        f"connectors = [{connectors}]\n"
+    )
+
+
 def connections_for(
     base_url: str,
     fanout: int,
@@ -633,6 +651,7 @@ async def run(
             client_id="iotflow-bench",
             connections=connections_for(base_url, args.fanout, devices, operations),
             delivery={"max_in_flight": args.in_flight},
+            extra=driver_flow(args.fanout) if operations and args.driver else "",
         )
         await daemon.start()
         assert daemon.process is not None
@@ -822,12 +841,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run twice, without and then with two upOperations, and print both",
     )
+    parser.add_argument(
+        "--driver",
+        action="store_true",
+        help="with --processors: the second run also decodes each uplink with a driver",
+    )
     args = parser.parse_args(argv)
     for name in ("n", "devices", "fanout", "in_flight", "window"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.rate is not None and args.rate <= 0:
         parser.error("--rate must be positive")
+    if args.driver and not args.processors:
+        parser.error("--driver goes with --processors (it changes the second run)")
     if args.deadline <= 0 or args.cloud_delay < 0 or args.grace < 0:
         parser.error("--deadline must be positive, --cloud-delay and --grace not negative")
     return args
@@ -932,7 +958,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # With --processors, the same run twice: without, then with the two operations.
     variants: list[tuple[str, list[dict[str, Any]] | None]] = [("without processors", None)]
     if args.processors:
-        variants.append(("with 2 processors", PROCESSORS))
+        label = "with a driver and 2 processors" if args.driver else "with 2 processors"
+        variants.append((label, PROCESSORS))
     results: list[tuple[str, Figures]] = []
     for label, operations in variants:
         if args.processors:
@@ -970,8 +997,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.processors and not args.json:
         (_, plain), (_, shaped) = results
         ratio = shaped.end_to_end_per_second / plain.end_to_end_per_second
+        what = "a driver and 2 processors" if args.driver else "2 processors"
         print(
-            f"processors: {shaped.end_to_end_per_second:.0f} deliveries/s with 2 processors,"
+            f"processors: {shaped.end_to_end_per_second:.0f} deliveries/s with {what},"
             f" {plain.end_to_end_per_second:.0f} without ({ratio:.2f}x; steady"
             f" {shaped.steady_per_second:.0f} vs {plain.steady_per_second:.0f})"
         )

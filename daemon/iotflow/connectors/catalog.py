@@ -3,11 +3,14 @@ entry-point group, built-in or third-party, found the same way (docs/connectors.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
+
+from pydantic import TypeAdapter
 
 from iotflow.connectors.common import CommonConfig
 from iotflow.errors import Problem
@@ -80,7 +83,7 @@ def connector_document(connector: Connector) -> dict[str, Any]:
         "version": connector.version,
         "description": connector.description,
         "brands": [dict(b) for b in connector.brands],
-        "connection": {"configurationSchema": schema},
+        "connection": {"configurationSchema": schema, "upOperationsSchema": _up_operations()},
         "flow": {},
     }
 
@@ -196,3 +199,14 @@ class Catalog(Mapping[str, Connector]):
 
 
 CATALOG = Catalog()
+
+
+@functools.cache
+def _up_operations() -> dict[str, Any]:
+    """The JSON Schema of a connection's `upOperations`, the same for every connector (the
+    worker applies them before any sink): generated from the validating models."""
+    from iotflow.processors.operations import UpOperation  # processors import connectors
+
+    schema: dict[str, Any] = TypeAdapter(list[UpOperation]).json_schema()
+    schema["id"] = "urn:iotflow:connection:upOperations"
+    return schema
