@@ -50,15 +50,10 @@ class HttpConfig(CommonConfig):
             return None
         try:
             parts = urlsplit(value)
-            port = parts.port  # a port past 65535 is refused here, not at the first send
-        except ValueError:
-            raise ValueError(
-                "expected an absolute http:// or https:// URL with a port of 1 to 65535"
-            ) from None
+        except ValueError:  # a broken IPv6 literal
+            raise ValueError("expected an absolute http:// or https:// URL") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("expected an absolute http:// or https:// URL")
-        if port == 0:
-            raise ValueError("the port must be from 1 to 65535")
         if HEADER_CONTROL.search(value):
             raise ValueError("control characters must be percent-encoded")
         if "{" in value or "}" in value:
@@ -70,6 +65,12 @@ class HttpConfig(CommonConfig):
                 raise ValueError("templates are allowed in the path and the query only")
             if parts.fragment:
                 raise ValueError("a templated URL cannot have a #fragment")
+        try:
+            port = parts.port  # past 65535 or not a number: refused here, not at the first send
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError("the port must be a number from 1 to 65535")
         return value
 
     @field_validator("headers")
