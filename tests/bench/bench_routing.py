@@ -561,7 +561,7 @@ EXAMPLE_DRIVERS = Path(__file__).resolve().parents[2] / "examples" / "drivers"
 
 
 def driver_flow(fanout: int) -> str:
-    connectors = ", ".join(f'{{ connectionId = "c{k}" }}' for k in range(fanout))
+    connectors = ", ".join(f'{{ connectionId = "bench-{k}" }}' for k in range(fanout))
     return (
         f'[drivers]\npath = "{EXAMPLE_DRIVERS}"\n\n'
         '[[flows]]\nid = "bench"\nname = "bench"\n'
