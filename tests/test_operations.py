@@ -528,3 +528,24 @@ for _ in range(logs.MALFORMED_LINES + 50):
     assert [e["event"] for e in lines] == ["Malformed HTTP request"] * 100 + [
         "Too many malformed HTTP requests; logging them paused for a minute"
     ]
+
+
+def test_logging_follows_the_stdout_of_the_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configure() must not keep the stream it saw: once that stream is swapped out and
+    closed (pytest's capture, a redirected daemon), every log call would raise, the delivery
+    worker's catch-all included, and the worker would die."""
+    import io
+    import logging as stdlib
+
+    from iotflow.telemetry import logging as logs
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", first)
+    logs.configure("info", "json")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", second)
+    logs.get_logger("iotflow.test").warning("Still logging", where="structlog")
+    stdlib.getLogger("aiohttp.client").warning("and the standard library")
+    lines = [orjson.loads(line) for line in second.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["Still logging", "and the standard library"]

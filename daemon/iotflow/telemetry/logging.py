@@ -86,6 +86,18 @@ class _MalformedRequests(logging.Filter):
 _MALFORMED = _MalformedRequests()
 
 
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler on the sys.stdout of the moment (see `configure`)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # StreamHandler.__init__ and setStream set it: always sys.stdout instead
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     """(Re)configure logging; called at start and on every reload (the level is reloadable)."""
     renderer: Any = (
@@ -102,7 +114,10 @@ def configure(level: str = "info", fmt: str = "json") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        # No file given: each logger writes to the sys.stdout of the moment, not to the one
+        # configure() saw (a stream swapped out since, then closed, would make every log
+        # call raise: the worker's catch-all too).
+        logger_factory=structlog.PrintLoggerFactory(),
         cache_logger_on_first_use=False,
     )
     # The standard library's records, rendered by the same processors into the same stream.
@@ -119,7 +134,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
