@@ -11,16 +11,13 @@ from iotflow.api.body import dump, json, read_object
 from iotflow.api.control import CONTROL
 from iotflow.api.errors import ApiError, invalid
 from iotflow.api.models import Decoded, DecodedError, DecodeInput, Driver
-from iotflow.api.table import Answer, Param, RouteTable
+from iotflow.api.table import BASE, Answer, Param, RouteTable, errors
 from iotflow.drivers import CodecFault, DriverInfo, Drivers
 from iotflow.errors import Problem
-
-BASE = "/iot-flow/v1"
 
 driver_routes = RouteTable()
 
 _ID = Param("id", "path", {"type": "string"}, required=True, description="producer:module:version")
-_ERRORS = {401: Answer("Missing or wrong bearer token"), 404: Answer("Not found")}
 
 
 def _drivers(request: web.Request) -> Drivers:
@@ -46,7 +43,7 @@ def _one(request: web.Request) -> DriverInfo:
     "GET",
     f"{BASE}/drivers",
     summary="List the payload drivers (TS013 codecs) and whether each loaded",
-    answers={200: Answer("The drivers, by id", Driver, many=True), 401: _ERRORS[401]},
+    answers={200: Answer("The drivers, by id", Driver, many=True), **errors()},
 )
 async def list_drivers(request: web.Request) -> web.Response:
     return json([dump(_view(i)) for i in _drivers(request).list()])
@@ -57,7 +54,7 @@ async def list_drivers(request: web.Request) -> web.Response:
     f"{BASE}/drivers/{{id}}",
     summary="One payload driver",
     parameters=[_ID],
-    answers={200: Answer("The driver", Driver), **_ERRORS},
+    answers={200: Answer("The driver", Driver), **errors(404)},
 )
 async def get_driver(request: web.Request) -> web.Response:
     return json(dump(_view(_one(request))))
@@ -73,7 +70,7 @@ async def get_driver(request: web.Request) -> web.Response:
         200: Answer("The decoded payload, or the codec's error", Decoded),
         400: Answer("Malformed JSON"),
         422: Answer("Invalid body, field by field"),
-        **_ERRORS,
+        **errors(404),
     },
 )
 async def decode_with_driver(request: web.Request) -> web.Response:

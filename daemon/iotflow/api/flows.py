@@ -15,33 +15,21 @@ from aiohttp import web
 from iotflow.api.body import PAGE, PAGE_HEADERS, json, page_params, paginated, read_object
 from iotflow.api.control import CONTROL, ControlPlane
 from iotflow.api.errors import ApiError, invalid
-from iotflow.api.table import Answer, Param, RouteTable
+from iotflow.api.table import BASE, Answer, Param, RouteTable, errors
 from iotflow.connectors.connection import ID_PATTERN
 from iotflow.errors import Problem
 from iotflow.flows.model import Flow, FlowInput, FlowView, parse_flow
 
 __all__ = ["flow_routes"]
 
-BASE = "/iot-flow/v1"
 _FLOW_ID = re.compile(ID_PATTERN)
 _ID = Param("id", "path", {"type": "string", "pattern": ID_PATTERN}, required=True)
 
 flow_routes = RouteTable()
 
-_ERRORS = {
-    400: "Malformed JSON, body or query",
-    401: "Missing or wrong bearer token",
-    404: "Not found",
-    409: "Conflict (duplicate id, read-only provisioned flow)",
-    413: "Body too large",
-    415: "Body is not application/json",
-    422: "Invalid flow (or a connection it names does not exist), field by field",
-    503: "Registry unavailable",
-}
-
 
 def _errors(*statuses: int) -> dict[int, Answer]:
-    return {s: Answer(_ERRORS[s]) for s in (401, 503, *statuses)}
+    return errors(*statuses, what="flow")
 
 
 def _control(request: web.Request) -> ControlPlane:

@@ -35,7 +35,7 @@ from iotflow.api.models import (
 )
 from iotflow.api.models import Connection as ConnectionView
 from iotflow.api.models import Connector as ConnectorView
-from iotflow.api.table import Answer, Auth, Param, RouteTable
+from iotflow.api.table import BASE, Answer, Auth, Param, RouteTable, errors
 from iotflow.config.types import secret_value, unmask
 from iotflow.connectors import CATALOG, Connection, connector_document, parse_connection
 from iotflow.connectors.connection import CONNECTION_ID, ID_PATTERN
@@ -50,8 +50,6 @@ from iotflow.registry import Event as StoredEvent
 from iotflow.states import ConnectionState
 from iotflow.telemetry.logging import get_logger
 
-BASE = "/iot-flow/v1"
-
 # Output fields a client may send back unchanged (GET, edit, PUT): ignored on input.
 READ_ONLY = ("state", "startupTime", "statistics", "provisioned", "alarmStates")
 
@@ -62,23 +60,6 @@ REPLAYS: web.AppKey[ReplayGuard] = web.AppKey("downlink_replays", ReplayGuard)
 log = get_logger("iotflow.api")
 
 routes = RouteTable()
-
-# Answers that are not successes, in the Error shape. Every route under the bearer token
-# can answer 401, and 503 when the registry is unavailable.
-_ERRORS = {
-    400: "Malformed JSON, body or query",
-    401: "Missing or wrong bearer token",
-    404: "Not found",
-    409: "Conflict (duplicate id, read-only provisioned connection)",
-    413: "Body too large",
-    415: "Body is not application/json",
-    422: "Invalid connection or binding, field by field",
-    503: "Registry unavailable",
-}
-
-
-def errors(*statuses: int) -> dict[int, Answer]:
-    return {s: Answer(_ERRORS[s]) for s in (401, 503, *statuses)}
 
 
 _CONNECTOR_ID = Param("id", "path", {"type": "string"}, required=True)
@@ -353,7 +334,7 @@ async def get_device(request: web.Request) -> web.Response:
     summary="Set a device's connections",
     parameters=[DEV_EUI],
     request=DeviceInput,
-    answers={200: Answer("The device", Device), **errors(400, 409, 413, 415, 422)},
+    answers={200: Answer("The device", Device), **errors(400, 409, 413, 415, 422, what="binding")},
 )
 async def put_device(request: web.Request) -> web.Response:
     control = control_of(request)

@@ -16,8 +16,8 @@ from iotflow.api.errors import error_middleware
 from iotflow.api.flows import flow_routes
 from iotflow.api.models import Health, OpenApi, Readiness
 from iotflow.api.openapi import generate
-from iotflow.api.routes import BASE, REPLAYS, routes
-from iotflow.api.table import Answer, Auth, RouteTable
+from iotflow.api.routes import REPLAYS, routes
+from iotflow.api.table import BASE, Answer, Auth, RouteTable
 from iotflow.downlinks.signature import ReplayGuard
 from iotflow.ingest.http import INGEST_REPLAYS, ingest_routes
 from iotflow.ingest.thingpark import ReplayGuard as IngestReplayGuard

@@ -49,6 +49,27 @@ class Answer:
     schema: dict[str, Any] | None = None  # a body that is no model of ours (metrics)
 
 
+BASE = "/iot-flow/v1"
+
+# Answers that are not successes, in the Error shape, for every resource of the API.
+_ERRORS = {
+    400: "Malformed JSON, body or query",
+    401: "Missing or wrong bearer token",
+    404: "Not found",
+    409: "Conflict (duplicate id, read-only provisioned {what})",
+    413: "Body too large",
+    415: "Body is not application/json",
+    422: "Invalid {what}, field by field",
+    503: "Registry unavailable",
+}
+
+
+def errors(*statuses: int, what: str = "connection") -> dict[int, Answer]:
+    """The error answers of a route under the bearer token: always 401, and 503 when the
+    registry is unavailable; `what` names the resource in the 409 and 422 texts."""
+    return {s: Answer(_ERRORS[s].format(what=what)) for s in (401, 503, *statuses)}
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     method: str
