@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from iotflow.config.types import Duration, Secret
+from iotflow.config.types import Duration, PositiveDuration, Secret
 from iotflow.formats import FORMATS, MAX_UPLINK_BYTES, Template
 
 
@@ -74,8 +74,8 @@ class MqttSettings(Section):
     # that group commits to the spool are filled from.
     receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 1000
     # Low cap: the source broker is local and a blip must not become a backlog (#10).
-    reconnect_initial: Duration = timedelta(milliseconds=500)
-    reconnect_max: Duration = timedelta(seconds=2)
+    reconnect_initial: PositiveDuration = timedelta(milliseconds=500)
+    reconnect_max: PositiveDuration = timedelta(seconds=2)
     subscriptions: list[Subscription] = Field(default_factory=list)
 
     @field_validator("url")
@@ -100,13 +100,6 @@ class MqttSettings(Section):
             return "5"
         if value not in ("5", "3.1.1"):
             raise ValueError('expected "5" or "3.1.1"')
-        return value
-
-    @field_validator("reconnect_initial", "reconnect_max")
-    @classmethod
-    def _positive_delay(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("must be more than 0s")
         return value
 
     @field_validator("shared_group")
@@ -243,9 +236,9 @@ class DownlinkSettings(Section):
     actility_topic: Annotated[str, Field(min_length=1)] = "tpx/things/{DevEUI}/downlink"
     # HTTP downlinks: how far the request's signed `Time` may be from our clock, as
     # ThingPark's "Max Time Deviation"; a captured request is worthless after it.
-    max_time_deviation: Duration = timedelta(minutes=5)
+    max_time_deviation: PositiveDuration = timedelta(minutes=5)
     # How long the source broker may take to acknowledge a downlink (QoS 1).
-    publish_timeout: Duration = timedelta(seconds=10)
+    publish_timeout: PositiveDuration = timedelta(seconds=10)
 
     @field_validator("actility_topic")
     @classmethod
@@ -253,13 +246,6 @@ class DownlinkSettings(Section):
         Template(value)  # raises ValueError with the position of the mistake
         if any(c in value for c in "+#"):
             raise ValueError("a topic to publish on may not contain '+' or '#'")
-        return value
-
-    @field_validator("max_time_deviation", "publish_timeout")
-    @classmethod
-    def _positive(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("must be more than 0s")
         return value
 
 
@@ -275,7 +261,7 @@ class IngestEndpoint(Section):
     as_id: str | None = None
     as_key: Secret | None = None
     # How far ThingPark's signed `Time` may be from our clock; replays are refused within it.
-    max_clock_skew: Duration = timedelta(minutes=2)
+    max_clock_skew: PositiveDuration = timedelta(minutes=2)
     header: str | None = None
     token: Secret | None = None
     # Real uplinks are a few KiB; the decoder refuses more than MAX_UPLINK_BYTES anyway.
@@ -286,13 +272,6 @@ class IngestEndpoint(Section):
     def _known_format(cls, value: str) -> str:
         if value not in FORMATS:
             raise ValueError(f"unknown format {value!r}; expected one of {sorted(FORMATS)}")
-        return value
-
-    @field_validator("max_clock_skew")
-    @classmethod
-    def _positive(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("must be more than 0s")
         return value
 
     @field_validator("header")

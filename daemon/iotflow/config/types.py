@@ -7,7 +7,14 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainSerializer, SecretStr, SerializationInfo, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    PlainSerializer,
+    SecretStr,
+    SerializationInfo,
+    WithJsonSchema,
+)
 
 MASK = "*****"
 """How a secret is shown on output; sent back in a PUT, it keeps the stored value."""
@@ -49,6 +56,16 @@ Duration = Annotated[
     PlainSerializer(format_duration, return_type=str),
     WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["30s", "5m"]}),
 ]
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be more than 0s")
+    return value
+
+
+# A wait or a window that must last: 0s would spin or refuse everything.
+PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
 
 
 def reveal(info: SerializationInfo) -> bool:
