@@ -7,10 +7,12 @@ binaries and stopped at the end.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Generator, Iterator
 
 import pytest
 import pytest_asyncio
+import structlog
 
 from support.clouds import FakeCloud
 from support.daemon import DaemonProcess
@@ -30,6 +32,20 @@ def pytest_runtest_makereport(
     report = yield
     item.stash.setdefault(_phase_reports, {})[report.when] = report
     return report
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found() -> Iterator[None]:
+    """A test that configures logging in this process (`iotflow check` through `main`,
+    `logs.configure`) leaves it as it found it: the level it set must not hide the log
+    lines a later test captures."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def _failed(request: pytest.FixtureRequest) -> bool:
