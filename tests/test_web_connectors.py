@@ -429,3 +429,17 @@ async def test_influxdb_double(http: aiohttp.ClientSession) -> None:
                 assert 'field type conflict: input field "x"' in answer["message"]
         # Nothing of a refused request was written, not even its valid lines.
         assert len(influx.written()) == 2
+
+
+def test_a_token_in_the_url_path_is_redacted_as_sent() -> None:
+    """ThingsBoard's token travels in the URL's path, percent-encoded: an error text that
+    quotes the URL (a proxy's answer, an exception) is cleaned of it in either spelling."""
+    token = "tb/s3cret+token"
+    made = connection(
+        "actility-thingsboard-iot", hostName="tb.example.com", accessTokens={DEV: token}
+    )
+    redact = made.redactor()
+    text = f"POST https://tb.example.com/api/v1/tb%2Fs3cret%2Btoken/telemetry failed; token {token}"
+    assert redact(text) == (
+        f"POST https://tb.example.com/api/v1/{MASK}/telemetry failed; token {MASK}"
+    )
