@@ -16,7 +16,7 @@ import pytest_asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iotflow.config.types import MASK
+from iotflow.config.types import MASK, unmask
 from iotflow.connectors import parse_connection
 from iotflow.errors import ConfigError, PermanentSinkError
 from iotflow.formats import decode
@@ -443,3 +443,26 @@ def test_a_token_in_the_url_path_is_redacted_as_sent() -> None:
     assert redact(text) == (
         f"POST https://tb.example.com/api/v1/{MASK}/telemetry failed; token {MASK}"
     )
+
+
+def test_a_put_of_the_masked_tokens_keeps_them() -> None:
+    """What the API does on PUT (api/routes.py): `*****` takes the stored value back, by
+    DevEUI; a masked token under a key spelled otherwise is refused, not stored as `*****`."""
+    stored = connection(
+        "actility-thingsboard-iot",
+        hostName="tb",
+        accessTokens={DEV: "tb-s3cret-1", "0018B20000000B21": "tb-s3cret-2"},
+    )
+    shown = stored.document()["configuration"]
+    assert shown["accessTokens"] == {DEV: MASK, "0018B20000000B21": MASK}
+    shown["accessTokens"]["0018B20000000B22"] = "tb-s3cret-3"  # a device added
+    kept = unmask(shown, stored.document(reveal=True)["configuration"])
+    again = connection("actility-thingsboard-iot", **kept)
+    assert again.document(reveal=True)["configuration"]["accessTokens"] == {
+        DEV: "tb-s3cret-1",
+        "0018B20000000B21": "tb-s3cret-2",
+        "0018B20000000B22": "tb-s3cret-3",
+    }
+    lower = {"hostName": "tb", "accessTokens": {DEV.lower(): MASK}}
+    with pytest.raises(ConfigError, match=f"spell it {DEV}"):
+        connection("actility-thingsboard-iot", **unmask(lower, shown))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field, field_validator
 
-from iotflow.config.types import Secret
+from iotflow.config.types import MASK, Secret
 from iotflow.connectors.catalog import Connector
 from iotflow.connectors.common import CommonConfig
 from iotflow.connectors.web import CaCertificate, HostName, base_url
@@ -46,6 +46,11 @@ class ThingsBoardConfig(CommonConfig):
                 raise ValueError(f"{key!r} is not a DevEUI (16 hex digits)") from None
             if dev_eui in found:
                 raise ValueError(f"DevEUI {dev_eui} is given twice")
+            if token.get_secret_value() == MASK:
+                # A masked token sent back keeps the stored one only under the key it is
+                # stored with (upper case, no separators); anywhere else it would become
+                # the token "*****".
+                raise ValueError(f"{key}: no stored token to keep; spell it {dev_eui}")
             found[dev_eui] = token
         return found
 
