@@ -18,8 +18,6 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 
-import orjson
-
 from iotflow.connectors.influxdb import InfluxDbConfig
 from iotflow.errors import PermanentSinkError
 from iotflow.formats import Uplink
@@ -27,7 +25,7 @@ from iotflow.sinks import lineprotocol
 from iotflow.sinks.base import SinkContext, classify_http
 from iotflow.sinks.lineprotocol import FieldValue, Integer
 from iotflow.sinks.points import metadata, time_ms, uplink_of
-from iotflow.sinks.webapi import WebApi
+from iotflow.sinks.webapi import WebApi, json_message
 from iotflow.spool import Delivery
 
 # Metadata written as integer fields; the other numbers are floats (lineprotocol.Integer).
@@ -70,16 +68,6 @@ def point(measurement: str, uplink: Uplink) -> str | None:
     return lineprotocol.line(measurement, tags, fields(uplink), time_ms(uplink))
 
 
-def influx_detail(text: str) -> str:
-    """The `message` of InfluxDB's JSON error, in a few words; "" when it has none."""
-    try:
-        answer = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return ""
-    message = answer.get("message") if isinstance(answer, dict) else None
-    return message[:200] if isinstance(message, str) else ""
-
-
 class InfluxDbSink:
     def __init__(self, config: InfluxDbConfig, context: SinkContext) -> None:
         self._measurement = config.measurement
@@ -108,6 +96,4 @@ class InfluxDbSink:
             raise PermanentSinkError(f"uplink of {uplink.dev_eui} has no value to write")
         answer = await self._api.post(self._url, text.encode() + b"\n", "text/plain; charset=utf-8")
         if not answer.ok:
-            classify_http(
-                answer.status, answer.text, answer.retry_after, influx_detail(answer.text)
-            )
+            classify_http(answer.status, answer.text, answer.retry_after, json_message(answer.text))

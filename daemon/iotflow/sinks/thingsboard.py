@@ -20,7 +20,7 @@ from iotflow.errors import PermanentSinkError
 from iotflow.formats import Template, Uplink
 from iotflow.sinks.base import SinkContext, classify_http
 from iotflow.sinks.points import time_ms, uplink_of, values
-from iotflow.sinks.webapi import WebApi
+from iotflow.sinks.webapi import WebApi, json_message
 from iotflow.spool import Delivery
 
 
@@ -73,4 +73,4 @@ class ThingsBoardSink:
                 status=401,
                 body=answer.text,
             )
-        classify_http(answer.status, answer.text, answer.retry_after)
+        classify_http(answer.status, answer.text, answer.retry_after, json_message(answer.text))

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 
 from iotflow import __version__
 from iotflow.connectors.web import client_ssl
@@ -92,3 +93,14 @@ async def _read_text(response: aiohttp.ClientResponse) -> str:
     except (TimeoutError, aiohttp.ClientError):
         return ""
     return raw.decode("utf-8", "replace")[:MAX_ERROR_BODY]
+
+
+def json_message(text: str) -> str:
+    """The `message` of a JSON error answer (InfluxDB's, ThingsBoard's), cut to a few
+    words for a delivery's reason; "" when the answer has none."""
+    try:
+        answer = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return ""
+    message = answer.get("message") if isinstance(answer, dict) else None
+    return message[:200] if isinstance(message, str) else ""
