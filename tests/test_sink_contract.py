@@ -799,8 +799,8 @@ class WebKind(SinkKind):
 TB_TOKEN = "tb-s3cret-device-token-4c2e"
 TB_FAULTS = (
     *(f for f in RETRYABLE + PERMANENT if f.name != "header template renders a line break"),
-    # A device's token refused concerns that device alone: failed (a dead letter to re-send
-    # once the token is fixed), not the whole connection's credentials.
+    # A device's token refused concerns that device alone: failed, saying which device, not
+    # the whole connection's credentials.
     Fault("HTTP 401 device token refused", "failed", 401, error="HTTP 401: ThingsBoard refused"),
     Fault("HTTP 403", "auth", 403, error="HTTP 403"),
     Fault("HTTP 413 payload too large", "failed", 413, error="HTTP 413"),

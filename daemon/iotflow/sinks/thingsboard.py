@@ -4,8 +4,8 @@
 {...}}` (ThingsBoard's HTTP device API): the decoded payload's fields, then the frame and
 radio metadata (sinks/points.py). The token is the device's own, from `accessTokens` or
 `accessTokenPattern`; ThingsBoard answers 401 for a token it does not know, which concerns
-that device alone: the delivery fails (a dead letter to re-send once the token is fixed)
-and the connection goes on delivering the other devices' uplinks.
+that device alone: the delivery fails, saying which device, and the connection goes on
+delivering the other devices' uplinks.
 """
 
 from __future__ import annotations
