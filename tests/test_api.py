@@ -294,6 +294,9 @@ async def test_catalog_describes_each_connector(running: tuple[DaemonProcess, Ap
         "actility-mqtt-iot",
         "actility-aws-iot",
         "actility-cumulocity-iot",
+        "actility-thingsboard-iot",
+        "actility-splunk-iot",
+        "actility-influxdb-iot",
     }
     http = by_id["actility-http-iot"]
     assert {b["id"] for b in http["brands"]} >= {"DATACAKE", "CAYENNE", "QUBITRO", "TAGO"}
@@ -306,6 +309,13 @@ async def test_catalog_describes_each_connector(running: tuple[DaemonProcess, Ap
     assert operations == by_id["actility-mqtt-iot"]["connection"]["upOperationsSchema"]
     status, one, _ = await api.call("GET", "/connectors/actility-cumulocity-iot")
     assert one["connection"]["configurationSchema"]["properties"]["password"]["writeOnly"]
+    # The new clouds' credentials (issue #18): password fields in a generated form.
+    splunk = by_id["actility-splunk-iot"]["connection"]["configurationSchema"]["properties"]
+    assert splunk["hecToken"]["writeOnly"] is True
+    influx = by_id["actility-influxdb-iot"]["connection"]["configurationSchema"]["properties"]
+    assert influx["token"]["writeOnly"] is True
+    board = by_id["actility-thingsboard-iot"]["connection"]["configurationSchema"]["properties"]
+    assert board["accessTokens"]["additionalProperties"]["writeOnly"] is True
     status, missing, _ = await api.call("GET", "/connectors/nope")
     assert status == 404
     assert missing["code"] == "not_found"

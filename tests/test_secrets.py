@@ -178,6 +178,32 @@ def test_every_connector_knows_its_secret_values() -> None:
         }
     )
     assert c8y == {"pw8", base64.b64encode(b"t1/u:pw8").decode()}
+    board = _secrets(
+        {
+            "connectorId": "actility-thingsboard-iot",
+            "configuration": {
+                "hostName": "tb.example.com",
+                "accessTokens": {"0018B20000000B20": "tb9", "0018b20000000b21": "tb10"},
+                "accessTokenPattern": "{DevEUI}",
+            },
+        }
+    )
+    # The tokens that go into the URL's path; a pattern's tokens are the DevEUIs (public).
+    assert board == {"tb9", "tb10"}
+    hec = _secrets(
+        {
+            "connectorId": "actility-splunk-iot",
+            "configuration": {"hostName": "splunk", "hecToken": "hec11", "source": "s"},
+        }
+    )
+    assert hec == {"hec11"}
+    influx = _secrets(
+        {
+            "connectorId": "actility-influxdb-iot",
+            "configuration": {"hostName": "i", "org": "o", "bucket": "b", "token": "ix12"},
+        }
+    )
+    assert influx == {"ix12"}
 
 
 @pytest.mark.parametrize("value", ["a\r\nb", "a\nb", "a\x00b", "a\x7fb"])

@@ -54,6 +54,7 @@ from support.mqttproxy import MqttFaultProxy
 from support.plugins import example_connector
 from support.tls import Pki, make_pki
 from support.uplinks import actility
+from support.webdoubles import FakeInfluxDb, FakeSplunkHec, FakeThingsBoard, ServiceDouble, hec
 
 CONNECTION_ID = "c1"
 SEND_TIMEOUT = 0.5  # seconds: the sink's own timeout, the one real wait of the suite
@@ -702,6 +703,220 @@ class EchoKind(HttpKind):
         assert attempts == expected, attempts
 
 
+# -- ThingsBoard, Splunk HEC, InfluxDB: the local doubles of their web APIs ------------------
+
+NO_HEADER_TEMPLATES = "the connection has no header templates"
+
+
+class WebKind(SinkKind):
+    """A sink of the web API doubles (support/webdoubles.py): faults are injected answers
+    in the API's own error shape; `accepted` rebuilds each document from its frame counter,
+    as what the cloud keeps is its own record of the uplink."""
+
+    double: ServiceDouble
+    connector: str
+    not_applicable: tuple[tuple[str, str], ...] = (
+        ("header template renders a line break", NO_HEADER_TEMPLATES),
+    )
+
+    async def start(self) -> None:
+        await self.double.start()
+
+    async def stop(self) -> None:
+        await self.double.stop()
+
+    @abstractmethod
+    def configuration(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def counters(self) -> list[int]:
+        """The frame counter of each uplink the cloud holds, in order."""
+
+    def quoting(self) -> Any:
+        """An error body that quotes the connection's credential back."""
+        return {"message": f"refused: {self.secrets[0]}"}
+
+    def connection(self) -> Connection:
+        return parse_connection(
+            {
+                "id": CONNECTION_ID,
+                "name": "contract",
+                "connectorId": self.connector,
+                "configuration": {"uplinkTimeValidity": "1h", **self.configuration()},
+            }
+        )
+
+    def sink(self, connection: Connection) -> Sink:
+        return create_sink(connection, SinkContext(timeout=SEND_TIMEOUT, max_in_flight=1))
+
+    def play(self, fault: Fault) -> bytes | None:
+        double = self.double
+        if fault.name == "timeout":
+            double.fail(hang=True)
+        elif fault.name == "connection reset":
+            double.fail(reset=True)
+        elif fault.name == "HTTP 400 quoting the credentials":
+            double.fail(400, body=self.quoting())
+        elif fault.name == "HTTP 302 not followed":
+            double.fail(302, headers={"Location": double.url("/elsewhere")})
+        elif fault.name == "HTTP 429 Retry-After date":
+            when = datetime.now(UTC) + timedelta(seconds=30)
+            double.fail(429, retry_after=format_datetime(when, usegmt=True))
+        elif fault.name == "document is not an uplink":
+            return b'{"not": "an uplink"}'
+        else:
+            assert fault.status is not None, fault
+            double.fail(
+                fault.status,
+                retry_after=int(fault.retry_after) if fault.retry_after is not None else None,
+                body=self.bodies.get(fault.name),
+            )
+        return None
+
+    bodies: dict[str, Any] = {}  # noqa: RUF012 (read only: a kind's error bodies by fault)
+
+    def hold(self) -> None:
+        self.double.hold()
+
+    def release(self) -> None:
+        self.double.release()
+
+    async def arrived(self, count: int) -> None:
+        await self.double.wait_until(lambda: len(self.double.requests) >= count, what="requests")
+
+    async def accepted(self, count: int) -> list[bytes]:
+        await self.double.wait_until(lambda: len(self.counters()) >= count, what="records")
+        return [document(n) for n in self.counters()]
+
+    async def check(self, fault: Fault) -> None:
+        if fault.name == "HTTP 302 not followed":
+            assert "/elsewhere" not in [c.path for c in self.double.requests]
+        if fault.name == "document is not an uplink":
+            # Refused before sending: the cloud only saw the next, ordinary uplink.
+            assert len(self.double.requests) == 1
+
+
+TB_TOKEN = "tb-s3cret-device-token-4c2e"
+TB_FAULTS = (
+    *(f for f in RETRYABLE + PERMANENT if f.name != "header template renders a line break"),
+    # A device's token refused concerns that device alone: failed, saying which device, not
+    # the whole connection's credentials.
+    Fault("HTTP 401 device token refused", "failed", 401, error="HTTP 401: ThingsBoard refused"),
+    Fault("HTTP 403", "auth", 403, error="HTTP 403"),
+    Fault("HTTP 413 payload too large", "failed", 413, error="HTTP 413"),
+    Fault("document is not an uplink", "failed", error="uplink document unreadable"),
+)
+
+
+class ThingsBoardKind(WebKind):
+    name = "thingsboard"
+    connector = "actility-thingsboard-iot"
+    faults = TB_FAULTS
+    secrets = (TB_TOKEN,)
+    not_applicable = (
+        *WebKind.not_applicable,
+        ("HTTP 401", "ThingsBoard's 401 is one device's token: 'HTTP 401 device token refused'"),
+    )
+
+    def __init__(self) -> None:
+        self.board = FakeThingsBoard()
+        self.double = self.board
+        self.board.add_device("0018B20000000B20", TB_TOKEN)
+
+    def configuration(self) -> dict[str, Any]:
+        return {"hostName": self.board.base_url, "accessTokens": {"0018B20000000B20": TB_TOKEN}}
+
+    def counters(self) -> list[int]:
+        return [r["values"]["fCnt"] for r in self.board.records("0018B20000000B20")]
+
+    async def check(self, fault: Fault) -> None:
+        await super().check(fault)
+        for call in self.board.requests:
+            assert call.path == f"/api/v1/{TB_TOKEN}/telemetry"
+
+
+HEC_TOKEN = "hec-s3cret-token-8d1f"
+HEC_FAULTS = (
+    *(f for f in RETRYABLE + PERMANENT + AUTHENTICATION
+      if f.name != "header template renders a line break"),
+    Fault("HEC 503 server busy", "retried", 503, error="HTTP 503: Server is busy (code 9)"),
+    Fault("HEC 403 invalid token", "auth", 403, error="HTTP 403: Invalid token (code 4)"),
+    Fault("HEC 400 incorrect index", "failed", 400, error="HTTP 400: Incorrect index (code 7)"),
+    Fault("HEC 413 content too large", "failed", 413, error="HTTP 413"),
+)  # fmt: skip
+
+
+class SplunkKind(WebKind):
+    name = "splunk"
+    connector = "actility-splunk-iot"
+    faults = HEC_FAULTS
+    secrets = (HEC_TOKEN,)
+    bodies = {  # noqa: RUF012
+        "HEC 503 server busy": hec("Server is busy", 9),
+        "HEC 403 invalid token": hec("Invalid token", 4),
+        "HEC 400 incorrect index": hec("Incorrect index", 7),
+    }
+
+    def __init__(self) -> None:
+        self.hec = FakeSplunkHec(HEC_TOKEN)
+        self.double = self.hec
+
+    def configuration(self) -> dict[str, Any]:
+        return {"hostName": self.hec.base_url, "hecToken": HEC_TOKEN}
+
+    def quoting(self) -> Any:
+        return hec(f"Invalid data format; Authorization: Splunk {HEC_TOKEN}", 6)
+
+    def counters(self) -> list[int]:
+        return [e["event"]["DevEUI_uplink"]["FCntUp"] for e in self.hec.events]
+
+    async def check(self, fault: Fault) -> None:
+        await super().check(fault)
+        for call in self.hec.requests:
+            assert call.headers["Authorization"] == f"Splunk {HEC_TOKEN}"
+
+
+INFLUX_TOKEN = "influx-s3cret-token-31aa"
+INFLUX_FAULTS = (
+    *(f for f in RETRYABLE + PERMANENT + AUTHENTICATION
+      if f.name != "header template renders a line break"),
+    Fault("InfluxDB 503 Retry-After", "retried", 503, retry_after=30, error="HTTP 503"),
+    Fault("InfluxDB 404 bucket", "failed", 404, error='HTTP 404: bucket "lora" not found'),
+    Fault("InfluxDB 422 field type conflict", "failed", 422, error="HTTP 422: failure writing"),
+    Fault("InfluxDB 413", "failed", 413, error="HTTP 413"),
+    Fault("document is not an uplink", "failed", error="uplink document unreadable"),
+)  # fmt: skip
+
+
+class InfluxDbKind(WebKind):
+    name = "influxdb"
+    connector = "actility-influxdb-iot"
+    faults = INFLUX_FAULTS
+    secrets = (INFLUX_TOKEN,)
+    bodies = {  # noqa: RUF012
+        "InfluxDB 404 bucket": {"code": "not found", "message": 'bucket "lora" not found'},
+        "InfluxDB 422 field type conflict": {
+            "code": "unprocessable entity",
+            "message": "failure writing points to database: partial write: field type conflict",
+        },
+    }
+
+    def __init__(self) -> None:
+        self.influx = FakeInfluxDb(INFLUX_TOKEN)
+        self.double = self.influx
+
+    def configuration(self) -> dict[str, Any]:
+        return {
+            "hostName": self.influx.base_url,
+            "org": "acme",
+            "bucket": "lora",
+            "token": INFLUX_TOKEN,
+        }
+
+    def counters(self) -> list[int]:
+        return [int(p.fields["fCnt"]) for p in self.influx.written()]
+
+
 KINDS: tuple[type[SinkKind], ...] = (
     HttpKind,
     RaisingKind,
@@ -709,6 +924,9 @@ KINDS: tuple[type[SinkKind], ...] = (
     AwsKind,
     CumulocityKind,
     EchoKind,
+    ThingsBoardKind,
+    SplunkKind,
+    InfluxDbKind,
 )
 
 

@@ -17,7 +17,8 @@ import pytest
 import pytest_asyncio
 
 from iotflow.connectors.connection import parse_connection
-from iotflow.connectors.cumulocity import CumulocityConfig, base_url
+from iotflow.connectors.cumulocity import CumulocityConfig
+from iotflow.connectors.web import base_url
 from iotflow.downlinks import DownlinkRejected, DownlinkRequest
 from iotflow.errors import (
     AuthenticationSinkError,

@@ -61,16 +61,17 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-def classify_http(status: int, body: str, retry_after: float | None) -> None:
+def classify_http(status: int, body: str, retry_after: float | None, detail: str = "") -> None:
     """One rule for every HTTP sink: return on success, else raise what the status means.
 
     408, 429 and 5xx (but 501) are worth retrying; 401/403 mean our credentials are refused;
     any other 4xx (and 501, 3xx we did not follow) will not get better by trying again.
+    `detail` (what the cloud's error says, in a few words) follows the status in the message.
     """
     if 200 <= status < 300:
         return
     text = body[:MAX_ERROR_BODY]
-    message = f"HTTP {status}"
+    message = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
     if status in (401, 403):
         raise AuthenticationSinkError(message, status=status, body=text, retry_after=retry_after)
     if status in (408, 429) or (status >= 500 and status != 501):

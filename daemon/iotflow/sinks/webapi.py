@@ -1,0 +1,106 @@
+"""One keep-alive HTTP session to a cloud's web API, shared by the sinks that POST one
+document per uplink to it (ThingsBoard, Splunk HEC, InfluxDB): what the transport can do
+wrong is classified here, once; what an answer means is each sink's."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from iotflow import __version__
+from iotflow.connectors.web import client_ssl
+from iotflow.errors import RetryableSinkError
+from iotflow.sinks.base import MAX_ERROR_BODY, parse_retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    text: str  # the body of an answer that is not 2xx, cut to MAX_ERROR_BODY; else ""
+    retry_after: float | None  # seconds, from Retry-After
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+class WebApi:
+    """POSTs to one cloud. `post` before `start` or after `close` is retryable."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        limit: int,
+        headers: Mapping[str, str],
+        ca: str | None = None,
+    ) -> None:
+        self._timeout = timeout
+        self._limit = limit
+        self._headers = {"User-Agent": f"iotflow/{__version__}", **headers}
+        self._ca = ca
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def open(self) -> bool:
+        return self._session is not None and not self._session.closed
+
+    def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._limit, keepalive_timeout=60, ssl=client_ssl(self._ca)
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            headers=self._headers,
+            # Cookies from one delivery must not leak into the next.
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def post(self, url: str, body: bytes, content_type: str) -> Answer:
+        session = self._session
+        if session is None or session.closed:
+            # Closed under a delivery's feet (shutdown): not sent, tried again later.
+            raise RetryableSinkError("the sink is not open")
+        try:
+            async with session.post(
+                url, data=body, headers={"Content-Type": content_type}, allow_redirects=False
+            ) as response:
+                status = response.status
+                text = "" if 200 <= status < 300 else await _read_text(response)
+                retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+        except TimeoutError:
+            raise RetryableSinkError(f"no answer within {self._timeout:g}s") from None
+        except aiohttp.ClientError as exc:
+            # The text names host and port; a credential in the URL's path (ThingsBoard) is
+            # cleaned by the worker's redactor like any other secret of the connection.
+            raise RetryableSinkError(f"{type(exc).__name__}: {exc}") from None
+        return Answer(status, text, retry_after)
+
+
+async def _read_text(response: aiohttp.ClientResponse) -> str:
+    try:
+        raw = await response.content.read(MAX_ERROR_BODY * 4)
+    except (TimeoutError, aiohttp.ClientError):
+        return ""
+    return raw.decode("utf-8", "replace")[:MAX_ERROR_BODY]
+
+
+def json_message(text: str) -> str:
+    """The `message` of a JSON error answer (InfluxDB's, ThingsBoard's), cut to a few
+    words for a delivery's reason; "" when the answer has none."""
+    try:
+        answer = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return ""
+    message = answer.get("message") if isinstance(answer, dict) else None
+    return message[:200] if isinstance(message, str) else ""
