@@ -166,6 +166,7 @@ class Recovery:
         self._gauged: set[str] = set()
         self._journal_bytes = 0
         self._prune_task: asyncio.Task[None] | None = None
+        spool.on_letters = self._letters_changed
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -601,6 +602,11 @@ class Recovery:
 
         result: dict[str, int] = await self._spool.write(action)
         return result
+
+    def _letters_changed(self, changes: dict[str, int]) -> None:
+        for cid, change in changes.items():
+            self._metrics.dead_letters.labels(cid).inc(change)
+            self._gauged.add(cid)
 
     async def update_gauges(self) -> None:
         rows = await self._spool.read(

@@ -345,6 +345,7 @@ class _Batch:
     drop: _Drop | None = None
     completes: list[int] = field(default_factory=list)
     finals: list[_Final] = field(default_factory=list)
+    letters: dict[str, int] = field(default_factory=dict)  # dead letters gained, by connection
 
 
 class Spool:
@@ -363,6 +364,8 @@ class Spool:
     ) -> None:
         self.path = path
         self.stats = SpoolStats()
+        # Told after a commit how many dead letters each connection gained (or lost).
+        self.on_letters: Callable[[dict[str, int]], None] | None = None
         self._writer = writer
         self._reader = reader
         self._next_id = next_id
@@ -735,6 +738,8 @@ class Spool:
             self._completing.difference_update(batch.completes)
             self._completing.difference_update(f.delivery.id for f in batch.finals)
             self._record(batch, dropped)
+            if batch.letters and self.on_letters is not None:
+                self.on_letters(batch.letters)
             if self._fault is not None:
                 self._recovered()
             if self._warned and not empty:
@@ -862,7 +867,10 @@ class Spool:
         if batch.completes:
             await db.executemany(_DELETE_DELIVERY, [(i,) for i in batch.completes])
         for final in batch.finals:
-            await _write_final(db, final)
+            change = await _write_final(db, final)
+            if change:
+                cid = final.delivery.connection_id
+                batch.letters[cid] = batch.letters.get(cid, 0) + change
         for write in batch.writes:
             write.result = await write.action(db)
         if batch.writes:
@@ -899,16 +907,19 @@ class Spool:
 _COUNTERS = {"delivered": "delivered", "filtered": "delivered", "expired": "expired"}
 
 
-async def _write_final(db: aiosqlite.Connection, final: _Final) -> None:
+async def _write_final(db: aiosqlite.Connection, final: _Final) -> int:
     """Delete a delivery, and write what its end means: its dead letter (new, or the one
-    it re-sent, again), or the letter it re-sent gone; its replay's count."""
+    it re-sent, again), or the letter it re-sent gone; its replay's count. Returns the
+    change in the connection's number of dead letters."""
     d = final.delivery
     cursor = await db.execute(_DELETE_DELIVERY, (d.id,))
     if cursor.rowcount == 0:
-        return  # dropped with its connection meanwhile: it ends nowhere
+        return 0  # dropped with its connection meanwhile: it ends nowhere
     letter = final.letter
+    change = 0
     if d.letter is not None and letter is None:
-        await db.execute(_DELETE_LETTER, (d.letter,))
+        cursor = await db.execute(_DELETE_LETTER, (d.letter,))
+        change = -cursor.rowcount
     elif letter is not None:
         updated = 0
         if d.letter is not None:
@@ -927,6 +938,7 @@ async def _write_final(db: aiosqlite.Connection, final: _Final) -> None:
             )
             updated = cursor.rowcount
         if not updated:  # a first failure, or its letter was purged while it was re-sent
+            change = 1
             await db.execute(
                 _INSERT_LETTER,
                 (
@@ -949,6 +961,7 @@ async def _write_final(db: aiosqlite.Connection, final: _Final) -> None:
     if d.replay is not None:
         column = _COUNTERS.get(final.outcome, "failed")
         await db.execute(f"UPDATE replays SET {column} = {column} + 1 WHERE id = ?", (d.replay,))
+    return change
 
 
 def _resolve(op: _Op, dropped: int) -> None:
