@@ -178,9 +178,7 @@ class Daemon:
         # Transitions started by the last refreshes (an API call, a registry change)
         # complete before the workers stop.
         self._closing("transitions", self.settle)
-        await self.refresh()
-        await self.settle()  # workers running before the first uplink arrives
-        # After the workers (replays resumed now reach them), before the API and the source.
+        # Before the workers start: those ending replayed deliveries tell it.
         self.recovery = Recovery(
             spool=self.spool,
             dispatch=deliveries.dispatch,
@@ -194,6 +192,9 @@ class Daemon:
             render=self._render,
         )
         deliveries.replayed = self.recovery.replayed
+        await self.refresh()
+        await self.settle()  # workers running before the first uplink arrives
+        # After the workers (resumed replays feed them), before the API and the source.
         await self.recovery.start()
         self._closing("recovery", self.recovery.close)
         await self.alarms.start()

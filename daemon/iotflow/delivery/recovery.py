@@ -35,6 +35,7 @@ __all__ = ["LetterFilter", "LetterRow", "Recovery", "ReplayRow", "route_of"]
 log = get_logger("iotflow.recovery")
 
 _CHUNK = 500  # letters re-sent, or journal rows read, per transaction
+_RESYNC = 1.0  # seconds: a waiting replay checks its committed counts at least this often
 _ROW_OVERHEAD = 64  # bytes a journal row costs beyond its document and route (estimate)
 
 Dispatch = Callable[[Sequence[Delivery]], None]
@@ -394,7 +395,9 @@ class Recovery:
                     break
                 if exhausted or room <= 0:
                     progress.clear()
-                    await progress.wait()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(progress.wait(), _RESYNC)
+                    await self._resync(rid)
                     continue
                 rows = await self._spool.read(
                     "SELECT id, dev_eui, uplink_time, received_at, route, document FROM journal"
@@ -430,6 +433,16 @@ class Recovery:
                 del self._runs[rid]
             self._outstanding.pop(rid, None)
             self._progress.pop(rid, None)
+
+    async def _resync(self, replay_id: str) -> None:
+        """The committed counts bound what is outstanding from above (a completion not yet
+        committed is still outstanding there), as the in-memory count does; the lower one is
+        closer. It corrects a completion the count missed (one that ended while the daemon
+        was starting, before the replay was resumed)."""
+        row = await self.replay(replay_id)
+        if row is not None and replay_id in self._outstanding:
+            committed = max(0, row.fed - row.done)
+            self._outstanding[replay_id] = min(self._outstanding[replay_id], committed)
 
     async def _deliveries(self, replay: ReplayRow, rows: Sequence[Any]) -> list[Delivery]:
         index = self._index()
