@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,8 +55,9 @@ class Api:
 async def until(check: Callable[[], Awaitable[bool]], timeout: float = 60.0) -> None:
     """Poll the daemon's API until `check` holds: its state is only visible through it."""
     async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.1)  # noqa: ASYNC110 - another process: no event to await
+        # Another process: there is no event to await, only its API to ask.
+        while not await check():  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
 
 
 async def publish(broker: Mosquitto, messages: list[tuple[str, bytes]]) -> None:
@@ -79,6 +82,23 @@ def connection(cid: str, url: str, devices: list[str], **configuration: Any) -> 
         "devices": devices,
         "configuration": {"destinationURL": url, **configuration},
     }
+
+
+async def cli(daemon: DaemonProcess, *args: str) -> tuple[int, str, str]:
+    """`iotflow ARGS -c CONFIG` against the running daemon: (exit code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "iotflow",
+        *args,
+        "-c",
+        str(daemon.config_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "IOTFLOW_API_TOKEN": "test-token"},
+    )
+    out, err = await process.communicate()
+    return process.returncode or 0, out.decode(), err.decode()
 
 
 async def total(api: Api, cid: str, query: str = "") -> int:
@@ -129,6 +149,17 @@ async def test_refused_deliveries_are_kept_survive_restarts_and_are_resent_in_or
         assert await daemon.metric("iotflow_dead_letters", connection="dl") == 10
 
         await _hostile(api, letter["id"])
+        code, out, err = await cli(daemon, "deadletters", "list", "dl", "--per-page", "100")
+        assert code == 0, err
+        assert len(json.loads(out)) == 10
+        assert "10 in all" in err
+        code, out, err = await cli(daemon, "deadletters", "show", "dl", str(letter["id"]))
+        assert code == 0, err
+        assert json.loads(out)["document"]["DevEUI_uplink"]["DevEUI"] == letter["devEUI"]
+        code, out, err = await cli(daemon, "deadletters", "show", "dl", "424242")
+        assert code == 1
+        assert "404" in err
+        assert "test-token" not in out + err
 
         # SIGTERM, then kill -9: the letters stay, none twice.
         assert await daemon.stop() == 0
