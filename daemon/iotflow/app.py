@@ -406,6 +406,9 @@ class Daemon:
             # Keep the running values of what cannot change live.
             new = new.model_copy(update={name: getattr(old, name) for name in restart_needed})
         self.settings = Settings(settings.path, new, settings.connections, settings.flows)
+        if self.recovery is not None:  # bounds apply from the next pruning
+            self.recovery.journal = new.journal
+            self.recovery.letters_settings = new.deadletters
         logs.configure(new.log.level, new.log.format)
         try:
             await self._reconcile(settings)

@@ -533,6 +533,17 @@ class Recovery:
                 counts["journal"] += await self._shrink_journal(journal.max_size)
         else:
             counts["journal"] += await self._prune_journal("1", ())
+        # Letters and replays of connections deleted while the daemon was down (those
+        # deleted while it runs went with their deliveries, `Spool.drop_connection`).
+        known = orjson.dumps(sorted(self._index().connections)).decode()
+        gone = await self._spool.read(
+            "SELECT DISTINCT connection_id FROM dead_letters"
+            " WHERE connection_id NOT IN (SELECT value FROM json_each(?))",
+            (known,),
+        )
+        for (cid,) in gone:
+            await self._spool.drop_connection(str(cid))
+            log.info("Dead letters of a deleted connection removed", connection=cid)
         dropped: dict[str, int] = {}
         limit = now - letters.retention.total_seconds()
         expired = await self._prune_letters("resending = 0 AND time < ?", (limit,))
