@@ -390,10 +390,13 @@ class Recovery:
         exhausted = False
         try:
             while True:
-                room = self._window(cid) - self._outstanding[rid]
+                window = self._window(cid)
+                room = window - self._outstanding[rid]
                 if exhausted and self._outstanding[rid] <= 0:
                     break
-                if exhausted or room <= 0:
+                # Fed again once half the window is free: a transaction for half a window,
+                # not one per uplink that ends (each commit is an fsync live uplinks share).
+                if exhausted or room < max(1, window // 2):
                     progress.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(progress.wait(), _RESYNC)
