@@ -1,6 +1,7 @@
 """The daemon's lifecycle, in one place: start registry → events → alarms → directory →
-downlinks → spool → workers → API → source, stop in reverse (an exit stack: what started
-last stops first, by construction). Signals set events; tasks do the work."""
+downlinks → spool → workers → recovery (dead letters, replays) → API → source, stop in
+reverse (an exit stack: what started last stops first, by construction). Signals set
+events; tasks do the work."""
 
 from __future__ import annotations
 
