@@ -349,11 +349,12 @@ class Recovery:
         row = await self.replay(replay_id)
         if row is None or row.state != "running":
             return row
-        task = self._runs.pop(replay_id, None)
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        # Marked first: a feed queued after this finds it cancelled and queues nothing; one
+        # queued before commits and is dispatched. The task sees it at its next turn.
         await self._finish_replay(row, "cancelled")
+        progress = self._progress.get(replay_id)
+        if progress is not None:
+            progress.set()
         return await self.replay(replay_id)
 
     def replayed(self, replay_id: str, connection_id: str, outcome: str) -> None:
@@ -400,7 +401,8 @@ class Recovery:
                     progress.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(progress.wait(), _RESYNC)
-                    await self._resync(rid)
+                    if not await self._resync(rid):
+                        return  # cancelled, or its connection deleted
                     continue
                 rows = await self._spool.read(
                     "SELECT id, dev_eui, uplink_time, received_at, route, document FROM journal"
@@ -437,15 +439,17 @@ class Recovery:
             self._outstanding.pop(rid, None)
             self._progress.pop(rid, None)
 
-    async def _resync(self, replay_id: str) -> None:
+    async def _resync(self, replay_id: str) -> bool:
         """The committed counts bound what is outstanding from above (a completion not yet
         committed is still outstanding there), as the in-memory count does; the lower one is
         closer. It corrects a completion the count missed (one that ended while the daemon
-        was starting, before the replay was resumed)."""
+        was starting, before the replay was resumed). Returns whether it is still running."""
         row = await self.replay(replay_id)
-        if row is not None and replay_id in self._outstanding:
-            committed = max(0, row.fed - row.done)
-            self._outstanding[replay_id] = min(self._outstanding[replay_id], committed)
+        if row is None or row.state != "running":
+            return False
+        committed = max(0, row.fed - row.done)
+        self._outstanding[replay_id] = min(self._outstanding[replay_id], committed)
+        return True
 
     async def _deliveries(self, replay: ReplayRow, rows: Sequence[Any]) -> list[Delivery]:
         index = self._index()
@@ -641,8 +645,7 @@ class Recovery:
         )
         counts = {str(r[0]): int(r[1]) for r in rows}
         for cid in self._gauged - set(counts):
-            with contextlib.suppress(KeyError):
-                self._metrics.dead_letters.labels(cid).set(0)
+            self._metrics.dead_letters.labels(cid).set(0)
         for cid, n in counts.items():
             self._metrics.dead_letters.labels(cid).set(n)
         self._gauged = set(counts)
