@@ -174,10 +174,9 @@ async def test_refused_deliveries_are_kept_survive_restarts_and_are_resent_in_or
         assert await total(api, "dl") == 10
 
         cloud.respond(200, path="/dl")
-        status, body, _ = await api.call(
-            "POST", "/connections/dl/deadLetters/resend", {"all": True}
-        )
-        assert (status, body) == (202, {"resent": 10})
+        code, out, err = await cli(daemon, "deadletters", "resend", "dl")
+        assert code == 0, err
+        assert json.loads(out) == {"resent": 10}
         # A second request while they are queued re-sends nothing more.
         status, body, _ = await api.call(
             "POST", "/connections/dl/deadLetters/resend", {"all": True}
