@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from pydantic import ByteSize
 
+import iotflow.delivery.recovery as recovery_module
 from iotflow.config.model import DeadLetterSettings, JournalSettings
 from iotflow.connectors import parse_connection
 from iotflow.delivery.recovery import LetterFilter, Recovery, route_of
@@ -165,7 +166,10 @@ async def test_the_bounds_drop_the_oldest_letters_and_count_them(world: World) -
     assert gauge(world.metrics, "iotflow_dead_letters", connection="c") == 0
 
 
-async def test_the_journal_is_pruned_by_retention_and_size_and_off_at_0s(world: World) -> None:
+async def test_the_journal_is_pruned_by_retention_and_size_and_off_at_0s(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recovery_module, "_PRUNE_CHUNK", 7)  # several transactions
     await world.append(10, connection=None)
     assert len(await world.spool.read("SELECT id FROM journal")) == 10
     world.clock.now += 3600
