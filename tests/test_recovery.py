@@ -243,3 +243,21 @@ async def _until_dispatched(world: World, count: int) -> None:
             return
         await world.spool.flush()
     raise AssertionError(f"dispatched {len(world.dispatched)}, expected {count}")
+
+
+async def test_a_resend_starts_from_the_document_before_the_processors(world: World) -> None:
+    (delivery,) = await world.append(1)
+    # The worker's processors rendered another document; that one was refused.
+    rendered = Delivery(**{**_fields(delivery), "document": b'{"x": 1}', "source": b'{"n": 0}'})
+    await world.fail(rendered)
+    (letter,) = (await world.recovery.letters("c", LetterFilter(), 0, 1))[0]
+    shown = await world.recovery.letter("c", letter.id)
+    assert shown is not None
+    assert shown.document == b'{"x": 1}'  # what was to be sent
+    assert await world.recovery.resend("c", ids=[letter.id]) == 1
+    (again,) = world.dispatched
+    assert again.document == b'{"n": 0}'  # processed again from the uplink's document
+
+
+def _fields(delivery: Delivery) -> dict[str, Any]:
+    return {name: getattr(delivery, name) for name in Delivery.__slots__}

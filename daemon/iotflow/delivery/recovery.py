@@ -250,8 +250,9 @@ class Recovery:
         after = 0
         while True:
             rows = await self._spool.read(
-                "SELECT id, dev_eui, uplink_time, received_at, document, validity"
-                f" FROM dead_letters WHERE {where} AND resending = 0 AND id > ?"
+                # The document before the processors: the re-send goes through them again.
+                "SELECT id, dev_eui, uplink_time, received_at, coalesce(original, document),"
+                f" validity FROM dead_letters WHERE {where} AND resending = 0 AND id > ?"
                 " ORDER BY id LIMIT ?",
                 [*values, after, _CHUNK],
             )
