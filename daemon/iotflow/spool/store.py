@@ -130,6 +130,7 @@ CREATE TABLE dead_letters (
     resending INTEGER NOT NULL DEFAULT 0  -- 1 while a re-sent copy is pending
 );
 CREATE INDEX dead_letters_connection ON dead_letters (connection_id, id);
+CREATE INDEX dead_letters_time ON dead_letters (connection_id, time);  -- the list's order
 CREATE TABLE replays (
     id TEXT PRIMARY KEY,
     connection_id TEXT NOT NULL,
