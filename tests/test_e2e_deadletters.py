@@ -359,8 +359,12 @@ async def test_a_connection_made_after_an_hour_of_traffic_gets_that_hour_by_repl
             return bool(replay["state"] == "cancelled")
 
         await until(cancelled)
-        status, started, _ = await api.call("POST", "/connections/late/replay", window)
-        assert (status, started["uplinks"]) == (202, 31), started
+        code, out, err = await cli(
+            daemon, "replay", "late", "--from", window["from"], "--to", window["to"]
+        )
+        assert code == 0, err
+        started = json.loads(out)
+        assert started["uplinks"] == 31, started
         rid = started["id"]
 
         async def done() -> bool:
