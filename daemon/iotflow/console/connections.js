@@ -386,7 +386,7 @@ export async function connectionPage(main, id) {
     const form = h(
       "form.row",
       { novalidate: true },
-      field({ label: "DevEUI", name: "devEUI", help: "16 hex digits; '-' or ':' separators and lower case are accepted." }),
+      field({ label: "DevEUI to bind", name: "devEUI", help: "16 hex digits; '-' or ':' separators and lower case are accepted." }),
       h("button", { type: "submit" }, "Bind"),
     );
     form.addEventListener("submit", async (event) => {
@@ -470,7 +470,7 @@ async function drawLetters(box, path) {
     "form.row",
     { novalidate: true, "aria-label": "Filter dead letters" },
     field({ label: "Outcome", name: "outcome", type: "select", options: [["", "any"], ["failed", "failed"], ["expired", "expired"]] }),
-    field({ label: "DevEUI", name: "devEUI" }),
+    field({ label: "Dead letters of the DevEUI", name: "devEUI" }),
     h("button.secondary", { type: "submit" }, "Filter"),
   );
   const listing = h("div");
