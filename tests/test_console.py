@@ -78,15 +78,21 @@ class Watch:
 
 
 @pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
+def chromium() -> Path:
+    """Debian's Chromium; its absence fails the test, it is never skipped (CI installs it)."""
     if not CHROMIUM.exists():
         pytest.fail(
             f"{CHROMIUM} is missing: the console's browser tests need Debian's chromium "
             "(apt-get install chromium; .ci/run installs it)"
         )
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser(chromium: Path) -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=ARGS
+            executable_path=str(chromium), headless=True, args=ARGS
         )
         yield launched
         await launched.close()
@@ -100,7 +106,9 @@ async def daemon(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[DaemonPr
     await process.close()
 
 
-async def open_page(browser: Browser, daemon: DaemonProcess, **context: object) -> tuple[Page, Watch]:
+async def open_page(
+    browser: Browser, daemon: DaemonProcess, **context: object
+) -> tuple[Page, Watch]:
     ctx = await browser.new_context(viewport={"width": 1280, "height": 900}, **context)  # type: ignore[arg-type]
     page = await ctx.new_page()
     page.set_default_timeout(WAIT_MS)
@@ -137,7 +145,11 @@ async def test_console_files_are_served_under_a_strict_policy(daemon: DaemonProc
         async with session.get(f"{daemon.api}/", allow_redirects=False) as r:
             assert r.status == 302
             assert r.headers["Location"] == "/console/"
-        for name, kind in (("", "text/html"), ("app.js", "text/javascript"), ("style.css", "text/css")):
+        for name, kind in (
+            ("", "text/html"),
+            ("app.js", "text/javascript"),
+            ("style.css", "text/css"),
+        ):
             async with session.get(f"{daemon.api}/console/{name}") as r:
                 assert r.status == 200  # no token needed to load the console
                 assert r.content_type == kind
@@ -150,7 +162,13 @@ async def test_console_files_are_served_under_a_strict_policy(daemon: DaemonProc
                 text = await r.text()
                 assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
                 assert "https://" not in text
-        for hostile in ("../auth.py", "..%2F__init__.py", "%2e%2e/server.py", "nothing.js", "app.js%00"):
+        for hostile in (
+            "../auth.py",
+            "..%2F__init__.py",
+            "%2e%2e/server.py",
+            "nothing.js",
+            "app.js%00",
+        ):
             async with session.get(f"{daemon.api}/console/{hostile}") as r:
                 assert r.status == 404, hostile
         # Every call the console makes still needs a token.

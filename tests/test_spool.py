@@ -800,4 +800,4 @@ async def test_a_version_1_spool_is_upgraded_keeping_its_deliveries(tmp_path: Pa
         assert new.id == 2
     finally:
         await spool.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (2,)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from iotflow.config.model import Config
+from iotflow.delivery.recovery import Recovery
 from iotflow.delivery.worker import Statistics
 from iotflow.downlinks.service import Downlinks
 from iotflow.drivers import Drivers
@@ -59,6 +60,11 @@ class ControlPlane(Protocol):
     @property
     def drivers(self) -> Drivers | None:
         """The payload drivers; None while the daemon is starting."""
+        ...
+
+    @property
+    def recovery(self) -> Recovery | None:
+        """Dead letters and replays; None while the daemon is starting."""
         ...
 
     def worker(self, connection_id: str) -> WorkerView | None: ...

@@ -12,6 +12,7 @@ from iotflow.api.auth import auth_middleware, principal_of, tokens_of
 from iotflow.api.body import dump, json
 from iotflow.api.console import console_routes
 from iotflow.api.control import CONTROL, ControlPlane
+from iotflow.api.deadletters import recovery_routes
 from iotflow.api.drivers import driver_routes
 from iotflow.api.errors import error_middleware
 from iotflow.api.flows import flow_routes
@@ -93,7 +94,9 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 # Every route of the listener, each declared once: the router and the document read it.
-TABLE = health + routes + flow_routes + ingest_routes + driver_routes + console_routes
+TABLE = (
+    health + routes + flow_routes + recovery_routes + ingest_routes + driver_routes + console_routes
+)
 
 
 @functools.cache
