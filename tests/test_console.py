@@ -345,3 +345,73 @@ async def test_reader_sees_but_is_offered_no_change(
     assert await page.evaluate("sessionStorage.getItem('iotflow.token')") is None
     assert watch.elsewhere == []
     assert watch.errors == []
+
+
+async def test_operator_resends_a_dead_letter_and_starts_a_replay(
+    browser: Browser,
+    daemon: DaemonProcess,
+    cloud: FakeCloud,
+    mosquitto: Mosquitto,
+    tmp_path: Path,
+) -> None:
+    dev = "0018B20000004002"
+    cloud.require(datacake("abc123"))
+    # Datacake refuses the first uplink once (as it does for a device it does not know).
+    cloud.respond(400, path="/dl", times=1, body={"error": "unknown device"})
+    owner = {"Authorization": f"Bearer {OWNER}"}
+    api = f"{daemon.api}/iot-flow/v1"
+    async with aiohttp.ClientSession(headers=owner) as session:
+        body = {
+            "id": "dl",
+            "name": "Datacake",
+            "connectorId": "actility-http-iot",
+            "brand": "DATACAKE",
+            "configuration": {
+                "destinationURL": cloud.url("/dl"),
+                "headers": {"Authorization": "Token abc123"},
+            },
+        }
+        async with session.post(f"{api}/connections", json=body) as r:
+            assert r.status == 201
+        async with session.put(f"{api}/devices/{dev}", json={"connections": ["dl"]}) as r:
+            assert r.status == 200
+        await publish(mosquitto, dev, 7)
+        (refused,) = await cloud.wait_for_requests(1, path="/dl")
+        assert refused.status == 400
+
+    page, watch = await open_page(browser, daemon)
+    await sign_in(page, daemon, OWNER)
+    await page.goto(f"{daemon.api}/console/#/connections/dl")
+    letters = page.locator("section:has(#dl-title)")
+    # The letter is kept once the worker has written it; the page's refresh shows it.
+    row = letters.locator("tbody tr")
+    await expect(row).to_have_count(1)
+    await expect(row).to_contain_text("unknown device")
+    await expect(row).to_contain_text("HTTP 400")
+    await row.get_by_role("button", name=re.compile("Show dead letter")).click()
+    dialog = page.get_by_role("dialog")
+    await expect(dialog).to_contain_text('"FCntUp": 7')
+    await shot(page, "console-dead-letter", tmp_path)
+    await dialog.get_by_role("button", name="Close").click()
+
+    await row.get_by_role("button", name=re.compile("Re-send dead letter")).click()
+    await expect(page.locator("#toasts")).to_contain_text("1 dead letter(s) re-sent")
+    accepted = await cloud.wait_for(1, path="/dl")
+    assert accepted[0].json["DevEUI_uplink"]["FCntUp"] == 7
+    await expect(letters).to_contain_text("No dead letter.")
+
+    # A replay of the last hour sends the journal's uplink once more, followed to its end.
+    replays = page.locator("section:has(#rp-title)")
+    await replays.get_by_role("button", name="Start replay").click()
+    await expect(page.locator("#toasts")).to_contain_text("Replay started: 1 uplink(s)")
+    await expect(replays.locator("[data-replay] .state")).to_have_text("done")
+    await expect(replays.locator("[data-replay]")).to_contain_text("1 delivered")
+    again = await cloud.wait_for(2, path="/dl")
+    assert again[1].json["DevEUI_uplink"]["FCntUp"] == 7
+    await shot(page, "console-replay", tmp_path)
+    events = page.locator("section:has(#evt-title)")
+    await page.reload()
+    await expect(events).to_contain_text("dead_letters_resent")
+    await expect(events).to_contain_text("replay_started")
+    assert watch.elsewhere == []
+    assert watch.errors == []

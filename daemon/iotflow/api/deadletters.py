@@ -198,15 +198,13 @@ async def resend_dead_letters(request: web.Request) -> web.Response:
     if problems:
         raise invalid(problems)
     recovery = _recovery(request)
+    by = principal_of(request).name
     if given.ids is not None:
-        count = await recovery.resend(cid, ids=given.ids)
+        count = await recovery.resend(cid, ids=given.ids, by=by)
     else:
         dev_eui = normalize_dev_eui(given.devEUI) if given.devEUI else None
-        count = await recovery.resend(cid, filters=LetterFilter(given.outcome, dev_eui))
-    details: dict[str, Any] = {"by": principal_of(request).name, "resent": count}
-    if given.ids is not None:
-        details["ids"] = given.ids[:100]  # the event stays small
-    _control(request).record(cid, "dead_letters_resent", details)
+        filters = LetterFilter(given.outcome, dev_eui)
+        count = await recovery.resend(cid, filters=filters, by=by)
     return json(dump(Resent(resent=count)), status=202)
 
 
@@ -221,12 +219,7 @@ async def resend_dead_letters(request: web.Request) -> web.Response:
 async def purge_dead_letters(request: web.Request) -> web.Response:
     cid = await _connection(request)
     filters = _filters(request)
-    purged = await _recovery(request).purge(cid, filters)
-    details: dict[str, Any] = {"by": principal_of(request).name, "purged": purged}
-    details.update(
-        {k: v for k, v in (("outcome", filters.outcome), ("devEUI", filters.dev_eui)) if v}
-    )
-    _control(request).record(cid, "dead_letters_purged", details)
+    await _recovery(request).purge(cid, filters, by=principal_of(request).name)
     return web.Response(status=204)
 
 
@@ -270,12 +263,8 @@ async def start_replay(request: web.Request) -> web.Response:
     devices = (
         sorted({normalize_dev_eui(d) for d in given.devEUIs}) if given.devEUIs is not None else None
     )
-    row = await _recovery(request).start_replay(cid, start, end, devices)
-    _control(request).record(
-        cid,
-        "replay_started",
-        {"by": principal_of(request).name, "replay": row.id, "from": given.from_, "to": given.to},
-    )
+    by = principal_of(request).name
+    row = await _recovery(request).start_replay(cid, start, end, devices, by=by)
     return json(dump(ReplayStarted(id=row.id, uplinks=row.total)), status=202)
 
 

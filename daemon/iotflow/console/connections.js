@@ -454,12 +454,13 @@ export async function connectionPage(main, id) {
   drawHeader();
   drawSummary();
   drawConfig();
-  await drawLetters(lettersBox, path);
+  const refreshLetters = await drawLetters(lettersBox, path);
   drawReplays(replayBox, path);
   fill(main, header, summary, configBox, devicesBox, lettersBox, replayBox, eventsBox, alarmsBox);
   return every(async () => {
     connection = await get(path);
     drawSummary();
+    await refreshLetters();
   });
 }
 
@@ -505,7 +506,9 @@ async function drawLetters(box, path) {
       if (exc.status !== 401) toast(exc.message, "error");
     }
   };
-  const load = async (n = 1) => {
+  let shown = 1;
+  let seen = "";
+  const load = async (n = 1, onlyIfChanged = false) => {
     let state;
     try {
       state = await page(`${path}/deadLetters?${query()}`, n, 10);
@@ -514,6 +517,11 @@ async function drawLetters(box, path) {
       fill(listing, h("p.muted", {}, `Dead letters unavailable: ${exc.message}`));
       return;
     }
+    // A refresh redraws only what changed: the focus stays where the operator put it.
+    const signature = JSON.stringify([state.items, state.total, state.page]);
+    if (onlyIfChanged && signature === seen) return;
+    seen = signature;
+    shown = state.page;
     const filter = Object.fromEntries(query());
     fill(
       listing,
@@ -523,7 +531,11 @@ async function drawLetters(box, path) {
           when(l.time),
           h("span.mono", {}, l.devEUI),
           l.outcome,
-          [l.reason, l.status ? ` (HTTP ${l.status})` : ""],
+          [
+            l.reason,
+            l.status && !String(l.reason).includes(String(l.status)) ? ` (HTTP ${l.status})` : "",
+            l.body ? h("div.muted.mono", {}, l.body.length > 160 ? `${l.body.slice(0, 160)}…` : l.body) : null,
+          ],
           String(l.attempts),
           h(
             "div.row",
@@ -567,6 +579,7 @@ async function drawLetters(box, path) {
   });
   fill(box, h("h2", { id: "dl-title" }, "Dead letters"), filters, listing);
   await load(1);
+  return () => load(shown, true);
 }
 
 /** "2026-12-06T10:00" (datetime-local, the browser's zone) → ISO 8601 with offset. */
