@@ -188,7 +188,7 @@ export async function connectionForm(main, id) {
   });
 
   const submit = h("button", { type: "submit" }, current ? "Save" : "Create");
-  form.append(
+  fill(form,
     title,
     current?.provisioned ? h("p.form-error", {}, "Provisioned by the config file: read-only here.") : null,
     connectorField,

@@ -148,7 +148,9 @@ export function showErrors(form, message, details = []) {
     (target.closest(".field") || target).after(error);
   }
   const top = h("div.form-error", { role: "alert" }, message, loose.length ? h("ul", {}, loose.map((t) => h("li", {}, t))) : null);
-  form.prepend(top);
+  const heading = form.querySelector("h1, h2");
+  if (heading && heading.parentElement === form) heading.after(top);
+  else form.prepend(top);
   const first = form.querySelector("[aria-invalid='true']");
   (first || top).focus?.();
 }

@@ -139,7 +139,7 @@ export async function flowForm(main, id) {
   };
   const driverOptions = [["", "(none)"], ["actility:auto:1", "actility:auto:1 (the uplink's own driver)"], ...drivers.map((d) => [d.id, `${d.id} (${d.status})`])];
   const submit = h("button", { type: "submit", disabled: !writable }, current ? "Save" : "Create");
-  form.append(
+  fill(form,
     h("h1", { id: "flow-title" }, current ? `Flow ${current.name}` : "Create a flow"),
     current?.provisioned ? h("p.muted", {}, "Provisioned by the config file: read-only here.") : null,
     field({ label: "Name", name: "name", required: true, value: current?.name || "" }),
