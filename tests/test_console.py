@@ -195,8 +195,9 @@ async def test_operator_creates_binds_sees_deliveries_and_edits(
     await sign_in(page, daemon, "not-the-token")
     await expect(page.get_by_role("alert")).to_contain_text("not valid")
     await shot(page, "console-sign-in", tmp_path)
+    # By keyboard: the token, then Enter.
     await page.get_by_label("API token").fill(OWNER)
-    await page.get_by_role("button", name="Sign in").click()
+    await page.get_by_label("API token").press("Enter")
     await expect(page.get_by_role("heading", name="Connections")).to_be_visible()
     await expect(page.locator("#who")).to_have_text("token-1 (owner)")
 
@@ -295,6 +296,24 @@ async def test_operator_creates_binds_sees_deliveries_and_edits(
     await page.get_by_role("link", name="Connections").click()
     await expect(page.locator("[data-connection='datacake']")).to_be_visible()
     await shot(page, "console-phone", tmp_path)
+
+    # Delete, each after its confirmation: the flow, then the connection it names.
+    await page.set_viewport_size({"width": 1280, "height": 900})
+    await page.get_by_role("link", name="Flows").click()
+    await page.get_by_role("link", name="Paris").click()
+    await page.get_by_role("button", name="Delete").click()
+    await page.get_by_role("dialog").get_by_role("button", name="Delete").click()
+    await expect(page.locator("#toasts")).to_contain_text("Flow deleted")
+    await page.goto(f"{daemon.api}/console/#/connections/datacake")
+    await page.get_by_role("button", name="Delete").click()
+    dialog = page.get_by_role("dialog")
+    await expect(dialog).to_contain_text("Delete the connection Datacake renamed?")
+    await dialog.get_by_role("button", name="Cancel").click()
+    await expect(page.get_by_role("heading", name="Datacake renamed")).to_be_visible()
+    await page.get_by_role("button", name="Delete").click()
+    await page.get_by_role("dialog").get_by_role("button", name="Delete").click()
+    await expect(page.locator("#toasts")).to_contain_text("Connection Datacake renamed deleted")
+    await expect(page.get_by_text("No connection yet.")).to_be_visible()
 
     # The token lives in the tab's sessionStorage, never in a URL.
     assert OWNER not in page.url
