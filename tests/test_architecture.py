@@ -150,6 +150,7 @@ STARTED = [
     "spool",
     "deliveries",
     "transitions",
+    "recovery",  # dead letters and replays: resumes replays once the workers run
     "registry-changes",
     "api",
     "source",

@@ -32,9 +32,10 @@ from iotflow.telemetry.metrics import Metrics
 
 __all__ = ["LetterFilter", "LetterRow", "Recovery", "ReplayRow", "route_of"]
 
-log = get_logger("iotflow.recovery")
+log = get_logger("iotflow.delivery")
 
 _CHUNK = 500  # letters re-sent, or journal rows read, per transaction
+_RESYNC = 1.0  # seconds: a waiting replay checks its committed counts at least this often
 _ROW_OVERHEAD = 64  # bytes a journal row costs beyond its document and route (estimate)
 
 Dispatch = Callable[[Sequence[Delivery]], None]
@@ -357,11 +358,12 @@ class Recovery:
         row = await self.replay(replay_id)
         if row is None or row.state != "running":
             return row
-        task = self._runs.pop(replay_id, None)
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        # Marked first: a feed queued after this finds it cancelled and queues nothing; one
+        # queued before commits and is dispatched. The task sees it at its next turn.
         await self._finish_replay(row, "cancelled")
+        progress = self._progress.get(replay_id)
+        if progress is not None:
+            progress.set()
         return await self.replay(replay_id)
 
     def replayed(self, replay_id: str, connection_id: str, outcome: str) -> None:
@@ -398,12 +400,18 @@ class Recovery:
         exhausted = False
         try:
             while True:
-                room = self._window(cid) - self._outstanding[rid]
+                window = self._window(cid)
+                room = window - self._outstanding[rid]
                 if exhausted and self._outstanding[rid] <= 0:
                     break
-                if exhausted or room <= 0:
+                # Fed again once half the window is free: a transaction for half a window,
+                # not one per uplink that ends (each commit is an fsync live uplinks share).
+                if exhausted or room < max(1, window // 2):
                     progress.clear()
-                    await progress.wait()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(progress.wait(), _RESYNC)
+                    if not await self._resync(rid):
+                        return  # cancelled, or its connection deleted
                     continue
                 rows = await self._spool.read(
                     "SELECT id, dev_eui, uplink_time, received_at, route, document FROM journal"
@@ -439,6 +447,18 @@ class Recovery:
                 del self._runs[rid]
             self._outstanding.pop(rid, None)
             self._progress.pop(rid, None)
+
+    async def _resync(self, replay_id: str) -> bool:
+        """The committed counts bound what is outstanding from above (a completion not yet
+        committed is still outstanding there), as the in-memory count does; the lower one is
+        closer. It corrects a completion the count missed (one that ended while the daemon
+        was starting, before the replay was resumed). Returns whether it is still running."""
+        row = await self.replay(replay_id)
+        if row is None or row.state != "running":
+            return False
+        committed = max(0, row.fed - row.done)
+        self._outstanding[replay_id] = min(self._outstanding[replay_id], committed)
+        return True
 
     async def _deliveries(self, replay: ReplayRow, rows: Sequence[Any]) -> list[Delivery]:
         index = self._index()
@@ -529,6 +549,17 @@ class Recovery:
                 counts["journal"] += await self._shrink_journal(journal.max_size)
         else:
             counts["journal"] += await self._prune_journal("1", ())
+        # Letters and replays of connections deleted while the daemon was down (those
+        # deleted while it runs went with their deliveries, `Spool.drop_connection`).
+        known = orjson.dumps(sorted(self._index().connections)).decode()
+        gone = await self._spool.read(
+            "SELECT DISTINCT connection_id FROM dead_letters"
+            " WHERE connection_id NOT IN (SELECT value FROM json_each(?))",
+            (known,),
+        )
+        for (cid,) in gone:
+            await self._spool.drop_connection(str(cid))
+            log.info("Dead letters of a deleted connection removed", connection=cid)
         dropped: dict[str, int] = {}
         limit = now - letters.retention.total_seconds()
         expired = await self._prune_letters("resending = 0 AND time < ?", (limit,))
@@ -623,8 +654,7 @@ class Recovery:
         )
         counts = {str(r[0]): int(r[1]) for r in rows}
         for cid in self._gauged - set(counts):
-            with contextlib.suppress(KeyError):
-                self._metrics.dead_letters.labels(cid).set(0)
+            self._metrics.dead_letters.labels(cid).set(0)
         for cid, n in counts.items():
             self._metrics.dead_letters.labels(cid).set(n)
         self._gauged = set(counts)

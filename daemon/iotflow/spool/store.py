@@ -224,6 +224,7 @@ _UPDATE_LETTER = (
     " attempts = attempts + ?, last_attempt = ?, time = ?, resending = 0 WHERE id = ?"
 )
 _DELETE_LETTER = "DELETE FROM dead_letters WHERE id = ?"
+_RELEASE_LETTER = "UPDATE dead_letters SET resending = 0 WHERE id = ?"
 _DROP_LETTERS = "DELETE FROM dead_letters WHERE connection_id = ?"
 _CANCEL_REPLAYS = (
     "UPDATE replays SET state = 'cancelled', finished_at = ?"
@@ -917,7 +918,11 @@ async def _write_final(db: aiosqlite.Connection, final: _Final) -> int:
         return 0  # dropped with its connection meanwhile: it ends nowhere
     letter = final.letter
     change = 0
-    if d.letter is not None and letter is None:
+    if final.outcome == "dropped":
+        # Never sent (its connection has no worker): the letter may be re-sent again.
+        if d.letter is not None:
+            await db.execute(_RELEASE_LETTER, (d.letter,))
+    elif d.letter is not None and letter is None:
         cursor = await db.execute(_DELETE_LETTER, (d.letter,))
         change = -cursor.rowcount
     elif letter is not None:
