@@ -129,6 +129,23 @@ async def test_each_role_does_what_it_may_and_events_say_who(
     assert status == 201, made
     assert (await owner("DELETE", f"/devices/{DEV}"))[0] == 204
 
+    # Dead letters: a writer re-sends, only an owner purges or replays.
+    window = {"from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z"}
+    resend = await writer("POST", f"/connections/{cid}/deadLetters/resend", {"all": True})
+    assert resend == (202, {"resent": 0})
+    assert (await reader("POST", f"/connections/{cid}/deadLetters/resend", {"all": True}))[0] == 403
+    for caller in (reader, writer):
+        assert (await caller("DELETE", f"/connections/{cid}/deadLetters"))[0] == 403
+        assert (await caller("POST", f"/connections/{cid}/replay", window))[0] == 403
+        assert (await caller("GET", f"/connections/{cid}/deadLetters"))[0] == 200
+    assert (await owner("DELETE", f"/connections/{cid}/deadLetters"))[0] == 204
+    status, started = await owner("POST", f"/connections/{cid}/replay", window)
+    assert status == 202, started
+    assert (await writer("DELETE", f"/replays/{started['id']}"))[0] == 403
+    assert (await reader("GET", f"/replays/{started['id']}"))[0] == 200
+    status, cancelled = await owner("DELETE", f"/replays/{started['id']}")
+    assert status == 200, cancelled
+
     async def events() -> list[dict[str, Any]]:
         status, found = await reader("GET", f"/connections/{cid}/events?perPage=100")
         assert status == 200
@@ -137,7 +154,8 @@ async def test_each_role_does_what_it_may_and_events_say_who(
     # Events are written in the background (iotflow.events), with nothing to await: poll.
     deadline = asyncio.get_running_loop().time() + 30
     found = await events()
-    while "device_unbound" not in [e["type"] for e in found]:
+    last = "replay_cancelled" if cancelled["state"] == "cancelled" else "replay_ended"
+    while last not in [e["type"] for e in found]:
         assert asyncio.get_running_loop().time() < deadline, found
         await asyncio.sleep(0.05)
         found = await events()
@@ -147,6 +165,9 @@ async def test_each_role_does_what_it_may_and_events_say_who(
     assert by_type["device_bound"] == {"by": "ci", "devEUI": DEV}
     assert by_type["flow_created"] == {"by": "ci", "flow": made["id"]}
     assert by_type["device_unbound"] == {"by": "token-1", "devEUI": DEV}
+    assert by_type["replay_started"]["by"] == "token-1"
+    if cancelled["state"] == "cancelled":
+        assert by_type["replay_cancelled"] == {"by": "token-1", "replay": started["id"]}
     # No token anywhere: not in events, not in the logs.
     text = json.dumps(found) + "\n".join(daemon.output)
     for secret in SECRETS:

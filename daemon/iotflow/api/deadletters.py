@@ -334,6 +334,7 @@ async def cancel_replay(request: web.Request) -> web.Response:
     row = await _recovery(request).cancel_replay(rid)
     if row is None:
         raise ApiError(404, "not_found", f"No replay {rid!r}.")
-    by = principal_of(request).name
-    _control(request).record(row.connection_id, "replay_cancelled", {"by": by, "replay": rid})
+    if row.state == "cancelled":  # by this call or an earlier one: who asked is worth saying
+        by = principal_of(request).name
+        _control(request).record(row.connection_id, "replay_cancelled", {"by": by, "replay": rid})
     return json(_replay(row))
