@@ -192,8 +192,11 @@ async def test_operator_creates_binds_sees_deliveries_and_edits(
     ]
 
     # A wrong token says so, and stays off the URL.
-    await sign_in(page, daemon, "not-the-token")
+    await sign_in(page, daemon, "\u00e9t\u00e9")  # no request: it cannot be a token
     await expect(page.get_by_role("alert")).to_contain_text("not valid")
+    await page.get_by_label("API token").fill("not-the-token")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("alert")).to_contain_text("the daemon refused it")
     await shot(page, "console-sign-in", tmp_path)
     # By keyboard: the token, then Enter.
     await page.get_by_label("API token").fill(OWNER)

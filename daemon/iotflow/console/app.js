@@ -50,6 +50,13 @@ function signIn(message) {
       status.hidden = false;
       return;
     }
+    // A header carries ASCII only: anything else cannot be a token (and fetch
+    // would refuse to send it).
+    if (!/^[\x20-\x7e]+$/.test(token)) {
+      fill(status, "This token is not valid: a token is made of ASCII letters, digits and symbols.");
+      status.hidden = false;
+      return;
+    }
     try {
       const { body } = await call("GET", "/whoami", undefined, token);
       session.set(token);
