@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from pydantic import ByteSize
 
+import iotflow.delivery.recovery as recovery_module
 from iotflow.config.model import DeadLetterSettings, JournalSettings
 from iotflow.connectors import parse_connection
 from iotflow.delivery.recovery import LetterFilter, Recovery, route_of
@@ -165,7 +166,10 @@ async def test_the_bounds_drop_the_oldest_letters_and_count_them(world: World) -
     assert gauge(world.metrics, "iotflow_dead_letters", connection="c") == 0
 
 
-async def test_the_journal_is_pruned_by_retention_and_size_and_off_at_0s(world: World) -> None:
+async def test_the_journal_is_pruned_by_retention_and_size_and_off_at_0s(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recovery_module, "_PRUNE_CHUNK", 7)  # several transactions
     await world.append(10, connection=None)
     assert len(await world.spool.read("SELECT id FROM journal")) == 10
     world.clock.now += 3600
@@ -239,3 +243,21 @@ async def _until_dispatched(world: World, count: int) -> None:
             return
         await world.spool.flush()
     raise AssertionError(f"dispatched {len(world.dispatched)}, expected {count}")
+
+
+async def test_a_resend_starts_from_the_document_before_the_processors(world: World) -> None:
+    (delivery,) = await world.append(1)
+    # The worker's processors rendered another document; that one was refused.
+    rendered = Delivery(**{**_fields(delivery), "document": b'{"x": 1}', "source": b'{"n": 0}'})
+    await world.fail(rendered)
+    (letter,) = (await world.recovery.letters("c", LetterFilter(), 0, 1))[0]
+    shown = await world.recovery.letter("c", letter.id)
+    assert shown is not None
+    assert shown.document == b'{"x": 1}'  # what was to be sent
+    assert await world.recovery.resend("c", ids=[letter.id]) == 1
+    (again,) = world.dispatched
+    assert again.document == b'{"n": 0}'  # processed again from the uplink's document
+
+
+def _fields(delivery: Delivery) -> dict[str, Any]:
+    return {name: getattr(delivery, name) for name in Delivery.__slots__}

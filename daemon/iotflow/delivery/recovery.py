@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 import orjson
@@ -36,6 +36,7 @@ log = get_logger("iotflow.delivery")
 
 _CHUNK = 500  # letters re-sent, or journal rows read, per transaction
 _RESYNC = 1.0  # seconds: a waiting replay checks its committed counts at least this often
+_PRUNE_CHUNK = 5000  # journal rows deleted per transaction
 _ROW_OVERHEAD = 64  # bytes a journal row costs beyond its document and route (estimate)
 
 Dispatch = Callable[[Sequence[Delivery]], None]
@@ -250,8 +251,9 @@ class Recovery:
         after = 0
         while True:
             rows = await self._spool.read(
-                "SELECT id, dev_eui, uplink_time, received_at, document, validity"
-                f" FROM dead_letters WHERE {where} AND resending = 0 AND id > ?"
+                # The document before the processors: the re-send goes through them again.
+                "SELECT id, dev_eui, uplink_time, received_at, coalesce(original, document),"
+                f" validity FROM dead_letters WHERE {where} AND resending = 0 AND id > ?"
                 " ORDER BY id LIMIT ?",
                 [*values, after, _CHUNK],
             )
@@ -308,11 +310,12 @@ class Recovery:
             devices = await self._routed_devices(connection_id, start, end)
         listed = orjson.dumps(devices).decode()
         rows = await self._spool.read(
-            "SELECT count(*) FROM journal WHERE uplink_time BETWEEN ? AND ?"
-            " AND dev_eui IN (SELECT value FROM json_each(?))",
+            "SELECT count(*), coalesce(min(id), 1) - 1 FROM journal"
+            " WHERE uplink_time BETWEEN ? AND ? AND dev_eui IN (SELECT value FROM json_each(?))",
             (start, end, listed),
         )
-        total = int(rows[0][0])
+        # The cursor starts before the window's first row: the feed skips older ones.
+        total, cursor = int(rows[0][0]), int(rows[0][1])
         now = self._clock()
         replay = ReplayRow(
             uuid.uuid4().hex,
@@ -324,7 +327,7 @@ class Recovery:
             "running",
             total,
             0,
-            0,
+            cursor,
             0,
             0,
             0,
@@ -333,8 +336,8 @@ class Recovery:
         async def action(db: aiosqlite.Connection) -> None:
             await db.execute(
                 "INSERT INTO replays (id, connection_id, start, end, devices, requested_at,"
-                " state, total) VALUES (?, ?, ?, ?, ?, ?, 'running', ?)",
-                (replay.id, connection_id, start, end, listed, now, total),
+                " state, total, cursor) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+                (replay.id, connection_id, start, end, listed, now, total, cursor),
             )
 
         await self._spool.write(action)
@@ -589,21 +592,30 @@ class Recovery:
         return counts
 
     async def _prune_journal(self, where: str, values: Sequence[Any]) -> int:
+        """Delete the journal rows matching `where`, oldest first, `_PRUNE_CHUNK` a
+        transaction: a large prune (the journal turned off, a long downtime) must not hold
+        the spool's writer, and so live uplinks' commits, for seconds."""
+        chosen = f"SELECT id FROM journal WHERE {where} ORDER BY id LIMIT {_PRUNE_CHUNK}"
+
         async def action(db: aiosqlite.Connection) -> tuple[int, int]:
             async with db.execute(
                 "SELECT count(*), coalesce(sum(length(document) + length(route)), 0)"
-                f" FROM journal WHERE {where}",
+                f" FROM journal WHERE id IN ({chosen})",
                 values,
             ) as cursor:
                 row = await cursor.fetchone()
             if row is None or not row[0]:
                 return 0, 0
-            await db.execute(f"DELETE FROM journal WHERE {where}", values)
+            await db.execute(f"DELETE FROM journal WHERE id IN ({chosen})", values)
             return int(row[0]), int(row[1])
 
-        count, size = await self._spool.write(action)
-        self._journal_bytes = max(0, self._journal_bytes - size - _ROW_OVERHEAD * count)
-        return int(count)
+        total = 0
+        while True:
+            count, size = cast(tuple[int, int], await self._spool.write(action))
+            self._journal_bytes = max(0, self._journal_bytes - size - _ROW_OVERHEAD * count)
+            total += count
+            if count < _PRUNE_CHUNK:
+                return total
 
     async def _shrink_journal(self, max_size: int) -> int:
         """The oldest journal rows go until the journal fits in `max_size` (90% of it, so

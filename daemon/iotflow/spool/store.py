@@ -116,7 +116,8 @@ CREATE TABLE dead_letters (
     dev_eui TEXT NOT NULL,
     uplink_time REAL NOT NULL,
     received_at REAL NOT NULL,
-    document BLOB NOT NULL,
+    document BLOB NOT NULL,  -- as it was to be sent (after the connection's processors)
+    original BLOB,  -- before the processors, when they changed it: what a re-send uses
     validity REAL,
     outcome TEXT NOT NULL,
     reason TEXT NOT NULL,
@@ -129,6 +130,7 @@ CREATE TABLE dead_letters (
     resending INTEGER NOT NULL DEFAULT 0  -- 1 while a re-sent copy is pending
 );
 CREATE INDEX dead_letters_connection ON dead_letters (connection_id, id);
+CREATE INDEX dead_letters_time ON dead_letters (connection_id, time);  -- the list's order
 CREATE TABLE replays (
     id TEXT PRIMARY KEY,
     connection_id TEXT NOT NULL,
@@ -215,8 +217,8 @@ _INSERT_JOURNAL = (
 )
 _INSERT_LETTER = (
     "INSERT INTO dead_letters (connection_id, dev_eui, uplink_time, received_at, document,"
-    " validity, outcome, reason, status, body, attempts, first_attempt, last_attempt, time)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " original, validity, outcome, reason, status, body, attempts, first_attempt,"
+    " last_attempt, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # A re-sent letter that fails again is the same letter again, with the new attempts.
 _UPDATE_LETTER = (
@@ -268,6 +270,9 @@ class Delivery:
     attempts: int = 0  # in memory only
     first_attempt: float | None = None  # epoch seconds, in memory only
     last_attempt: float | None = None
+    # In memory: the document before the connection's processors, when they changed it
+    # (a dead letter keeps both: what was to be sent, and what a re-send starts from).
+    source: bytes | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -952,6 +957,7 @@ async def _write_final(db: aiosqlite.Connection, final: _Final) -> int:
                     d.uplink_time,
                     d.received_at,
                     d.document,
+                    d.source,
                     d.validity,
                     letter.outcome,
                     letter.reason,
