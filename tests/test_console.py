@@ -324,6 +324,45 @@ async def test_operator_creates_binds_sees_deliveries_and_edits(
     assert watch.errors == []
 
 
+async def test_the_form_follows_each_connectors_schema(
+    browser: Browser, daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    page, watch = await open_page(browser, daemon)
+    watch.expected = [(422, "/iot-flow/v1/connections")]
+    await sign_in(page, daemon, OWNER)
+    await page.get_by_role("link", name="Create a connection").click()
+    await page.locator("select[name='connectorId']").select_option("actility-mqtt-iot")
+    await expect(page.get_by_label("hostName *")).to_be_visible()  # required: marked
+    await expect(page.locator("[name='configuration.password']")).to_have_attribute(
+        "type", "password"
+    )
+    key = page.locator("[name='configuration.privateKey']")  # PEM: many lines
+    await expect(key).to_have_js_property("tagName", "TEXTAREA")
+    await expect(page.locator("select[name='configuration.protocol'] option")).to_have_text(
+        ["TCP", "SSL", "WSS"]
+    )
+    await expect(page.locator("select[name='configuration.qos']")).to_be_visible()
+    await expect(page.locator("[name='brand']")).to_have_count(0)  # no brands: no menu
+    # Every control has a visible label and a key path as its name (the JSON fields once
+    # their section is open).
+    await page.get_by_text("Alarms and processors (JSON)").click()
+    for control in await page.locator("form [name]").all():
+        name = await control.get_attribute("name")
+        assert name
+        assert re.fullmatch(r"[A-Za-z]+(\.[A-Za-z]+)*", name), name
+        label_id = await control.get_attribute("id")
+        assert await page.locator(f"label[for='{label_id}']").is_visible(), name
+    await page.locator("[name='name']").fill("broker")
+    await page.get_by_role("button", name="Create").click()
+    host = page.locator("[name='configuration.hostName']")
+    await expect(host).to_have_attribute("aria-invalid", "true")
+    await expect(
+        page.locator(".field:has([name='configuration.hostName']) + .field-error")
+    ).to_have_text("Field required")
+    assert watch.elsewhere == []
+    assert watch.errors == []
+
+
 async def test_reader_sees_but_is_offered_no_change(
     browser: Browser, daemon: DaemonProcess, cloud: FakeCloud
 ) -> None:

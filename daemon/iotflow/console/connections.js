@@ -461,6 +461,8 @@ export async function connectionPage(main, id) {
     connection = await get(path);
     drawSummary();
     await refreshLetters();
+    // The newest events as they come, unless the operator is reading an older page.
+    if (eventsPage === 1) await drawEvents(1);
   });
 }
 

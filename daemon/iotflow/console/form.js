@@ -52,12 +52,18 @@ export function configurationFields(schema, config = {}, { skip = [], brand } = 
     } else {
       const secret = Boolean(prop.writeOnly);
       const long = PEM.test(key) || LONG.has(key);
+      // A PEM key is many lines, which a password field cannot hold: a text area, filled
+      // with ***** on edit like any secret (the stored key is never sent to the browser).
       out.push(
         field({
           label: label(key), name, required: required.has(key), help,
-          type: secret ? "password" : long ? "textarea" : "text",
+          type: long ? "textarea" : secret ? "password" : "text",
           value: value ?? "",
-          attrs: { placeholder: prop.default ?? (prop.examples ? `e.g. ${prop.examples[0]}` : undefined), "data-secret": secret ? "1" : undefined },
+          attrs: {
+            placeholder: prop.default ?? (prop.examples ? `e.g. ${prop.examples[0]}` : undefined),
+            "data-secret": secret ? "1" : undefined,
+            spellcheck: long ? "false" : undefined,
+          },
         }),
       );
     }
