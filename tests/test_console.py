@@ -126,9 +126,9 @@ async def sign_in(page: Page, daemon: DaemonProcess, token: str) -> None:
     await page.get_by_role("button", name="Sign in").click()
 
 
-async def shot(page: Page, name: str, tmp_path: Path) -> None:
+async def shot(page: Page, name: str, tmp_path: Path, *, full_page: bool = True) -> None:
     path = tmp_path / f"{name}.png"
-    await page.screenshot(path=str(path), full_page=True)
+    await page.screenshot(path=str(path), full_page=full_page)
     if os.environ.get("IOTFLOW_UPDATE_SCREENSHOTS") == "1":
         IMAGES.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, IMAGES / path.name)
@@ -452,7 +452,7 @@ async def test_operator_resends_a_dead_letter_and_starts_a_replay(
     await row.get_by_role("button", name=re.compile("Show dead letter")).click()
     dialog = page.get_by_role("dialog")
     await expect(dialog).to_contain_text('"FCntUp": 7')
-    await shot(page, "console-dead-letter", tmp_path)
+    await shot(page, "console-dead-letter", tmp_path, full_page=False)  # the dialog
     await dialog.get_by_role("button", name="Close").click()
 
     await row.get_by_role("button", name=re.compile("Re-send dead letter")).click()
