@@ -119,6 +119,14 @@ CONFIG: dict[str, Any] = {
             "include-path": f"{BASE}/ingest/{{ingestId}}",
             "checks": {"positive_data_acceptance": {"expected-statuses": ["2XX", "401"]}},
         },
+        # The web console's entry points redirect to it (docs/console.md).
+        *(
+            {
+                "include-path": path,
+                "checks": {"positive_data_acceptance": {"expected-statuses": ["302"]}},
+            }
+            for path in ("/", "/console")
+        ),
     ],
 }
 

@@ -156,7 +156,7 @@ configuration = { description = "${UNSET_VARIABLE}" }
 def test_variable_default(tmp_path: Path) -> None:
     text = '[api]\ntokens = ["${IOTFLOW_API_TOKEN:-}", "${OTHER:-fixed}"]\n'
     settings = load_settings(write(tmp_path, text), env={})
-    assert [t.get_secret_value() for t in settings.config.api.tokens] == ["fixed"]
+    assert [t.token.get_secret_value() for t in settings.config.api.tokens] == ["fixed"]
 
 
 def test_not_toml_and_missing_file(tmp_path: Path) -> None:

@@ -715,7 +715,7 @@ def test_the_production_config_is_valid() -> None:
     config = settings.config
     assert config.registry.url == "sqlite:////var/lib/iotflow/registry.db"
     assert config.spool.path == "/var/lib/iotflow/spool.db"
-    assert [t.get_secret_value() for t in config.api.tokens] == ["secret"]
+    assert [t.token.get_secret_value() for t in config.api.tokens] == ["secret"]
     assert config.api.host == "127.0.0.1"
 
 

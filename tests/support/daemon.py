@@ -47,6 +47,7 @@ class DaemonProcess:
         spool_path: Path | None = None,
         mqtt: dict[str, Any] | None = None,
         subscriptions: list[dict[str, Any]] | None = None,
+        tokens: str = '["test-token"]',
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,7 @@ class DaemonProcess:
         # [mqtt] keys over the test defaults; None removes one (the daemon's default then).
         self.mqtt = mqtt or {}
         self.subscriptions = subscriptions
+        self.tokens = tokens  # the TOML value of [api] tokens
         self.logs: list[LogEvent] = []
         self.output: list[str] = []
         self.process: asyncio.subprocess.Process | None = None
@@ -100,7 +102,7 @@ class DaemonProcess:
             f'path = "{self.spool_path}"',
             "[api]",
             f'listen = "127.0.0.1:{self.api_port}"',
-            'tokens = ["test-token"]',
+            f"tokens = {self.tokens}",
             "[log]",
             'level = "debug"',
             "[delivery]",

@@ -12,6 +12,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from iotflow.api.auth import principal_of
 from iotflow.api.body import PAGE, PAGE_HEADERS, dump, json, page_params, paginated, read_object
 from iotflow.api.control import CONTROL, ControlPlane
 from iotflow.api.errors import ApiError, invalid
@@ -25,6 +26,7 @@ from iotflow.api.models import (
     Resent,
 )
 from iotflow.api.table import BASE, Answer, Handler, Param, RouteTable, errors
+from iotflow.config.model import Role
 from iotflow.connectors.connection import CONNECTION_ID, ID_PATTERN, problems_of
 from iotflow.delivery.recovery import LetterFilter, LetterRow, Recovery, ReplayRow
 from iotflow.delivery.worker import iso
@@ -223,11 +225,13 @@ async def resend_dead_letters(request: web.Request) -> web.Response:
     if problems:
         raise invalid(problems)
     recovery = _recovery(request)
+    by = principal_of(request).name
     if given.ids is not None:
-        count = await recovery.resend(cid, ids=given.ids)
+        count = await recovery.resend(cid, ids=given.ids, by=by)
     else:
         dev_eui = normalize_dev_eui(given.devEUI) if given.devEUI else None
-        count = await recovery.resend(cid, filters=LetterFilter(given.outcome, dev_eui))
+        filters = LetterFilter(given.outcome, dev_eui)
+        count = await recovery.resend(cid, filters=filters, by=by)
     return json(dump(Resent(resent=count)), status=202)
 
 
@@ -235,6 +239,7 @@ async def resend_dead_letters(request: web.Request) -> web.Response:
     "DELETE",
     f"{BASE}/connections/{{id}}/deadLetters",
     summary="Purge the dead letters matching the filters (all without filters)",
+    role=Role.OWNER,
     parameters=[_ID, *_FILTERS],
     answers={204: Answer("Purged"), **errors(400, 404)},
 )
@@ -242,7 +247,7 @@ async def resend_dead_letters(request: web.Request) -> web.Response:
 async def purge_dead_letters(request: web.Request) -> web.Response:
     cid = await _connection(request)
     filters = _filters(request)
-    await _recovery(request).purge(cid, filters)
+    await _recovery(request).purge(cid, filters, by=principal_of(request).name)
     return web.Response(status=204)
 
 
@@ -265,6 +270,7 @@ def _instant(text: str, path: str, problems: list[Problem]) -> float:
     "POST",
     f"{BASE}/connections/{{id}}/replay",
     summary="Send the journal's uplinks of a time window to the connection again",
+    role=Role.OWNER,
     description="The window is on uplink time, both ends included. Without `devEUIs`, the"
     " devices routed to the connection now (bindings and flows). Validity is counted from"
     " the request; the replay never takes more than the connection's max_in_flight.",
@@ -286,7 +292,8 @@ async def start_replay(request: web.Request) -> web.Response:
     devices = (
         sorted({normalize_dev_eui(d) for d in given.devEUIs}) if given.devEUIs is not None else None
     )
-    row = await _recovery(request).start_replay(cid, start, end, devices)
+    by = principal_of(request).name
+    row = await _recovery(request).start_replay(cid, start, end, devices, by=by)
     return json(dump(ReplayStarted(id=row.id, uplinks=row.total)), status=202)
 
 
@@ -317,6 +324,7 @@ async def get_replay(request: web.Request) -> web.Response:
     "DELETE",
     f"{BASE}/replays/{{id}}",
     summary="Cancel a replay (what it already queued is still sent)",
+    role=Role.OWNER,
     parameters=[_REPLAY],
     answers={200: Answer("The replay, cancelled (or already over)", Replay), **errors(404)},
 )
@@ -326,4 +334,7 @@ async def cancel_replay(request: web.Request) -> web.Response:
     row = await _recovery(request).cancel_replay(rid)
     if row is None:
         raise ApiError(404, "not_found", f"No replay {rid!r}.")
+    if row.state == "cancelled":  # by this call or an earlier one: who asked is worth saying
+        by = principal_of(request).name
+        _control(request).record(row.connection_id, "replay_cancelled", {"by": by, "replay": rid})
     return json(_replay(row))

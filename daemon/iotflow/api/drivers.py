@@ -12,6 +12,7 @@ from iotflow.api.control import CONTROL
 from iotflow.api.errors import ApiError, invalid
 from iotflow.api.models import Decoded, DecodedError, DecodeInput, Driver
 from iotflow.api.table import BASE, Answer, Param, RouteTable, errors
+from iotflow.config.model import Role
 from iotflow.drivers import CodecFault, DriverInfo, Drivers
 from iotflow.errors import Problem
 
@@ -64,6 +65,8 @@ async def get_driver(request: web.Request) -> web.Response:
     "POST",
     f"{BASE}/drivers/{{id}}/decode",
     summary="Decode a payload with a driver (try it out)",
+    description="Changes nothing: a reader may try a driver.",
+    role=Role.READER,
     request=DecodeInput,
     parameters=[_ID],
     answers={

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
+from iotflow.api.auth import principal_of
 from iotflow.api.body import PAGE, PAGE_HEADERS, json, page_params, paginated, read_object
 from iotflow.api.control import CONTROL, ControlPlane
 from iotflow.api.errors import ApiError, invalid
@@ -52,6 +54,15 @@ def _input(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != "provisioned"}
 
 
+def _record(
+    control: ControlPlane, request: web.Request, kind: str, flow_id: str, connections: Iterable[str]
+) -> None:
+    """A flow changed through the API is an event of each connection it routes (or routed) to."""
+    by = principal_of(request).name
+    for cid in sorted(set(connections)):
+        control.record(cid, kind, {"by": by, "flow": flow_id})
+
+
 def _read_only(flow_id: str) -> ApiError:
     return ApiError(
         409,
@@ -90,6 +101,7 @@ async def create_flow(request: web.Request) -> web.Response:
     body = _input(await read_object(request))
     flow = parse_flow(body, default_id=uuid.uuid4().hex[:12])
     created = await control.registry.create_flow(flow)
+    _record(control, request, "flow_created", created.id, created.connection_ids)
     await control.refresh()
     location = f"{BASE}/flows/{created.id}"
     return json(_view(created), status=201, headers={"Location": location})
@@ -125,6 +137,8 @@ async def replace_flow(request: web.Request) -> web.Response:
     if body.get("id") not in (None, fid):
         raise invalid([Problem("id", f"must be {fid!r}, the flow's id in the path")])
     replaced = await control.registry.replace_flow(parse_flow(body, default_id=fid))
+    touched = {*current.connection_ids, *replaced.connection_ids}
+    _record(control, request, "flow_changed", fid, touched)
     await control.refresh()
     return json(_view(replaced))
 
@@ -143,5 +157,6 @@ async def delete_flow(request: web.Request) -> web.Response:
     if current.provisioned:
         raise _read_only(fid)
     await control.registry.delete_flow(fid)
+    _record(control, request, "flow_deleted", fid, current.connection_ids)
     await control.refresh()
     return web.Response(status=204)

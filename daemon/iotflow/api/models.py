@@ -228,6 +228,13 @@ class IngestAccepted(_Out):
     routed: bool
 
 
+class WhoAmI(_Out):
+    """The caller's token, by its name (never the token) and role."""
+
+    name: str
+    role: Literal["reader", "writer", "owner"]
+
+
 class Health(_Out):
     status: Literal["ok"]
 

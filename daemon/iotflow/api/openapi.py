@@ -49,7 +49,10 @@ def _answer(answer: Answer, refs: Refs) -> dict[str, Any]:
 
 def _responses(route: Route, refs: Refs) -> dict[str, Any]:
     out = {}
-    for status, answer in route.answers.items():
+    answers = dict(route.answers)
+    if route.forbidden is not None:
+        answers.setdefault(403, route.forbidden)
+    for status, answer in sorted(answers.items()):
         if status >= 400 and answer.model is None and answer.schema is None:
             answer = Answer(answer.description, Error, headers=answer.headers)
         out[str(status)] = _answer(answer, refs)
@@ -66,8 +69,14 @@ _SECURITY: dict[Auth, list[dict[str, list[str]]] | None] = {
 
 def _operation(route: Route, refs: Refs) -> dict[str, Any]:
     out: dict[str, Any] = {"summary": route.summary}
-    if route.description:
-        out["description"] = route.description
+    description = route.description
+    if route.auth is Auth.BEARER:
+        role = route.least_role.value
+        needs = f"Needs a token of role {role} or above ([api] tokens); otherwise 403."
+        description = f"{description} {needs}" if description else needs
+        out["x-iotflow-role"] = role
+    if description:
+        out["description"] = description
     security = _SECURITY[route.auth]
     if security is not None:
         out["security"] = security

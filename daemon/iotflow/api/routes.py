@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from iotflow.api.auth import principal_of
 from iotflow.api.body import (
     DEV_EUI,
     PAGE,
@@ -176,7 +177,7 @@ async def create_connection(request: web.Request) -> web.Response:
     body = _input(await read_object(request))
     connection = parse_connection(body, default_id=uuid.uuid4().hex[:12])
     created = await control.registry.create_connection(connection)
-    control.record(created.id, "connection_created", {"by": "api"})
+    control.record(created.id, "connection_created", {"by": principal_of(request).name})
     await control.refresh()
     location = f"{BASE}/connections/{created.id}"
     return json(connection_document(control, created), status=201, headers={"Location": location})
@@ -221,7 +222,8 @@ async def replace_connection(request: web.Request) -> web.Response:
     replaced = await control.registry.replace_connection(connection)
     now = replaced.document(reveal=True)
     changed = sorted(key for key in set(stored) | set(now) if stored.get(key) != now.get(key))
-    control.record(cid, "configuration_changed", {"by": "api", "fields": changed})
+    by = principal_of(request).name
+    control.record(cid, "configuration_changed", {"by": by, "fields": changed})
     await control.refresh()
     return json(connection_document(control, replaced))
 
@@ -240,6 +242,8 @@ async def delete_connection(request: web.Request) -> web.Response:
     if current.provisioned:
         raise _provisioned(cid)
     await control.registry.delete_connection(cid)
+    # Its event log goes with it: the log line is what remains of who deleted it.
+    log.info("Connection deleted", connection=cid, by=principal_of(request).name)
     await control.refresh()
     return web.Response(status=204)
 
@@ -350,6 +354,9 @@ async def put_device(request: web.Request) -> web.Response:
         await control.registry.set_device(dev_eui, wanted)
     except NotFoundError as exc:
         raise invalid([Problem("connections", str(exc))]) from None
+    _record_binding(
+        control, request, dev_eui, bound=set(wanted) - before, unbound=before - set(wanted)
+    )
     await control.refresh()
     return json(dump(Device(devEUI=dev_eui, connections=sorted(set(wanted)))))
 
@@ -370,8 +377,20 @@ async def delete_device(request: web.Request) -> web.Response:
         raise ApiError(404, "not_found", f"Device {dev_eui} is bound to no connection.") from None
     await _check_bindable(control, bound)
     await control.registry.delete_device(dev_eui)
+    _record_binding(control, request, dev_eui, bound=set(), unbound=bound)
     await control.refresh()
     return web.Response(status=204)
+
+
+def _record_binding(
+    control: ControlPlane, request: web.Request, dev_eui: str, *, bound: set[str], unbound: set[str]
+) -> None:
+    """A binding changed through the API is an event of each connection it changed."""
+    by = principal_of(request).name
+    for cid in sorted(bound):
+        control.record(cid, "device_bound", {"by": by, "devEUI": dev_eui})
+    for cid in sorted(unbound):
+        control.record(cid, "device_unbound", {"by": by, "devEUI": dev_eui})
 
 
 def _connection_ids(body: dict[str, Any], dev_eui: str) -> list[str]:

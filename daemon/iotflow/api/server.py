@@ -8,14 +8,15 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from iotflow.api.auth import auth_middleware
+from iotflow.api.auth import auth_middleware, principal_of, tokens_of
 from iotflow.api.body import dump, json
+from iotflow.api.console import console_routes
 from iotflow.api.control import CONTROL, ControlPlane
 from iotflow.api.deadletters import recovery_routes
 from iotflow.api.drivers import driver_routes
 from iotflow.api.errors import error_middleware
 from iotflow.api.flows import flow_routes
-from iotflow.api.models import Health, OpenApi, Readiness
+from iotflow.api.models import Health, OpenApi, Readiness, WhoAmI
 from iotflow.api.openapi import generate
 from iotflow.api.routes import REPLAYS, routes
 from iotflow.api.table import BASE, Answer, Auth, RouteTable
@@ -81,8 +82,21 @@ async def openapi(request: web.Request) -> web.Response:
     return json(openapi_document())
 
 
+@health.route(
+    "GET",
+    f"{BASE}/whoami",
+    summary="The caller's token: its name and role (what the console may offer)",
+    answers={200: Answer("The token", WhoAmI), 401: Answer("Missing or wrong bearer token")},
+)
+async def whoami(request: web.Request) -> web.Response:
+    principal = principal_of(request)
+    return json(dump(WhoAmI(name=principal.name, role=principal.role.value)))
+
+
 # Every route of the listener, each declared once: the router and the document read it.
-TABLE = health + routes + flow_routes + recovery_routes + ingest_routes + driver_routes
+TABLE = (
+    health + routes + flow_routes + recovery_routes + ingest_routes + driver_routes + console_routes
+)
 
 
 @functools.cache
@@ -92,10 +106,13 @@ def openapi_document() -> dict[str, Any]:
 
 def create_app(control: ControlPlane) -> web.Application:
     api = control.config.api
-    tokens = [t.get_secret_value().encode() for t in api.tokens]
+    tokens = tokens_of(api.tokens)
     app = web.Application(
         client_max_size=api.max_body_bytes,
-        middlewares=[error_middleware, auth_middleware(tokens, exempt=TABLE.exempt())],
+        middlewares=[
+            error_middleware,
+            auth_middleware(tokens, TABLE.roles(), exempt=TABLE.exempt()),
+        ],
     )
     app[CONTROL] = control
     app[REPLAYS] = ReplayGuard()

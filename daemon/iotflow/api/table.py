@@ -1,8 +1,9 @@
 """The route table: each route declared once, with what the OpenAPI document says about it.
 
-A handler is registered with its method, path, summary, authentication, request model and
-answers (status → model); the router, the bearer-token exemptions and `openapi.json` are
-all read from the same declaration, so that the document cannot drift from the routes.
+A handler is registered with its method, path, summary, authentication (and the least role
+of the bearer token), request model and answers (status → model); the router, the
+bearer-token exemptions and roles, and `openapi.json` are all read from the same
+declaration, so that the document cannot drift from the routes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
+
+from iotflow.config.model import Role
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -66,7 +69,8 @@ _ERRORS = {
 
 def errors(*statuses: int, what: str = "connection") -> dict[int, Answer]:
     """The error answers of a route under the bearer token: always 401, and 503 when the
-    registry is unavailable; `what` names the resource in the 409 and 422 texts."""
+    registry is unavailable; `what` names the resource in the 409 and 422 texts. (403 is
+    added by the document to the routes a reader may not call.)"""
     return {s: Answer(_ERRORS[s].format(what=what)) for s in (401, 503, *statuses)}
 
 
@@ -81,6 +85,21 @@ class Route:
     request: type[BaseModel] | None = None
     parameters: tuple[Param, ...] = ()
     description: str | None = None
+    role: Role | None = None  # the least role of a bearer token that may call it
+
+    @property
+    def forbidden(self) -> Answer | None:
+        """The 403 of a bearer route that not every token may call."""
+        if self.auth is not Auth.BEARER or self.least_role is Role.READER:
+            return None
+        return Answer(f"The token's role is below {self.least_role.value} (code forbidden)")
+
+    @property
+    def least_role(self) -> Role:
+        """The declared role, or by method: reading is for readers, changing for writers."""
+        if self.role is not None:
+            return self.role
+        return Role.READER if self.method == "GET" else Role.WRITER
 
 
 @dataclass
@@ -98,6 +117,7 @@ class RouteTable:
         request: type[BaseModel] | None = None,
         parameters: Iterable[Param] = (),
         description: str | None = None,
+        role: Role | None = None,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             if any(r.method == method and r.path == path for r in self.routes):
@@ -113,6 +133,7 @@ class RouteTable:
                     request,
                     tuple(parameters),
                     description,
+                    role,
                 )
             )
             return handler
@@ -131,6 +152,10 @@ class RouteTable:
                 router.add_get(route.path, route.handler)
             else:
                 router.add_route(route.method, route.path, route.handler)
+
+    def roles(self) -> dict[tuple[str, str], Role]:
+        """The least role of each bearer route, by (method, path)."""
+        return {(r.method, r.path): r.least_role for r in self.routes if r.auth is Auth.BEARER}
 
     def exempt(self) -> set[str]:
         """Paths under the API prefix that do not take the bearer token."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -193,9 +194,33 @@ class DriverSettings(Section):
         return value
 
 
+class Role(StrEnum):
+    """What an API token may do; each role may do all that the ones before it may."""
+
+    READER = "reader"  # read everything (secrets masked, as for everyone)
+    WRITER = "writer"  # also change connections, devices and flows, re-send dead letters
+    OWNER = "owner"  # everything, including replays and purges
+
+    def allows(self, needed: Role) -> bool:
+        order = list(Role)
+        return order.index(self) >= order.index(needed)
+
+
+TOKEN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+
+
+class ApiToken(Section):
+    """An API token with the name events and logs give it (never the token itself)."""
+
+    name: Annotated[str, Field(pattern=TOKEN_NAME)]
+    token: SecretStr
+    role: Role = Role.OWNER
+
+
 class ApiSettings(Section):
     listen: str = "127.0.0.1:8080"
-    tokens: list[SecretStr] = Field(default_factory=list)
+    # A bare string is an owner named `token-<its position>`, as before roles existed.
+    tokens: list[ApiToken] = Field(default_factory=list)
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
 
     @field_validator("listen")
@@ -206,11 +231,30 @@ class ApiSettings(Section):
             raise ValueError("expected host:port, e.g. 127.0.0.1:8080")
         return value
 
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _named(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        return [
+            {"name": f"token-{i}", "token": item} if isinstance(item, str) else item
+            for i, item in enumerate(value, start=1)
+        ]
+
     @field_validator("tokens")
     @classmethod
-    def _drop_empty(cls, value: list[SecretStr]) -> list[SecretStr]:
+    def _drop_empty(cls, value: list[ApiToken]) -> list[ApiToken]:
         # `${IOTFLOW_API_TOKEN:-}` left unset is no token, not an empty token that matches.
-        return [token for token in value if token.get_secret_value()]
+        tokens = [token for token in value if token.token.get_secret_value()]
+        names = [token.name for token in tokens]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"token names must be unique: {', '.join(twice)} used twice")
+        secrets = [token.token.get_secret_value() for token in tokens]
+        if len(set(secrets)) != len(secrets):
+            # Which ones is not said: that would tell a reader of the logs that two match.
+            raise ValueError("two entries have the same token; each needs its own")
+        return tokens
 
     @property
     def host(self) -> str:

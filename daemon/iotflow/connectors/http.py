@@ -205,7 +205,18 @@ def brand_documents() -> list[dict[str, Any]]:
             "id": b.id,
             "description": b.description,
             "destinationURL": b.url,
-            "requires": [{"name": r.name, "in": r.where, "pattern": r.pattern} for r in b.requires],
+            # What a form needs to ask for each one: its own field, what to type, and
+            # whether it is a credential (write-only, shown as *****).
+            "requires": [
+                {
+                    "name": r.name,
+                    "in": r.where,
+                    "pattern": r.pattern,
+                    "description": r.hint,
+                    "writeOnly": r.where == "header" and bool(is_credential_header(r.name)),
+                }
+                for r in b.requires
+            ],
         }
         for b in BRANDS.values()
     ]

@@ -231,6 +231,7 @@ class Recovery:
         *,
         ids: Sequence[int] | None = None,
         filters: LetterFilter | None = None,
+        by: str | None = None,
     ) -> int:
         """Put letters back in the connection's queue, oldest first; return how many.
 
@@ -273,11 +274,13 @@ class Recovery:
                 break
         if count:
             log.info("Dead letters re-sent", connection=connection_id, count=count)
-            self._record(connection_id, "dead_letters_resent", {"count": count})
+            self._record(connection_id, "dead_letters_resent", _by({"count": count}, by))
         await self.update_gauges()
         return count
 
-    async def purge(self, connection_id: str, filters: LetterFilter) -> int:
+    async def purge(
+        self, connection_id: str, filters: LetterFilter, *, by: str | None = None
+    ) -> int:
         where, values = filters.where(connection_id)
 
         async def action(db: aiosqlite.Connection) -> int:
@@ -287,14 +290,20 @@ class Recovery:
         count: int = await self._spool.write(action)
         if count:
             log.info("Dead letters purged", connection=connection_id, count=count)
-            self._record(connection_id, "dead_letters_purged", {"count": count})
+            self._record(connection_id, "dead_letters_purged", _by({"count": count}, by))
         await self.update_gauges()
         return count
 
     # -- replays ---------------------------------------------------------------------------
 
     async def start_replay(
-        self, connection_id: str, start: float, end: float, devices: list[str] | None
+        self,
+        connection_id: str,
+        start: float,
+        end: float,
+        devices: list[str] | None,
+        *,
+        by: str | None = None,
     ) -> ReplayRow:
         """Count the window's uplinks of the devices and start sending them."""
         if devices is None:
@@ -336,7 +345,7 @@ class Recovery:
         self._record(
             connection_id,
             "replay_started",
-            {"replay": replay.id, "uplinks": total, "devices": len(devices)},
+            _by({"replay": replay.id, "uplinks": total, "devices": len(devices)}, by),
         )
         self._launch(replay)
         return replay
@@ -708,3 +717,8 @@ async def _insert_deliveries(db: aiosqlite.Connection, deliveries: list[Delivery
             for d in deliveries
         ],
     )
+
+
+def _by(data: dict[str, Any], by: str | None) -> dict[str, Any]:
+    """An event's data with who asked for it (an API token's name), when someone did."""
+    return {"by": by, **data} if by is not None else data
