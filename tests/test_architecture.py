@@ -151,6 +151,7 @@ STARTED = [
     "deliveries",
     "transitions",
     "registry-changes",
+    "fleet",
     "api",
     "source",
     "systemd-ready",

@@ -16,6 +16,7 @@ from iotflow.config.model import Config
 from iotflow.delivery.worker import Statistics
 from iotflow.downlinks.service import Downlinks
 from iotflow.drivers import Drivers
+from iotflow.fleet import Fleet
 from iotflow.registry import Store
 from iotflow.telemetry.metrics import Metrics
 
@@ -59,6 +60,11 @@ class ControlPlane(Protocol):
     @property
     def drivers(self) -> Drivers | None:
         """The payload drivers; None while the daemon is starting."""
+        ...
+
+    @property
+    def fleet(self) -> Fleet | None:
+        """This instance among those sharing the registry; None while starting."""
         ...
 
     def worker(self, connection_id: str) -> WorkerView | None: ...
