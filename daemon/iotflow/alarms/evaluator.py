@@ -245,7 +245,19 @@ class Alarms:
             window.start if window else None,
             window.end if window else None,
         )
-        announce = await self._store.set_alarm_state(state, expect_active=not raise_)
+        alarm = watched.alarm
+        kind = "alarm_raised" if raise_ else "alarm_cleared"
+        details: dict[str, Any] = {
+            "alarm": watched.index,
+            "rate": rate,
+            "threshold": alarm.uplinkRateMinPerHour,
+            "message": alarm.message,
+            "reason": reason,
+            "window": _window(window) if window else None,
+        }
+        announce = await self._store.set_alarm_state(
+            state, expect_active=not raise_, event=(kind, details)
+        )
         key = (watched.connection_id, watched.index)
         # Refused: another instance of the fleet got there first and announced it. The state
         # is the same either way (its details are read again at the next evaluation).
@@ -261,17 +273,6 @@ class Alarms:
                 raised=raise_,
             )
             return
-        alarm = watched.alarm
-        kind = "alarm_raised" if raise_ else "alarm_cleared"
-        details: dict[str, Any] = {
-            "alarm": watched.index,
-            "rate": rate,
-            "threshold": alarm.uplinkRateMinPerHour,
-            "message": alarm.message,
-            "reason": reason,
-            "window": _window(window) if window else None,
-        }
-        self._record(watched.connection_id, kind, details)
         (log.warning if raise_ else log.info)(
             "Alarm raised" if raise_ else "Alarm cleared",
             connection=watched.connection_id,

@@ -433,26 +433,32 @@ class SqlStore:
         time = _now()
         # Not the write lock: events are frequent and independent of routing.
         async with self._db.transaction() as tx:
-            try:
-                event_id = await tx.fetchval(
-                    "INSERT INTO events (connection_id, time, kind, data)"
-                    " VALUES ($1, $2, $3, $4) RETURNING id",
-                    connection_id,
-                    time,
-                    kind,
-                    encoded,
-                )
-            except ForeignKeyViolation:
-                raise NotFoundError(f"connection {connection_id!r} not found") from None
-            # Keep the newest N: one index range walk, and nothing deleted most of the time.
-            await tx.execute(
-                "DELETE FROM events WHERE connection_id = $1 AND id <= (SELECT id FROM events"
-                " WHERE connection_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
-                connection_id,
-                self._max_events,
-            )
+            event_id = await self._insert_event(tx, connection_id, time, kind, encoded)
         # Through JSON once, so the returned data is what a later read gives.
         return Event(int(event_id), connection_id, time, kind, orjson.loads(encoded))
+
+    async def _insert_event(
+        self, tx: Conn, connection_id: str, time: datetime, kind: str, encoded: str
+    ) -> int:
+        try:
+            event_id = await tx.fetchval(
+                "INSERT INTO events (connection_id, time, kind, data)"
+                " VALUES ($1, $2, $3, $4) RETURNING id",
+                connection_id,
+                time,
+                kind,
+                encoded,
+            )
+        except ForeignKeyViolation:
+            raise NotFoundError(f"connection {connection_id!r} not found") from None
+        # Keep the newest N: one index range walk, and nothing deleted most of the time.
+        await tx.execute(
+            "DELETE FROM events WHERE connection_id = $1 AND id <= (SELECT id FROM events"
+            " WHERE connection_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+            connection_id,
+            self._max_events,
+        )
+        return int(event_id)
 
     async def list_events(
         self, connection_id: str, offset: int = 0, limit: int = 100
@@ -529,7 +535,13 @@ class SqlStore:
             for r in rows
         ]
 
-    async def set_alarm_state(self, state: AlarmState, *, expect_active: bool) -> bool:
+    async def set_alarm_state(
+        self,
+        state: AlarmState,
+        *,
+        expect_active: bool,
+        event: tuple[str, Mapping[str, Any]] | None = None,
+    ) -> bool:
         # The alarm's own lock serialises the instances, even while it has no row.
         async with self._db.transaction(lock=(state.connection_id, state.alarm)) as tx:
             row = await tx.fetchrow(
@@ -560,6 +572,9 @@ class SqlStore:
                 )
             except ForeignKeyViolation:
                 raise NotFoundError(f"connection {state.connection_id!r} not found") from None
+            if event is not None:
+                kind, data = event
+                await self._insert_event(tx, state.connection_id, _now(), kind, _dumps(dict(data)))
         return True
 
     # -- device sources

@@ -231,11 +231,19 @@ class Store(Protocol):
         """Every stored alarm state."""
         ...
 
-    async def set_alarm_state(self, state: AlarmState, *, expect_active: bool) -> bool:
+    async def set_alarm_state(
+        self,
+        state: AlarmState,
+        *,
+        expect_active: bool,
+        event: tuple[str, Mapping[str, Any]] | None = None,
+    ) -> bool:
         """Store `state` if the alarm's stored state is `expect_active` (no row, or a row of
         another fingerprint, counts as not active); False, and nothing written, otherwise.
         This compare-and-set is what lets several instances evaluate one alarm: only the
-        one whose write succeeds announces the raise or the clear."""
+        one whose write succeeds announces the raise or the clear. `event` (kind, data) is
+        added to the connection's log in the same transaction: an instance killed right
+        after the change cannot take its event with it."""
         ...
 
     async def remember_device_source(
