@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from iotflow.config.model import DeadLetterSettings, DeliverySettings, JournalSettings
 from iotflow.connectors import Connection, parse_connection
 from iotflow.delivery.manager import Deliveries
@@ -35,16 +37,40 @@ from iotflow.spool import Delivery, Spool
 from iotflow.telemetry import logging as logs
 from iotflow.telemetry.metrics import Metrics
 
-try:
-    from bench_spool import make_document
-except ImportError:  # run as tests/bench/bench_journal.py from elsewhere
-    from tests.bench.bench_spool import make_document
+
+def make_document(n: int) -> bytes:
+    """An Actility-shaped uplink of about 560 bytes (as bench_spool.py's)."""
+    inner = {
+        "Time": "2024-05-01T12:00:00.000+00:00",
+        "DevEUI": f"{n % 5000:016X}",
+        "FPort": 2,
+        "FCntUp": n,
+        "payload_hex": "0102030405060708090a0b0c0d0e0f10",
+        "LrrRSSI": -97.0,
+        "LrrSNR": 7.25,
+        "Lrrid": "FF0109A4",
+        "SpFact": 7,
+        "Frequency": 868.1,
+        "DevAddr": "0407A1B2",
+        "Lrrs": {
+            "Lrr": [
+                {"Lrrid": "FF0109A4", "LrrRSSI": -97.0, "LrrSNR": 7.25, "LrrESP": -97.8},
+                {"Lrrid": "FF0109A5", "LrrRSSI": -110.0, "LrrSNR": -2.5, "LrrESP": -114.6},
+            ]
+        },
+        "CustomerData": {"name": f"sensor-{n % 5000}", "alr": {"pro": "LORA/Generic"}},
+        "payload": {"temperature": 21.5, "humidity": 48, "battery": 3.61, "counter": n},
+        "Late": 0,
+        "ADRbit": 1,
+    }
+    return orjson.dumps({"DevEUI_uplink": inner})
+
 
 ROUTE = route_of(frozenset({"site=a"}), "app", None)
 
 
 async def append_stream(path: Path, n: int, concurrency: int, journal: bool) -> tuple[float, int]:
-    """(uplinks/s, pages in use × page size after a checkpoint)."""
+    """(uplinks/s, pages in use x page size after a checkpoint)."""
     spool = await Spool.open(path)
     documents = [make_document(i) for i in range(n)]
     next_n = 0
