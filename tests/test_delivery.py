@@ -147,8 +147,8 @@ def make_worker(
     )
     original = spool.complete
 
-    def complete(delivery_id: int) -> None:
-        original(delivery_id)
+    def complete(delivery_id: int, **final: Any) -> None:
+        original(delivery_id, **final)
         asyncio.get_running_loop().create_task(outcomes.notify(delivery_id))
 
     spool.complete = complete  # type: ignore[method-assign]

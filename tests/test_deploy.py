@@ -251,6 +251,11 @@ def test_the_exported_metrics_are_the_contract() -> None:
         "iotflow_downlinks_total",
         # Added with the disk-full handling (docs/operations.md "Disk full").
         "iotflow_spool_writable",
+        # Dead letters and replays (docs/deadletters.md); the dropped counter is beyond
+        # the table of docs/architecture.md.
+        "iotflow_dead_letters",
+        "iotflow_dead_letters_dropped_total",
+        "iotflow_replayed_total",
     }
 
 
@@ -415,6 +420,8 @@ def test_the_alerts_fire_when_they_should(tmp_path: Path) -> None:
                 "input_series": [
                     series("iotflow_spool_pending", "0+10x100", connection="growing"),
                     series("iotflow_spool_pending", "5000x100", connection="steady"),
+                    series("iotflow_dead_letters", "0+1x100", connection="growing"),
+                    series("iotflow_dead_letters", "500x100", connection="steady"),
                     series("iotflow_delivery_retries_total", "0+5x60", connection="dead"),
                     series(
                         "iotflow_deliveries_total", "0x60", connection="dead", outcome="delivered"
@@ -428,6 +435,13 @@ def test_the_alerts_fire_when_they_should(tmp_path: Path) -> None:
                     ),
                 ],
                 "alert_rule_test": [
+                    # Growing for an hour, then 15 minutes more: fires; steady never.
+                    firing("70m", "IotflowDeadLettersGrowing"),
+                    firing(
+                        "80m",
+                        "IotflowDeadLettersGrowing",
+                        {**GW, **warn, "connection": "growing"},
+                    ),
                     firing("30m", "IotflowSpoolGrowing"),
                     firing(
                         "70m",

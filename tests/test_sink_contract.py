@@ -731,8 +731,8 @@ class Harness:
         self._changed = asyncio.Condition()
         original = spool.complete
 
-        def complete(delivery_id: int) -> None:
-            original(delivery_id)
+        def complete(delivery_id: int, **final: Any) -> None:
+            original(delivery_id, **final)
             self.completed.append(delivery_id)
             asyncio.get_running_loop().create_task(self._notify())
 

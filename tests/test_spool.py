@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 import iotflow.spool.store as spool_store
 from iotflow.spool import (
     SCHEMA_VERSION,
+    DeadLetter,
     Delivery,
     Spool,
     SpoolClosedError,
@@ -800,4 +801,66 @@ async def test_a_version_1_spool_is_upgraded_keeping_its_deliveries(tmp_path: Pa
         assert new.id == 2
     finally:
         await spool.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (2,)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+async def test_a_version_2_spool_is_upgraded_keeping_its_deliveries(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    # The schema of version 2, as the previous iotflow wrote it, with one pending delivery.
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE uplinks (id INTEGER PRIMARY KEY, dev_eui TEXT NOT NULL,
+            uplink_time REAL NOT NULL, received_at REAL NOT NULL, document BLOB NOT NULL);
+        CREATE TABLE deliveries (id INTEGER PRIMARY KEY, uplink_id INTEGER NOT NULL,
+            connection_id TEXT NOT NULL, validity REAL);
+        CREATE INDEX deliveries_connection ON deliveries (connection_id, id);
+        CREATE INDEX deliveries_uplink ON deliveries (uplink_id);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO meta (key, value) VALUES ('next_id', 3);
+        CREATE TRIGGER uplinks_gc AFTER DELETE ON deliveries
+        WHEN NOT EXISTS (SELECT 1 FROM deliveries WHERE uplink_id = OLD.uplink_id)
+        BEGIN
+            DELETE FROM uplinks WHERE id = OLD.uplink_id;
+        END;
+        INSERT INTO uplinks VALUES (1, '0018B20000000B20', 1.0, 2.0, X'7B7D');
+        INSERT INTO deliveries VALUES (1, 1, 'c', 30.0);
+        INSERT INTO deliveries VALUES (2, 1, 'd', NULL);
+        PRAGMA user_version = 2;
+        """
+    )
+    db.close()
+    spool = await Spool.open(path)
+    try:
+        (old,) = await spool.load("c")
+        assert (old.id, old.validity, old.since, old.letter, old.replay) == (
+            1,
+            30.0,
+            None,
+            None,
+            None,
+        )
+        # The new tables work at once: a dead letter is written with the delete.
+        old.attempts = 1
+        spool.complete(
+            old.id, final=old, outcome="failed", letter=DeadLetter("failed", "no", 400, "x", 3.0)
+        )
+        await spool.flush()
+        assert await spool.load("c") == []
+        rows = await spool.read("SELECT connection_id, reason, status FROM dead_letters")
+        assert [tuple(r) for r in rows] == [("c", "no", 400)]
+        (other,) = await spool.load("d")
+        assert other.id == 2
+        (new,) = await spool.append(
+            b"{}",
+            dev_eui="0018B20000000B20",
+            uplink_time=1.0,
+            received_at=2.0,
+            connection_ids=["c"],
+            journal="[[], null, null]",
+        )
+        assert new.id == 3
+        assert len(await spool.read("SELECT id FROM journal")) == 1
+    finally:
+        await spool.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)

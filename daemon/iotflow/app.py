@@ -24,6 +24,7 @@ from iotflow.config.load import Settings, load_settings
 from iotflow.config.model import Config
 from iotflow.connectors import CATALOG
 from iotflow.delivery.manager import Deliveries, make_sink_factory
+from iotflow.delivery.recovery import Recovery, route_of
 from iotflow.delivery.worker import ConnectionWorker
 from iotflow.downlinks.directory import DeviceDirectory
 from iotflow.downlinks.service import Downlinks
@@ -54,6 +55,7 @@ class Daemon:
         self.store: Store | None = None
         self.spool: Spool | None = None
         self.deliveries: Deliveries | None = None
+        self.recovery: Recovery | None = None  # dead letters, journal and replays
         self.index = RoutingIndex([], {})
         # Per device, the connections its last uplink was routed to, each with the driver of
         # the flow that routed it there (for downlinks: whose they are, how to encode them).
@@ -178,8 +180,25 @@ class Daemon:
         # Transitions started by the last refreshes (an API call, a registry change)
         # complete before the workers stop.
         self._closing("transitions", self.settle)
+        # Before the workers start: those ending replayed deliveries tell it.
+        self.recovery = Recovery(
+            spool=self.spool,
+            dispatch=deliveries.dispatch,
+            index=lambda: self.index,
+            metrics=self.metrics,
+            record=self.record,
+            journal=config.journal,
+            letters=config.deadletters,
+            # Half the connection's sends at most: the other half stays for live uplinks.
+            window=lambda cid: max(1, deliveries.max_in_flight(cid) // 2),
+            render=self._render,
+        )
+        deliveries.replayed = self.recovery.replayed
         await self.refresh()
         await self.settle()  # workers running before the first uplink arrives
+        # After the workers (resumed replays feed them), before the API and the source.
+        await self.recovery.start()
+        self._closing("recovery", self.recovery.close)
         await self.alarms.start()
         self._background(self._follow_changes(), "registry-changes")
         self.fleet = Fleet(
@@ -462,9 +481,18 @@ class Daemon:
         targets = self.index.targets(
             uplink.dev_eui, uplink.tags, uplink.application, uplink.application_name
         )
+        journal: str | None = None
+        if self.settings.config.journal.retention and self.recovery is not None:
+            journal = route_of(uplink.tags, uplink.application, uplink.application_name)
         if not targets:
             self.metrics.uplinks_unrouted.inc()
             log.debug("Uplink of an unbound device", devEUI=uplink.dev_eui, **origin)
+            if journal is not None:
+                # Journaled for a connection made later; acknowledged without waiting: it
+                # was promised to no connection (docs/deadletters.md).
+                document = memoryview(orjson.dumps(actility_document(uplink))).tobytes()
+                times = (uplink.dev_eui, uplink.time.timestamp(), received_at)
+                self._journal_only(document, times, journal)
             return None
         if self.alarms is not None:
             self.alarms.count(t.connection_id for t in targets)
@@ -487,10 +515,11 @@ class Daemon:
             # orjson's result keeps its whole working buffer (kilobytes); a right-sized copy
             # is what waits in the spool queue and in the workers' memory.
             document = memoryview(orjson.dumps(base)).tobytes()
+            self._journaled(document, journal)
             # Started now, not when the acknowledgement loop gets to it: commits of
             # consecutive uplinks must be in flight together for the spool to group them.
             commit = asyncio.ensure_future(
-                self._commit(document, *times, tuple(groups[None]), validity, hold)
+                self._commit(document, *times, tuple(groups[None]), validity, hold, journal)
             )
         else:
             # Decoding takes its time: the device's next uplinks queue behind this one, so
@@ -498,7 +527,7 @@ class Daemon:
             queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._queueing[uplink.dev_eui] = queued
             commit = asyncio.ensure_future(
-                self._commit_decoded(base, groups, times, validity, hold, previous, queued)
+                self._commit_decoded(base, groups, times, validity, hold, previous, queued, journal)
             )
         commit.add_done_callback(_retrieved)
         return commit
@@ -512,6 +541,7 @@ class Daemon:
         hold: bool,
         previous: asyncio.Future[None] | None,
         queued: asyncio.Future[None],
+        journal: str | None = None,
     ) -> None:
         """Decode once per driver, then commit each group with its own document; done when
         every group is committed (the acknowledgement waits for all of them).
@@ -531,6 +561,14 @@ class Daemon:
                     documents[driver_id] = await self.drivers.decode(base, driver_id)
             if previous is not None:
                 await previous
+            if journal is not None:
+                # The journal keeps the uplink as received, before any driver: a replay
+                # decodes it with the driver of the moment.
+                encoded = memoryview(orjson.dumps(base)).tobytes()
+                self._journaled(encoded, journal)
+                commits.append(
+                    asyncio.ensure_future(self._commit(encoded, *times, (), {}, hold, journal))
+                )
             for driver_id, connection_ids in groups.items():
                 encoded = memoryview(orjson.dumps(documents[driver_id])).tobytes()
                 commits.append(
@@ -553,6 +591,7 @@ class Daemon:
         targets: tuple[str, ...],
         validity: Mapping[str, float | None],
         hold: bool,
+        journal: str | None = None,
     ) -> None:
         assert self.spool is not None
         assert self.deliveries is not None
@@ -565,6 +604,7 @@ class Daemon:
                     received_at=received_at,
                     connection_ids=targets,
                     validity=validity,
+                    journal=journal,
                 )
                 break
             except SpoolUnavailableError:
@@ -574,6 +614,34 @@ class Daemon:
                 if not hold or not await self._until_writable():
                     raise
         self.deliveries.dispatch(deliveries)
+
+    def _journaled(self, document: bytes, journal: str | None) -> None:
+        if journal is not None and self.recovery is not None:
+            self.recovery.journaled(len(document) + len(journal))
+
+    def _journal_only(self, document: bytes, times: tuple[str, float, float], route: str) -> None:
+        """Journal an uplink that goes to no connection, in the next group commit."""
+        assert self.spool is not None
+        self._journaled(document, route)
+        dev_eui, uplink_time, received_at = times
+        write = asyncio.ensure_future(
+            self.spool.append(
+                document,
+                dev_eui=dev_eui,
+                uplink_time=uplink_time,
+                received_at=received_at,
+                connection_ids=(),
+                journal=route,
+            )
+        )
+        write.add_done_callback(_seen)
+
+    async def _render(self, document: bytes, driver_id: str | None) -> bytes:
+        """A journaled uplink as a connection with `driver_id` gets it (replays)."""
+        if driver_id is None or self.drivers is None:
+            return document
+        decoded = await self.drivers.decode(orjson.loads(document), driver_id)
+        return memoryview(orjson.dumps(decoded)).tobytes()
 
     async def _encode(self, driver_id: str, data: Any, f_port: int) -> tuple[bytes, int | None]:
         if self.drivers is None:
@@ -655,6 +723,12 @@ def _retrieved(commit: asyncio.Future[None]) -> None:
     never retrieved". An awaiter still gets the exception."""
     if not commit.cancelled():
         commit.exception()
+
+
+def _seen(write: asyncio.Future[Any]) -> None:
+    """A journal-only write nobody awaits: its failure is only logged (debug)."""
+    if not write.cancelled() and write.exception() is not None:
+        log.debug("Uplink not journaled", error=str(write.exception()))
 
 
 def _os_error(exc: OSError) -> str:

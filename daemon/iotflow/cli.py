@@ -1,4 +1,5 @@
-"""Command line: `iotflow run | check | migrate [-c PATH]`, `iotflow drivers test ID HEX`."""
+"""Command line: `iotflow run | check | migrate [-c PATH]`, `iotflow drivers test ID HEX`,
+`iotflow deadletters list|show|resend|purge CONNECTION`, `iotflow replay CONNECTION`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from iotflow import __version__
+from iotflow import __version__, remote
 from iotflow.config.load import Settings, default_source, load_settings
 from iotflow.errors import ConfigError
 from iotflow.telemetry import logging as logs
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("hex", help="the payload, in hexadecimal")
     test.add_argument("--fport", type=int, default=None, help="the uplink's FPort")
     test.add_argument("-c", "--config", default=None, help="config file (as for run)")
+    remote.add_commands(commands)
     return parser
 
 
@@ -137,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Quiet: stdout is the result; a broken driver shows in its own error message.
         logs.configure(level="error")
         return asyncio.run(_drivers_test(settings, args.id, args.hex, args.fport))
+    if args.command in ("deadletters", "replay"):
+        return asyncio.run(remote.run(args, settings))
     if args.command == "check":
         print(
             f"{path}: OK ({len(settings.connections)} provisioned connections,"

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from iotflow.config.model import Config
+from iotflow.delivery.recovery import Recovery
 from iotflow.delivery.worker import Statistics
 from iotflow.downlinks.service import Downlinks
 from iotflow.drivers import Drivers
@@ -65,6 +66,11 @@ class ControlPlane(Protocol):
     @property
     def fleet(self) -> Fleet | None:
         """This instance among those sharing the registry; None while starting."""
+        ...
+
+    @property
+    def recovery(self) -> Recovery | None:
+        """Dead letters and replays; None while the daemon is starting."""
         ...
 
     def worker(self, connection_id: str) -> WorkerView | None: ...

@@ -300,3 +300,74 @@ class Decoded(_Out):
 
     payload: Any = None
     payloadDecodedError: DecodedError | None = None
+
+
+# -- dead letters and replays (docs/deadletters.md) ----------------------------------------
+
+MAX_RESEND_IDS = 10_000  # ids in one re-send request
+MAX_REPLAY_DEVICES = 10_000  # devEUIs in one replay request
+
+
+class DeadLetter(_Out):
+    """A delivery that ended failed or expired, kept to be looked at and re-sent."""
+
+    id: int
+    devEUI: str
+    uplinkTime: str
+    outcome: Literal["failed", "expired"]
+    reason: str
+    status: int | None = Field(default=None, description="when the cloud answered")
+    body: str | None = Field(default=None, description="the cloud's answer, truncated")
+    attempts: int
+    firstAttemptTime: str | None
+    lastAttemptTime: str | None
+    time: str = Field(description="when it became a dead letter")
+
+
+class DeadLetterDetail(DeadLetter):
+    """One dead letter, with the document that was to be sent."""
+
+    document: Any
+
+
+class ResendInput(BaseModel):
+    """Re-send by `ids`, or `all` those matching `outcome` and `devEUI` (both optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: Annotated[list[Annotated[int, Field(ge=1)]], Field(max_length=MAX_RESEND_IDS)] | None = (
+        None
+    )
+    all: bool | None = None
+    outcome: Literal["failed", "expired"] | None = None
+    devEUI: _DevEUI | None = None
+
+
+class Resent(_Out):
+    resent: int = Field(description="letters put back in the connection's queue")
+
+
+class ReplayInput(BaseModel):
+    """A window of uplink time (ISO 8601 with offset), and optionally the devices."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: str = Field(alias="from", description="ISO 8601 with offset, inclusive")
+    to: str = Field(description="ISO 8601 with offset, inclusive; not before `from`")
+    devEUIs: Annotated[list[_DevEUI], Field(max_length=MAX_REPLAY_DEVICES)] | None = None
+
+
+class ReplayStarted(_Out):
+    id: str
+    uplinks: int = Field(description="journaled uplinks of the window to send")
+
+
+class Replay(_Out):
+    id: str
+    connectionId: str
+    state: Literal["running", "done", "cancelled"]
+    total: int
+    delivered: int
+    expired: int
+    failed: int
+    pending: int

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from iotflow.api.auth import auth_middleware
 from iotflow.api.body import dump, json
 from iotflow.api.control import CONTROL, ControlPlane
+from iotflow.api.deadletters import recovery_routes
 from iotflow.api.drivers import driver_routes
 from iotflow.api.errors import error_middleware
 from iotflow.api.flows import flow_routes
@@ -81,7 +82,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 # Every route of the listener, each declared once: the router and the document read it.
-TABLE = health + routes + flow_routes + ingest_routes + driver_routes
+TABLE = health + routes + flow_routes + recovery_routes + ingest_routes + driver_routes
 
 
 @functools.cache

@@ -150,6 +150,27 @@ class SpoolSettings(Section):
     path: str = "var/spool.db"
 
 
+class JournalSettings(Section):
+    """Every decoded uplink kept for replays (docs/deadletters.md); "0s" turns it off."""
+
+    retention: Duration = timedelta(hours=24)
+    max_size: ByteSize = ByteSize(1 << 30)
+
+    @field_validator("max_size")
+    @classmethod
+    def _room(cls, value: ByteSize) -> ByteSize:
+        if value < 1 << 20:
+            raise ValueError("must be at least 1MiB")
+        return value
+
+
+class DeadLetterSettings(Section):
+    """Failed and expired deliveries kept per connection (docs/deadletters.md)."""
+
+    retention: PositiveDuration = timedelta(days=7)
+    max_per_connection: Annotated[int, Field(ge=1, le=100_000_000)] = 100_000
+
+
 class DriverSettings(Section):
     """[drivers]: TS013 JavaScript codecs under `path` (docs/drivers.md)."""
 
@@ -340,6 +361,8 @@ class Config(Section):
     events: EventSettings = Field(default_factory=EventSettings)
     downlinks: DownlinkSettings = Field(default_factory=DownlinkSettings)
     drivers: DriverSettings = Field(default_factory=DriverSettings)
+    journal: JournalSettings = Field(default_factory=JournalSettings)
+    deadletters: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     ingest: list[IngestEndpoint] = Field(default_factory=list)
     # Validated one by one against the connector catalog by the loader, so that each
     # problem is reported with its connector's own key paths.

@@ -13,7 +13,7 @@ from iotflow.config.model import DeliverySettings
 from iotflow.config.types import format_duration
 from iotflow.connectors.common import CommonConfig
 from iotflow.connectors.connection import Connection
-from iotflow.delivery.worker import ConnectionWorker, EventRecorder
+from iotflow.delivery.worker import ConnectionWorker, EventRecorder, Replayed
 from iotflow.downlinks import DownlinkHandler
 from iotflow.errors import PermanentSinkError
 from iotflow.sinks import Sink, SinkContext, create_sink
@@ -95,6 +95,8 @@ class Deliveries:
         self._record = record
         self._sink_factory = sink_factory or make_sink_factory()
         self.workers: dict[str, ConnectionWorker] = {}
+        # Told when a replayed delivery ends (set by the daemon's Recovery).
+        self.replayed: Replayed | None = None
         self._lock = asyncio.Lock()  # transitions complete one at a time, in order
 
     def worker(self, connection_id: str) -> ConnectionWorker | None:
@@ -226,7 +228,16 @@ class Deliveries:
             settings=self._settings,
             record=self._record,
             stats=old.stats if old is not None else None,
+            replayed=self._on_replayed,
         )
+
+    def _on_replayed(self, replay_id: str, connection_id: str, outcome: str) -> None:
+        if self.replayed is not None:
+            self.replayed(replay_id, connection_id, outcome)
+
+    def max_in_flight(self, connection_id: str) -> int:
+        """The connection's max_in_flight (the delivery settings of the moment)."""
+        return self._settings.max_in_flight
 
     def _out_of_service(
         self, connection: Connection, reason: str, old: ConnectionWorker | None

@@ -27,7 +27,7 @@ from iotflow.errors import (
 )
 from iotflow.processors import Pipeline, ProcessorError
 from iotflow.sinks import Sink
-from iotflow.spool import Delivery, Spool
+from iotflow.spool import DeadLetter, Delivery, Spool
 from iotflow.states import ConnectionState, Outcome
 from iotflow.telemetry.logging import get_logger
 from iotflow.telemetry.metrics import Metrics
@@ -36,6 +36,12 @@ log = get_logger("iotflow.delivery")
 
 # Characters of an unexpected exception's message kept in a reason (events, lastError).
 MAX_REASON = 512
+# Characters of a cloud's answer kept in a dead letter: enough to read the error, and a
+# cloud that answers megabytes does not fill the disk with them.
+MAX_BODY = 2048
+
+# Told when a delivery fed by a replay ends: (replay id, connection id, outcome).
+Replayed = Callable[[str, str, str], None]
 
 
 class EventRecorder(Protocol):
@@ -126,8 +132,10 @@ class ConnectionWorker:
         stats: Statistics | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        replayed: Replayed | None = None,
     ) -> None:
         self.connection = connection
+        self._replayed = replayed
         self.id = connection.id
         self._sink = sink
         self._spool = spool
@@ -283,7 +291,9 @@ class ConnectionWorker:
     async def _deliver(self, delivery: Delivery) -> None:
         # A flow's validity, stored with the delivery, wins over the connection's.
         validity = delivery.validity if delivery.validity is not None else self._validity
-        deadline = delivery.uplink_time + validity
+        # A re-sent dead letter or a replayed uplink counts its validity from the request.
+        start = delivery.since if delivery.since is not None else delivery.uplink_time
+        deadline = start + validity
         if self._clock() >= deadline:
             self._finish(delivery, Outcome.EXPIRED, "older than uplinkTimeValidity on arrival")
             return
@@ -352,6 +362,9 @@ class ConnectionWorker:
     async def _attempt(self, delivery: Delivery, deadline: float) -> None:
         probe = await self._circuit.acquire(deadline)
         delivery.attempts += 1
+        delivery.last_attempt = self._clock()
+        if delivery.first_attempt is None:
+            delivery.first_attempt = delivery.last_attempt
         try:
             await self._sink.send(delivery)
         except AuthenticationSinkError as exc:
@@ -422,7 +435,13 @@ class ConnectionWorker:
         unexpected: Exception | None = None,
     ) -> None:
         now = self._clock()
-        self._spool.complete(delivery.id)
+        if delivery.replay is not None and self._replayed is not None:
+            self._replayed(delivery.replay, self.id, outcome)
+        if outcome in (Outcome.DELIVERED, Outcome.FILTERED):
+            if delivery.letter is None and delivery.replay is None:
+                self._spool.complete(delivery.id)
+            else:  # the letter it re-sent leaves, its replay counts it: with the delete
+                self._spool.complete(delivery.id, final=delivery, outcome=outcome)
         self.stats.pending -= 1
         self._pending_gauge.dec()
         self._metrics.deliveries.labels(self.id, outcome).inc()
@@ -447,9 +466,20 @@ class ConnectionWorker:
             "attempts": delivery.attempts,
             "reason": reason,
         }
+        status: int | None = None
+        body: str | None = None
         if error is not None and error.status is not None:
-            data["status"] = error.status
-            data["body"] = self._redact(error.body)
+            status = error.status
+            body = self._redact(error.body)[:MAX_BODY]
+            data["status"] = status
+            data["body"] = body
+        # Kept as a dead letter, in the same transaction as the delivery's delete.
+        self._spool.complete(
+            delivery.id,
+            final=delivery,
+            outcome=outcome,
+            letter=DeadLetter(str(outcome), reason, status, body, now),
+        )
         where = {"where": _where(unexpected)} if unexpected is not None else {}
         log.warning(
             "Delivery expired" if outcome == Outcome.EXPIRED else "Delivery failed",

@@ -5,6 +5,7 @@ See `iotflow.spool.store` for the design and the durability decision (WAL, synch
 
 from iotflow.spool.store import (
     SCHEMA_VERSION,
+    DeadLetter,
     Delivery,
     Spool,
     SpoolClosedError,
@@ -17,6 +18,7 @@ from iotflow.spool.store import (
 
 __all__ = [
     "SCHEMA_VERSION",
+    "DeadLetter",
     "Delivery",
     "Spool",
     "SpoolClosedError",

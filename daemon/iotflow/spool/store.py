@@ -54,10 +54,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import orjson
@@ -75,6 +77,7 @@ from iotflow.errors import (
 __all__ = [
     "SCHEMA_VERSION",
     "SYNCHRONOUS",
+    "DeadLetter",
     "Delivery",
     "Spool",
     "SpoolClosedError",
@@ -87,7 +90,7 @@ __all__ = [
 
 log = structlog.get_logger("iotflow.spool")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Module level rather than an `open` argument: the durability level is a decision of this
 # module (see above), not a knob; only the benchmark changes it, to measure the cost.
@@ -96,7 +99,55 @@ SYNCHRONOUS = "FULL"
 _IDLE_CHECKPOINT = 1.0  # seconds between checkpoints of an idle writer, at least
 _REMINDER = 60.0  # seconds between log lines of one unavailability episode, at least
 
-_SCHEMA = """
+# Version 2 to 3: the journal, dead letters and replays (issue #14), one transaction too.
+_V3 = """
+CREATE TABLE journal (
+    id INTEGER PRIMARY KEY,  -- the uplink's id: arrival order
+    dev_eui TEXT NOT NULL,
+    uplink_time REAL NOT NULL,
+    received_at REAL NOT NULL,
+    route TEXT NOT NULL,  -- JSON [tags, application, applicationName]: routed again at replay
+    document BLOB NOT NULL
+);
+CREATE INDEX journal_time ON journal (uplink_time);
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: an id an operator saw stays his
+    connection_id TEXT NOT NULL,
+    dev_eui TEXT NOT NULL,
+    uplink_time REAL NOT NULL,
+    received_at REAL NOT NULL,
+    document BLOB NOT NULL,
+    validity REAL,
+    outcome TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    status INTEGER,
+    body TEXT,
+    attempts INTEGER NOT NULL,
+    first_attempt REAL,
+    last_attempt REAL,
+    time REAL NOT NULL,
+    resending INTEGER NOT NULL DEFAULT 0  -- 1 while a re-sent copy is pending
+);
+CREATE INDEX dead_letters_connection ON dead_letters (connection_id, id);
+CREATE TABLE replays (
+    id TEXT PRIMARY KEY,
+    connection_id TEXT NOT NULL,
+    start REAL NOT NULL,
+    end REAL NOT NULL,
+    devices TEXT NOT NULL,  -- JSON list of DevEUIs, resolved at the request
+    requested_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    fed INTEGER NOT NULL DEFAULT 0,
+    cursor INTEGER NOT NULL DEFAULT 0,  -- the last journal id fed
+    delivered INTEGER NOT NULL DEFAULT 0,
+    expired INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    finished_at REAL
+);
+"""
+_SCHEMA = (
+    """
 BEGIN;
 CREATE TABLE uplinks (
     id INTEGER PRIMARY KEY,
@@ -109,7 +160,10 @@ CREATE TABLE deliveries (
     id INTEGER PRIMARY KEY,
     uplink_id INTEGER NOT NULL,
     connection_id TEXT NOT NULL,
-    validity REAL  -- seconds, a flow's uplinkTimeValidity; NULL: the connection's
+    validity REAL,  -- seconds, a flow's uplinkTimeValidity; NULL: the connection's
+    since REAL,  -- validity counted from (a re-send, a replay); NULL: the uplink's time
+    letter INTEGER,  -- the dead letter this delivery re-sends
+    replay TEXT  -- the replay that fed it
 );
 CREATE INDEX deliveries_connection ON deliveries (connection_id, id);
 CREATE INDEX deliveries_uplink ON deliveries (uplink_id);
@@ -121,9 +175,13 @@ WHEN NOT EXISTS (SELECT 1 FROM deliveries WHERE uplink_id = OLD.uplink_id)
 BEGIN
     DELETE FROM uplinks WHERE id = OLD.uplink_id;
 END;
-PRAGMA user_version = 2;
+"""
+    + _V3
+    + """
+PRAGMA user_version = 3;
 COMMIT;
 """
+)
 
 # Version 1 to 2: the per-delivery validity (flows, issue #13). One transaction: a crash
 # leaves version 1 whole, and the next open does it again.
@@ -134,11 +192,42 @@ PRAGMA user_version = 2;
 COMMIT;
 """
 
+_UPGRADE_3 = f"""
+BEGIN;
+ALTER TABLE deliveries ADD COLUMN since REAL;
+ALTER TABLE deliveries ADD COLUMN letter INTEGER;
+ALTER TABLE deliveries ADD COLUMN replay TEXT;
+{_V3}
+PRAGMA user_version = 3;
+COMMIT;
+"""
+
 _INSERT_UPLINK = (
     "INSERT INTO uplinks (id, dev_eui, uplink_time, received_at, document) VALUES (?, ?, ?, ?, ?)"
 )
 _INSERT_DELIVERY = (
-    "INSERT INTO deliveries (id, uplink_id, connection_id, validity) VALUES (?, ?, ?, ?)"
+    "INSERT INTO deliveries (id, uplink_id, connection_id, validity, since, letter, replay)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_JOURNAL = (
+    "INSERT INTO journal (id, dev_eui, uplink_time, received_at, route, document)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_LETTER = (
+    "INSERT INTO dead_letters (connection_id, dev_eui, uplink_time, received_at, document,"
+    " validity, outcome, reason, status, body, attempts, first_attempt, last_attempt, time)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# A re-sent letter that fails again is the same letter again, with the new attempts.
+_UPDATE_LETTER = (
+    "UPDATE dead_letters SET outcome = ?, reason = ?, status = ?, body = ?,"
+    " attempts = attempts + ?, last_attempt = ?, time = ?, resending = 0 WHERE id = ?"
+)
+_DELETE_LETTER = "DELETE FROM dead_letters WHERE id = ?"
+_DROP_LETTERS = "DELETE FROM dead_letters WHERE connection_id = ?"
+_CANCEL_REPLAYS = (
+    "UPDATE replays SET state = 'cancelled', finished_at = ?"
+    " WHERE connection_id = ? AND state = 'running'"
 )
 _DELETE_DELIVERY = "DELETE FROM deliveries WHERE id = ?"
 _DROP_CONNECTION = "DELETE FROM deliveries WHERE connection_id = ?"
@@ -146,7 +235,8 @@ _UPDATE_NEXT_ID = "UPDATE meta SET value = ? WHERE key = 'next_id'"
 
 _SELECT = (
     "SELECT d.id, d.connection_id, u.dev_eui, u.uplink_time, u.received_at, u.document,"
-    " d.validity FROM deliveries AS d JOIN uplinks AS u ON u.id = d.uplink_id"
+    " d.validity, d.since, d.letter, d.replay"
+    " FROM deliveries AS d JOIN uplinks AS u ON u.id = d.uplink_id"
     " WHERE d.connection_id = ? AND d.id > ?"
 )
 # Completes not yet committed are still rows; `?` is a JSON array of their ids.
@@ -171,7 +261,32 @@ class Delivery:
     received_at: float  # epoch seconds (when iotflow received it, for latency)
     document: bytes  # the uplink document as JSON bytes, shared by all deliveries of one uplink
     validity: float | None = None  # seconds: a flow's uplinkTimeValidity; None: the connection's
+    since: float | None = None  # validity counted from (re-send, replay); None: uplink_time
+    letter: int | None = None  # the dead letter this delivery re-sends
+    replay: str | None = None  # the replay that fed it
     attempts: int = 0  # in memory only
+    first_attempt: float | None = None  # epoch seconds, in memory only
+    last_attempt: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class DeadLetter:
+    """A delivery that ended failed or expired, as `complete` writes it."""
+
+    outcome: str  # "failed" | "expired"
+    reason: str  # redacted by the worker
+    status: int | None
+    body: str | None  # redacted and truncated by the worker
+    time: float  # when it became a dead letter
+
+
+@dataclass(slots=True)
+class _Final:
+    """What completing a delivery writes besides deleting its row."""
+
+    delivery: Delivery
+    outcome: str
+    letter: DeadLetter | None
 
 
 @dataclass(slots=True)
@@ -195,6 +310,17 @@ class _Append:
     uplink: tuple[int, str, float, float, bytes]
     deliveries: list[Delivery]
     future: asyncio.Future[list[Delivery]]
+    route: str | None = None  # journaled with this route (JSON) when not None
+
+
+@dataclass(slots=True)
+class _Write:
+    """Statements of a caller, run inside the writer's transaction (re-sends, replays,
+    pruning): committed with the batch, or not at all."""
+
+    action: Callable[[aiosqlite.Connection], Awaitable[Any]]
+    future: asyncio.Future[Any]
+    result: Any = None
 
 
 @dataclass(slots=True)
@@ -208,15 +334,18 @@ class _Barrier:
     future: asyncio.Future[None]
 
 
-_Op = _Append | _Drop | _Barrier
+_Op = _Append | _Drop | _Barrier | _Write
 
 
 @dataclass(slots=True)
 class _Batch:
     ops: list[_Op] = field(default_factory=list)
     appends: list[_Append] = field(default_factory=list)
+    writes: list[_Write] = field(default_factory=list)
     drop: _Drop | None = None
     completes: list[int] = field(default_factory=list)
+    finals: list[_Final] = field(default_factory=list)
+    letters: dict[str, int] = field(default_factory=dict)  # dead letters gained, by connection
 
 
 class Spool:
@@ -235,12 +364,15 @@ class Spool:
     ) -> None:
         self.path = path
         self.stats = SpoolStats()
+        # Told after a commit how many dead letters each connection gained (or lost).
+        self.on_letters: Callable[[dict[str, int]], None] | None = None
         self._writer = writer
         self._reader = reader
         self._next_id = next_id
         self._max_batch = max_batch
         self._ops: deque[_Op] = deque()
         self._completes: list[int] = []  # queued for the next batch
+        self._finals: list[_Final] = []  # completes that also write a dead letter or a count
         self._completing: set[int] = set()  # queued or in a batch not yet committed
         self._wakeup = asyncio.Event()
         self._closed = False  # no more work accepted
@@ -313,6 +445,7 @@ class Spool:
         received_at: float,
         connection_ids: Sequence[str],
         validity: Mapping[str, float | None] | None = None,
+        journal: str | None = None,
     ) -> list[Delivery]:
         """Spool one uplink for each connection; return once its group commit is durable.
 
@@ -321,15 +454,17 @@ class Spool:
         `wait_writable` tells when to try again. `SpoolClosedError` after `close`.
         A duplicate connection id gets one delivery. `validity` gives a connection's
         delivery its own uplinkTimeValidity (seconds; a flow's), stored with it.
+        `journal`: the uplink's route (JSON), to keep it in the journal too, in the same
+        transaction (also when it goes to no connection).
         """
         self._check_open()
         targets = list(dict.fromkeys(connection_ids))
-        if not targets:
+        if not targets and journal is None:
             return []
         # Allocated now, in call order, so ids increase in arrival order; a failed batch
         # leaves a gap rather than reusing ids a caller may have seen.
         uplink_id = self._next_id
-        self._next_id += len(targets)
+        self._next_id += max(len(targets), 1)
         deliveries = [
             Delivery(
                 uplink_id + i,
@@ -344,19 +479,34 @@ class Spool:
         ]
         future: asyncio.Future[list[Delivery]] = asyncio.get_running_loop().create_future()
         uplink = (uplink_id, dev_eui, uplink_time, received_at, document)
-        self._ops.append(_Append(uplink, deliveries, future))
+        self._ops.append(_Append(uplink, deliveries, future, journal))
         self._wakeup.set()
         # Cancelling the caller cancels only this future: the op stays queued and is
         # written whole with its batch, or not at all.
         return await future
 
-    def complete(self, delivery_id: int) -> None:
-        """Mark a delivery done; its row goes in the next batch (no wait)."""
+    def complete(
+        self,
+        delivery_id: int,
+        *,
+        final: Delivery | None = None,
+        outcome: str = "",
+        letter: DeadLetter | None = None,
+    ) -> None:
+        """Mark a delivery done; its row goes in the next batch (no wait).
+
+        `final` (the delivery), when it re-sent a dead letter, was fed by a replay or ends
+        as a dead letter (`letter`): that is written in the same transaction as the delete,
+        so that a crash neither loses nor duplicates it.
+        """
         self._check_open()
         if delivery_id in self._completing:
             return
         self._completing.add(delivery_id)
-        self._completes.append(delivery_id)
+        if final is not None:
+            self._finals.append(_Final(final, outcome, letter))
+        else:
+            self._completes.append(delivery_id)
         if self._fault is None:  # else they wait for the writer's next retry
             self._wakeup.set()
 
@@ -367,7 +517,7 @@ class Spool:
         spool is unavailable and completes wait; failed completes stay queued.
         """
         self._check_open()
-        if self._fault is not None and self._completes:
+        if self._fault is not None and (self._completes or self._finals):
             raise _error(self._fault)
         await self._barrier()
 
@@ -420,8 +570,31 @@ class Spool:
         """Ids of the connections that have pending deliveries, sorted."""
         return sorted(await self.pending_counts())
 
+    def allocate(self, count: int) -> int:
+        """Reserve `count` ids (for deliveries a `write` inserts); return the first.
+
+        Reserved at the call, like `append`'s: ids increase in the order callers queue."""
+        first = self._next_id
+        self._next_id += count
+        return first
+
+    async def write(self, action: Callable[[aiosqlite.Connection], Awaitable[Any]]) -> Any:
+        """Run `action(db)` inside the next batch's transaction; return its result once
+        committed. Raises like `append` when that transaction fails."""
+        self._check_open()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._ops.append(_Write(action, future))
+        self._wakeup.set()
+        return await future
+
+    async def read(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
+        """Rows of a query on the reader connection (committed rows only)."""
+        self._check_open()
+        return list(await self._reader.execute_fetchall(sql, parameters))
+
     async def drop_connection(self, connection_id: str) -> int:
-        """Delete all pending deliveries of a connection; return how many there were."""
+        """Delete all pending deliveries of a connection, its dead letters and replays;
+        return how many deliveries there were."""
         self._check_open()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._ops.append(_Drop(connection_id, future))
@@ -495,7 +668,7 @@ class Spool:
                 self._wakeup.clear()
                 if self._fault is not None and (self._stopping or self._now() >= self._retry_at):
                     await self._retry()
-                while self._ops or (self._completes and self._fault is None):
+                while self._ops or ((self._completes or self._finals) and self._fault is None):
                     await self._write_batch()
                 if self._fault is None:
                     await self._checkpoint_if_due(idle=True)
@@ -514,13 +687,16 @@ class Spool:
             self._ops.clear()
 
     def _take_batch(self) -> _Batch:
-        batch = _Batch(completes=self._completes)
+        batch = _Batch(completes=self._completes, finals=self._finals)
         self._completes = []
+        self._finals = []
         while self._ops and len(batch.appends) < self._max_batch:
             op = self._ops.popleft()
             batch.ops.append(op)
             if isinstance(op, _Append):
                 batch.appends.append(op)
+            elif isinstance(op, _Write):
+                batch.writes.append(op)
             elif isinstance(op, _Drop):
                 # A drop closes the batch: appends queued after it must survive it.
                 batch.drop = op
@@ -536,7 +712,13 @@ class Spool:
         batch = self._take_batch()
         self._inflight = batch.ops
         try:
-            empty = not batch.appends and batch.drop is None and not batch.completes
+            empty = (
+                not batch.appends
+                and batch.drop is None
+                and not batch.completes
+                and not batch.finals
+                and not batch.writes
+            )
             if empty and not (probe and self._fault is not None):
                 for op in batch.ops:  # only barriers: everything before them is committed
                     _resolve(op, 0)
@@ -547,13 +729,17 @@ class Spool:
                 await self._rollback()
                 # Completes are still owed: first in line for the next batch.
                 self._completes = batch.completes + self._completes
+                self._finals = batch.finals + self._finals
                 self.stats.failed_transactions += 1
                 self._failed(exc, batch)
                 for op in batch.ops:
                     _fail(op, exc)
                 return False
             self._completing.difference_update(batch.completes)
+            self._completing.difference_update(f.delivery.id for f in batch.finals)
             self._record(batch, dropped)
+            if batch.letters and self.on_letters is not None:
+                self.on_letters(batch.letters)
             if self._fault is not None:
                 self._recovered()
             if self._warned and not empty:
@@ -652,27 +838,51 @@ class Spool:
 
     async def _transact(self, batch: _Batch) -> int:
         db = self._writer
-        if not batch.appends and not batch.completes and batch.drop is None:
+        if (
+            not batch.appends
+            and not batch.completes
+            and batch.drop is None
+            and not batch.finals
+            and not batch.writes
+        ):
             await db.execute(_UPDATE_NEXT_ID, (self._next_id,))  # the probe
         if batch.appends:
-            await db.executemany(_INSERT_UPLINK, [a.uplink for a in batch.appends])
+            # An uplink without deliveries is only journaled: no row that nothing would
+            # ever delete.
+            await db.executemany(_INSERT_UPLINK, [a.uplink for a in batch.appends if a.deliveries])
             await db.executemany(
                 _INSERT_DELIVERY,
                 [
-                    (d.id, a.uplink[0], d.connection_id, d.validity)
+                    (d.id, a.uplink[0], d.connection_id, d.validity, None, None, None)
                     for a in batch.appends
                     for d in a.deliveries
                 ],
             )
+            journal = [(*a.uplink[:4], a.route, a.uplink[4]) for a in batch.appends if a.route]
+            if journal:
+                await db.executemany(_INSERT_JOURNAL, journal)
             await db.execute(_UPDATE_NEXT_ID, (self._next_id,))
         # After the inserts, so a complete can never precede its own row; before the drop,
         # so that the drop counts only live deliveries.
         if batch.completes:
             await db.executemany(_DELETE_DELIVERY, [(i,) for i in batch.completes])
+        for final in batch.finals:
+            change = await _write_final(db, final)
+            if change:
+                cid = final.delivery.connection_id
+                batch.letters[cid] = batch.letters.get(cid, 0) + change
+        for write in batch.writes:
+            write.result = await write.action(db)
+        if batch.writes:
+            # A write may have used ids reserved by `allocate`.
+            await db.execute(_UPDATE_NEXT_ID, (self._next_id,))
         dropped = 0
         if batch.drop is not None:
-            cursor = await db.execute(_DROP_CONNECTION, (batch.drop.connection_id,))
+            connection_id = batch.drop.connection_id
+            cursor = await db.execute(_DROP_CONNECTION, (connection_id,))
             dropped = cursor.rowcount
+            await db.execute(_DROP_LETTERS, (connection_id,))
+            await db.execute(_CANCEL_REPLAYS, (time.time(), connection_id))
         await db.commit()
         return dropped
 
@@ -689,9 +899,69 @@ class Spool:
         stats.transactions += 1
         stats.uplinks += len(batch.appends)
         stats.deliveries += sum(len(a.deliveries) for a in batch.appends)
-        stats.completed += len(batch.completes)
+        stats.completed += len(batch.completes) + len(batch.finals)
         stats.dropped += dropped
         stats.largest_batch = max(stats.largest_batch, len(batch.appends))
+
+
+_COUNTERS = {"delivered": "delivered", "filtered": "delivered", "expired": "expired"}
+
+
+async def _write_final(db: aiosqlite.Connection, final: _Final) -> int:
+    """Delete a delivery, and write what its end means: its dead letter (new, or the one
+    it re-sent, again), or the letter it re-sent gone; its replay's count. Returns the
+    change in the connection's number of dead letters."""
+    d = final.delivery
+    cursor = await db.execute(_DELETE_DELIVERY, (d.id,))
+    if cursor.rowcount == 0:
+        return 0  # dropped with its connection meanwhile: it ends nowhere
+    letter = final.letter
+    change = 0
+    if d.letter is not None and letter is None:
+        cursor = await db.execute(_DELETE_LETTER, (d.letter,))
+        change = -cursor.rowcount
+    elif letter is not None:
+        updated = 0
+        if d.letter is not None:
+            cursor = await db.execute(
+                _UPDATE_LETTER,
+                (
+                    letter.outcome,
+                    letter.reason,
+                    letter.status,
+                    letter.body,
+                    d.attempts,
+                    d.last_attempt,
+                    letter.time,
+                    d.letter,
+                ),
+            )
+            updated = cursor.rowcount
+        if not updated:  # a first failure, or its letter was purged while it was re-sent
+            change = 1
+            await db.execute(
+                _INSERT_LETTER,
+                (
+                    d.connection_id,
+                    d.dev_eui,
+                    d.uplink_time,
+                    d.received_at,
+                    d.document,
+                    d.validity,
+                    letter.outcome,
+                    letter.reason,
+                    letter.status,
+                    letter.body,
+                    d.attempts,
+                    d.first_attempt,
+                    d.last_attempt,
+                    letter.time,
+                ),
+            )
+    if d.replay is not None:
+        column = _COUNTERS.get(final.outcome, "failed")
+        await db.execute(f"UPDATE replays SET {column} = {column} + 1 WHERE id = ?", (d.replay,))
+    return change
 
 
 def _resolve(op: _Op, dropped: int) -> None:
@@ -700,6 +970,8 @@ def _resolve(op: _Op, dropped: int) -> None:
         return
     if isinstance(op, _Append):
         op.future.set_result(op.deliveries)
+    elif isinstance(op, _Write):
+        op.future.set_result(op.result)
     elif isinstance(op, _Drop):
         op.future.set_result(dropped)
     else:
@@ -742,12 +1014,15 @@ async def _prepare(db: aiosqlite.Connection, path: Path, wal_limit: int) -> int:
     version = await _scalar(db, "PRAGMA user_version")
     if version == 0:
         await db.executescript(_SCHEMA)
-    elif version == 1:
-        await db.executescript(_UPGRADE_2)
     elif version > SCHEMA_VERSION:
         raise SpoolError(
             f"spool {path} has schema version {version}; this iotflow knows up to {SCHEMA_VERSION}"
         )
+    if version == 1:
+        await db.executescript(_UPGRADE_2)
+        version = 2
+    if version == 2:
+        await db.executescript(_UPGRADE_3)
     last = max(
         await _scalar(db, "SELECT coalesce(max(id), 0) FROM deliveries"),
         await _scalar(db, "SELECT coalesce(max(id), 0) FROM uplinks"),

@@ -92,6 +92,24 @@ class Metrics:
             ["ingest", "result"],
             registry=r,
         )
+        self.dead_letters = Gauge(
+            "iotflow_dead_letters",
+            "Dead letters kept (failed and expired deliveries), by connection",
+            ["connection"],
+            registry=r,
+        )
+        self.dead_letters_dropped = Counter(
+            "iotflow_dead_letters_dropped",
+            "Dead letters removed by [deadletters] retention or max_per_connection",
+            ["connection"],
+            registry=r,
+        )
+        self.replayed = Counter(
+            "iotflow_replayed",
+            "Replayed uplinks that ended, by connection and outcome",
+            ["connection", "outcome"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "iotflow_config_reloads", "Config reloads, by result", ["result"], registry=r
         )
@@ -108,7 +126,15 @@ class Metrics:
             _remove(self.deliveries, connection, outcome)
         for result in DOWNLINK_OUTCOMES:
             _remove(self.downlinks, connection, result)
-        for metric in (self.retries, self.latency, self.spool_pending):
+        for outcome in OUTCOMES:
+            _remove(self.replayed, connection, outcome)
+        for metric in (
+            self.retries,
+            self.latency,
+            self.spool_pending,
+            self.dead_letters,
+            self.dead_letters_dropped,
+        ):
             _remove(metric, connection)
 
 
