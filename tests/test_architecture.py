@@ -150,6 +150,7 @@ STARTED = [
     "spool",
     "deliveries",
     "transitions",
+    "recovery",
     "registry-changes",
     "fleet",
     "api",

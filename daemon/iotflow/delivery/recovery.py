@@ -32,7 +32,7 @@ from iotflow.telemetry.metrics import Metrics
 
 __all__ = ["LetterFilter", "LetterRow", "Recovery", "ReplayRow", "route_of"]
 
-log = get_logger("iotflow.recovery")
+log = get_logger("iotflow.delivery")
 
 _CHUNK = 500  # letters re-sent, or journal rows read, per transaction
 _RESYNC = 1.0  # seconds: a waiting replay checks its committed counts at least this often
