@@ -457,3 +457,94 @@ async def first_to_log(
     winner = next(iter(done))
     winner.result()
     return waits[winner]
+
+
+# -- dead letters and replays, held by each instance -----------------------------------------
+
+
+async def test_dead_letters_and_replays_of_the_whole_fleet_from_any_instance(
+    tmp_path: Path,
+    fresh_mosquitto: Mosquitto,
+    registry_url: str,
+    cloud: FakeCloud,
+    daemons: list[DaemonProcess],
+) -> None:
+    devices = [f"0018B2000000B{n:03X}" for n in range(6)]
+    cloud.respond(400, path="/dl", body={"error": "unknown device"})
+    fleet = Fleet(
+        tmp_path,
+        fresh_mosquitto,
+        registry_url,
+        daemons,
+        [http_connection("dl", cloud.url("/dl"), devices)],
+    )
+    await fleet.start()
+    first, second, third = fleet.instances
+    started = datetime.now(UTC) - timedelta(minutes=1)
+    async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as client:
+        for n in range(30):
+            await client.publish(*uplink("actility", devices[n % 6], n), qos=1)
+
+    async def thirty() -> bool:
+        return len(await api(third, "GET", "/connections/dl/deadLetters?perPage=100")) == 30
+
+    await until(thirty, "every refused delivery is a dead letter somewhere in the fleet")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"{first.api}{BASE}/connections/dl/deadLetters?perPage=7&page=2", headers=AUTH
+        ) as r,
+    ):
+        page = await r.json()
+        assert r.headers["X-Total"] == "30"
+        assert r.headers["X-Total-Pages"] == "5"
+        assert "X-Iotflow-Unreachable" not in r.headers
+    assert len(page) == 7
+    letters = await api(first, "GET", "/connections/dl/deadLetters?perPage=100")
+    owners = {letter["instance"] for letter in letters}
+    assert owners <= {d.client_id for d in fleet.instances}
+    assert len(owners) > 1, "the group spread the uplinks"
+    assert len({(x["instance"], x["id"]) for x in letters}) == 30
+    times = [x["time"] for x in letters]
+    assert times == sorted(times, reverse=True)
+    # One letter, from its owner, asked through another instance.
+    held = next(x for x in letters if x["instance"] != first.client_id)
+    one = await api(
+        first, "GET", f"/connections/dl/deadLetters/{held['id']}?instance={held['instance']}"
+    )
+    assert one["devEUI"] == held["devEUI"]
+    assert one["document"]["DevEUI_uplink"]["DevEUI"] == held["devEUI"]
+    await api(first, "GET", "/connections/dl/deadLetters?instance=nobody", status=404)
+    # Re-sent by every owner at one call; delivered, they leave the dead letters.
+    cloud.respond(200, path="/dl")
+    assert await api(first, "POST", "/connections/dl/deadLetters/resend", {"all": True}, 202) == {
+        "resent": 30
+    }
+    await cloud.wait_for(30, path="/dl")
+
+    async def none_left() -> bool:
+        return len(await api(second, "GET", "/connections/dl/deadLetters")) == 0
+
+    await until(none_left, "the re-sent letters left")
+    # A replay of the window: each instance replays what it journaled.
+    window = {"from": started.isoformat(), "to": (datetime.now(UTC)).isoformat()}
+    replay = await api(second, "POST", "/connections/dl/replay", window, 202)
+    assert replay["uplinks"] == 30
+    assert {i["instance"] for i in replay["instances"]} == owners
+    await cloud.wait_for(60, path="/dl")
+    elsewhere = next(i for i in replay["instances"] if i["instance"] != third.client_id)
+    seen = await api(third, "GET", f"/replays/{elsewhere['id']}")
+    assert seen["instance"] == elsewhere["instance"]
+    assert seen["total"] == elsewhere["uplinks"]
+    # Purged everywhere at one call.
+    cloud.respond(400, path="/dl")
+    async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as client:
+        for n in range(30, 36):
+            await client.publish(*uplink("actility", devices[n % 6], n), qos=1)
+
+    async def six() -> bool:
+        return len(await api(first, "GET", "/connections/dl/deadLetters")) == 6
+
+    await until(six, "new dead letters")
+    await api(third, "DELETE", "/connections/dl/deadLetters", status=204)
+    assert await api(first, "GET", "/connections/dl/deadLetters") == []

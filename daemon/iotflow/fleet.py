@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import orjson
 
 from iotflow import __version__
 from iotflow.errors import RegistryError
@@ -60,6 +61,7 @@ class PeerAnswer:
     status: int | None
     body: Any = None
     error: str | None = None
+    total: int | None = None  # a page's X-Total header, when it has one
 
 
 def default_api_url(listen_host: str, port: int) -> str:
@@ -220,11 +222,12 @@ class Fleet:
             async with self._session.request(
                 method, f"{instance.api_url}{path}", headers=headers, json=json
             ) as response:
-                body = (
-                    await response.json(content_type=None) if response.content_length != 0 else None
-                )
-                return PeerAnswer(instance.id, response.status, body)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raw = await response.read()
+                body = orjson.loads(raw) if raw else None
+                total = response.headers.get("X-Total")
+                count = int(total) if total is not None and total.isdigit() else None
+                return PeerAnswer(instance.id, response.status, body, total=count)
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
             log.warning(
                 "Peer did not answer",
                 instance=instance.id,

@@ -322,6 +322,10 @@ class DeadLetter(_Out):
     firstAttemptTime: str | None
     lastAttemptTime: str | None
     time: str = Field(description="when it became a dead letter")
+    instance: str | None = Field(
+        default=None,
+        description="fleets: the instance that holds it (its id is unique there only)",
+    )
 
 
 class DeadLetterDetail(DeadLetter):
@@ -357,9 +361,20 @@ class ReplayInput(BaseModel):
     devEUIs: Annotated[list[_DevEUI], Field(max_length=MAX_REPLAY_DEVICES)] | None = None
 
 
+class InstanceReplay(_Out):
+    """Fleets: the replay one instance started on its own journal."""
+
+    instance: str
+    id: str
+    uplinks: int
+
+
 class ReplayStarted(_Out):
     id: str
     uplinks: int = Field(description="journaled uplinks of the window to send")
+    instances: list[InstanceReplay] | None = Field(
+        default=None, description="fleets: the replay each instance started"
+    )
 
 
 class Replay(_Out):
@@ -371,3 +386,6 @@ class Replay(_Out):
     expired: int
     failed: int
     pending: int
+    instance: str | None = Field(
+        default=None, description="fleets: the instance it runs on, when not this one"
+    )

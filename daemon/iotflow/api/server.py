@@ -14,6 +14,7 @@ from iotflow.api.control import CONTROL, ControlPlane
 from iotflow.api.deadletters import recovery_routes
 from iotflow.api.drivers import driver_routes
 from iotflow.api.errors import error_middleware
+from iotflow.api.fleetwide import fleet_middleware, fleet_wide
 from iotflow.api.flows import flow_routes
 from iotflow.api.models import Health, OpenApi, Readiness
 from iotflow.api.openapi import generate
@@ -82,7 +83,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 # Every route of the listener, each declared once: the router and the document read it.
-TABLE = health + routes + flow_routes + recovery_routes + ingest_routes + driver_routes
+TABLE = health + routes + flow_routes + fleet_wide(recovery_routes) + ingest_routes + driver_routes
 
 
 @functools.cache
@@ -95,7 +96,12 @@ def create_app(control: ControlPlane) -> web.Application:
     tokens = [t.get_secret_value().encode() for t in api.tokens]
     app = web.Application(
         client_max_size=api.max_body_bytes,
-        middlewares=[error_middleware, auth_middleware(tokens, exempt=TABLE.exempt())],
+        middlewares=[
+            error_middleware,
+            auth_middleware(tokens, exempt=TABLE.exempt()),
+            # After authentication: a peer is asked with the caller's own token.
+            fleet_middleware(),
+        ],
     )
     app[CONTROL] = control
     app[REPLAYS] = ReplayGuard()
