@@ -335,6 +335,9 @@ async def test_a_single_sqlite_instance_shows_no_fleet(
     assert me["answering"]
     assert me["alive"]
     assert "instances" not in (await api(daemon, "GET", "/connections/s"))["statistics"]
+    # Dead letters: this instance's; `?instance=` may name it, and nothing else.
+    assert await api(daemon, "GET", f"/connections/s/deadLetters?instance={me['id']}") == []
+    await api(daemon, "GET", "/connections/s/deadLetters?instance=other", status=404)
     assert not [e for e in daemon.logs if e.get("event") == "Joined the fleet"]
 
 

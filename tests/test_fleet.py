@@ -115,10 +115,15 @@ def test_a_wildcard_listen_address_is_advertised_by_host_name() -> None:
     assert not default_api_url("0.0.0.0", 8080).startswith("http://0.0.0.0")
 
 
-async def test_a_fleet_sees_live_peers_and_sums_their_statistics(backend: Backend) -> None:
-    if backend.kind == "sqlite":
-        pytest.skip("a fleet shares a PostgreSQL registry")
-    store = backend.open()
+@pytest.fixture
+async def pg_backend(postgres: Postgres) -> AsyncIterator[Backend]:
+    """A fleet shares a PostgreSQL registry."""
+    async with postgres_backend(postgres) as target:
+        yield target
+
+
+async def test_a_fleet_sees_live_peers_and_sums_their_statistics(pg_backend: Backend) -> None:
+    store = pg_backend.open()
     await store.migrate()
     await store.create_connection(connection("c1"))
     mine = {"c1": stats(2)}
