@@ -150,7 +150,7 @@ STARTED = [
     "spool",
     "deliveries",
     "transitions",
-    "recovery",
+    "recovery",  # dead letters and replays: resumes replays once the workers run
     "registry-changes",
     "fleet",
     "api",

@@ -1,6 +1,7 @@
 """The daemon's lifecycle, in one place: start registry → events → alarms → directory →
-downlinks → spool → workers → API → source, stop in reverse (an exit stack: what started
-last stops first, by construction). Signals set events; tasks do the work."""
+downlinks → spool → workers → recovery (dead letters, replays) → API → source, stop in
+reverse (an exit stack: what started last stops first, by construction). Signals set
+events; tasks do the work."""
 
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ log = logs.get_logger("iotflow.app")
 
 _LOGGED_PAYLOAD = 200  # bytes of a rejected message shown in its log line
 _REJECT_LINES = 100  # rejected messages logged per minute at most
+# Journal-only writes (unbound uplinks) in the spool's queue past which an acknowledgement
+# waits for its own: a bound on memory, far above what a group commit takes at once.
+_JOURNAL_BACKLOG = 4096
 
 
 class Daemon:
@@ -81,6 +85,7 @@ class Daemon:
         self._transitions: set[asyncio.Task[None]] = set()
         self._refresh_lock = asyncio.Lock()
         self._reject_window = (0.0, 0)  # (minute start, lines logged in it)
+        self._journal_backlog = 0  # journal-only writes not committed yet
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -426,6 +431,9 @@ class Daemon:
             # Keep the running values of what cannot change live.
             new = new.model_copy(update={name: getattr(old, name) for name in restart_needed})
         self.settings = Settings(settings.path, new, settings.connections, settings.flows)
+        if self.recovery is not None:  # bounds apply from the next pruning
+            self.recovery.journal = new.journal
+            self.recovery.letters_settings = new.deadletters
         logs.configure(new.log.level, new.log.format)
         try:
             await self._reconcile(settings)
@@ -489,10 +497,14 @@ class Daemon:
             log.debug("Uplink of an unbound device", devEUI=uplink.dev_eui, **origin)
             if journal is not None:
                 # Journaled for a connection made later; acknowledged without waiting: it
-                # was promised to no connection (docs/deadletters.md).
+                # was promised to no connection (docs/deadletters.md). Unless too many
+                # wait for the spool already: then the acknowledgement waits too, so that
+                # a flood of unbound uplinks cannot grow the spool's queue without bound.
                 document = memoryview(orjson.dumps(actility_document(uplink))).tobytes()
                 times = (uplink.dev_eui, uplink.time.timestamp(), received_at)
-                self._journal_only(document, times, journal)
+                write = self._journal_only(document, times, journal)
+                if self._journal_backlog > _JOURNAL_BACKLOG:
+                    return write
             return None
         if self.alarms is not None:
             self.alarms.count(t.connection_id for t in targets)
@@ -619,9 +631,12 @@ class Daemon:
         if journal is not None and self.recovery is not None:
             self.recovery.journaled(len(document) + len(journal))
 
-    def _journal_only(self, document: bytes, times: tuple[str, float, float], route: str) -> None:
+    def _journal_only(
+        self, document: bytes, times: tuple[str, float, float], route: str
+    ) -> asyncio.Future[Any]:
         """Journal an uplink that goes to no connection, in the next group commit."""
         assert self.spool is not None
+        self._journal_backlog += 1
         self._journaled(document, route)
         dev_eui, uplink_time, received_at = times
         write = asyncio.ensure_future(
@@ -634,7 +649,12 @@ class Daemon:
                 journal=route,
             )
         )
-        write.add_done_callback(_seen)
+        write.add_done_callback(self._journal_written)
+        return write
+
+    def _journal_written(self, write: asyncio.Future[Any]) -> None:
+        self._journal_backlog -= 1
+        _seen(write)
 
     async def _render(self, document: bytes, driver_id: str | None) -> bytes:
         """A journaled uplink as a connection with `driver_id` gets it (replays)."""

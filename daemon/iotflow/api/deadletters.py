@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime
 from typing import Any, TypeVar
@@ -23,15 +24,19 @@ from iotflow.api.models import (
     ResendInput,
     Resent,
 )
-from iotflow.api.table import BASE, Answer, Param, RouteTable, errors
+from iotflow.api.table import BASE, Answer, Handler, Param, RouteTable, errors
 from iotflow.connectors.connection import CONNECTION_ID, ID_PATTERN, problems_of
 from iotflow.delivery.recovery import LetterFilter, LetterRow, Recovery, ReplayRow
 from iotflow.delivery.worker import iso
 from iotflow.errors import Problem
 from iotflow.formats import normalize_dev_eui
 from iotflow.formats.fields import DEV_EUI_PATTERN
+from iotflow.spool import SpoolError
+from iotflow.telemetry.logging import get_logger
 
 __all__ = ["recovery_routes"]
+
+log = get_logger("iotflow.api")
 
 recovery_routes = RouteTable()
 
@@ -56,6 +61,25 @@ def _recovery(request: web.Request) -> Recovery:
     if recovery is None:
         raise ApiError(503, "not_ready", "The daemon is starting; try again shortly.")
     return recovery
+
+
+def _spool_errors(handler: Handler) -> Handler:
+    """The spool cannot commit (disk full) or is closing: 503, nothing changed."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except SpoolError as exc:
+            log.warning("Dead letters or replays unavailable", error=str(exc))
+            raise ApiError(
+                503,
+                "spool_unavailable",
+                "The spool cannot commit now (see iotflow_spool_writable); try again later.",
+                headers={"Retry-After": "10"},
+            ) from None
+
+    return guarded
 
 
 async def _connection(request: web.Request) -> str:
@@ -146,6 +170,7 @@ def _validated(model: type[M], body: dict[str, Any]) -> M:
         **errors(400, 404),
     },
 )
+@_spool_errors
 async def list_dead_letters(request: web.Request) -> web.Response:
     cid = await _connection(request)
     page, per_page = page_params(request)
@@ -161,6 +186,7 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     parameters=[_ID, _LETTER],
     answers={200: Answer("The dead letter", DeadLetterDetail), **errors(404)},
 )
+@_spool_errors
 async def get_dead_letter(request: web.Request) -> web.Response:
     cid = await _connection(request)
     text = request.match_info["letterId"]
@@ -183,6 +209,7 @@ async def get_dead_letter(request: web.Request) -> web.Response:
     request=ResendInput,
     answers={202: Answer("Queued", Resent), **errors(400, 404, 413, 415, 422)},
 )
+@_spool_errors
 async def resend_dead_letters(request: web.Request) -> web.Response:
     cid = await _connection(request)
     given = _validated(ResendInput, await read_object(request))
@@ -211,6 +238,7 @@ async def resend_dead_letters(request: web.Request) -> web.Response:
     parameters=[_ID, *_FILTERS],
     answers={204: Answer("Purged"), **errors(400, 404)},
 )
+@_spool_errors
 async def purge_dead_letters(request: web.Request) -> web.Response:
     cid = await _connection(request)
     filters = _filters(request)
@@ -244,6 +272,7 @@ def _instant(text: str, path: str, problems: list[Problem]) -> float:
     request=ReplayInput,
     answers={202: Answer("Started", ReplayStarted), **errors(400, 404, 413, 415, 422)},
 )
+@_spool_errors
 async def start_replay(request: web.Request) -> web.Response:
     cid = await _connection(request)
     given = _validated(ReplayInput, await read_object(request))
@@ -275,6 +304,7 @@ def _replay_id(request: web.Request) -> str:
     parameters=[_REPLAY],
     answers={200: Answer("The replay", Replay), **errors(404)},
 )
+@_spool_errors
 async def get_replay(request: web.Request) -> web.Response:
     rid = _replay_id(request)
     row = await _recovery(request).replay(rid)
@@ -290,6 +320,7 @@ async def get_replay(request: web.Request) -> web.Response:
     parameters=[_REPLAY],
     answers={200: Answer("The replay, cancelled (or already over)", Replay), **errors(404)},
 )
+@_spool_errors
 async def cancel_replay(request: web.Request) -> web.Response:
     rid = _replay_id(request)
     row = await _recovery(request).cancel_replay(rid)

@@ -110,7 +110,10 @@ class Deliveries:
                 worker.offer(delivery)
             else:
                 # Deleted between routing and commit: nobody will ever send it.
-                self._spool.complete(delivery.id)
+                if delivery.letter is None and delivery.replay is None:
+                    self._spool.complete(delivery.id)
+                else:  # a re-sent letter stays a letter; a replay counts it
+                    self._spool.complete(delivery.id, final=delivery, outcome=Outcome.DROPPED)
                 self._metrics.deliveries.labels(delivery.connection_id, Outcome.DROPPED).inc()
 
     def register(

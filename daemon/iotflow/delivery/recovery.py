@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 import orjson
@@ -36,6 +36,7 @@ log = get_logger("iotflow.delivery")
 
 _CHUNK = 500  # letters re-sent, or journal rows read, per transaction
 _RESYNC = 1.0  # seconds: a waiting replay checks its committed counts at least this often
+_PRUNE_CHUNK = 5000  # journal rows deleted per transaction
 _ROW_OVERHEAD = 64  # bytes a journal row costs beyond its document and route (estimate)
 
 Dispatch = Callable[[Sequence[Delivery]], None]
@@ -249,8 +250,9 @@ class Recovery:
         after = 0
         while True:
             rows = await self._spool.read(
-                "SELECT id, dev_eui, uplink_time, received_at, document, validity"
-                f" FROM dead_letters WHERE {where} AND resending = 0 AND id > ?"
+                # The document before the processors: the re-send goes through them again.
+                "SELECT id, dev_eui, uplink_time, received_at, coalesce(original, document),"
+                f" validity FROM dead_letters WHERE {where} AND resending = 0 AND id > ?"
                 " ORDER BY id LIMIT ?",
                 [*values, after, _CHUNK],
             )
@@ -299,11 +301,12 @@ class Recovery:
             devices = await self._routed_devices(connection_id, start, end)
         listed = orjson.dumps(devices).decode()
         rows = await self._spool.read(
-            "SELECT count(*) FROM journal WHERE uplink_time BETWEEN ? AND ?"
-            " AND dev_eui IN (SELECT value FROM json_each(?))",
+            "SELECT count(*), coalesce(min(id), 1) - 1 FROM journal"
+            " WHERE uplink_time BETWEEN ? AND ? AND dev_eui IN (SELECT value FROM json_each(?))",
             (start, end, listed),
         )
-        total = int(rows[0][0])
+        # The cursor starts before the window's first row: the feed skips older ones.
+        total, cursor = int(rows[0][0]), int(rows[0][1])
         now = self._clock()
         replay = ReplayRow(
             uuid.uuid4().hex,
@@ -315,7 +318,7 @@ class Recovery:
             "running",
             total,
             0,
-            0,
+            cursor,
             0,
             0,
             0,
@@ -324,8 +327,8 @@ class Recovery:
         async def action(db: aiosqlite.Connection) -> None:
             await db.execute(
                 "INSERT INTO replays (id, connection_id, start, end, devices, requested_at,"
-                " state, total) VALUES (?, ?, ?, ?, ?, ?, 'running', ?)",
-                (replay.id, connection_id, start, end, listed, now, total),
+                " state, total, cursor) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+                (replay.id, connection_id, start, end, listed, now, total, cursor),
             )
 
         await self._spool.write(action)
@@ -349,11 +352,12 @@ class Recovery:
         row = await self.replay(replay_id)
         if row is None or row.state != "running":
             return row
-        task = self._runs.pop(replay_id, None)
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        # Marked first: a feed queued after this finds it cancelled and queues nothing; one
+        # queued before commits and is dispatched. The task sees it at its next turn.
         await self._finish_replay(row, "cancelled")
+        progress = self._progress.get(replay_id)
+        if progress is not None:
+            progress.set()
         return await self.replay(replay_id)
 
     def replayed(self, replay_id: str, connection_id: str, outcome: str) -> None:
@@ -390,14 +394,18 @@ class Recovery:
         exhausted = False
         try:
             while True:
-                room = self._window(cid) - self._outstanding[rid]
+                window = self._window(cid)
+                room = window - self._outstanding[rid]
                 if exhausted and self._outstanding[rid] <= 0:
                     break
-                if exhausted or room <= 0:
+                # Fed again once half the window is free: a transaction for half a window,
+                # not one per uplink that ends (each commit is an fsync live uplinks share).
+                if exhausted or room < max(1, window // 2):
                     progress.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(progress.wait(), _RESYNC)
-                    await self._resync(rid)
+                    if not await self._resync(rid):
+                        return  # cancelled, or its connection deleted
                     continue
                 rows = await self._spool.read(
                     "SELECT id, dev_eui, uplink_time, received_at, route, document FROM journal"
@@ -434,15 +442,17 @@ class Recovery:
             self._outstanding.pop(rid, None)
             self._progress.pop(rid, None)
 
-    async def _resync(self, replay_id: str) -> None:
+    async def _resync(self, replay_id: str) -> bool:
         """The committed counts bound what is outstanding from above (a completion not yet
         committed is still outstanding there), as the in-memory count does; the lower one is
         closer. It corrects a completion the count missed (one that ended while the daemon
-        was starting, before the replay was resumed)."""
+        was starting, before the replay was resumed). Returns whether it is still running."""
         row = await self.replay(replay_id)
-        if row is not None and replay_id in self._outstanding:
-            committed = max(0, row.fed - row.done)
-            self._outstanding[replay_id] = min(self._outstanding[replay_id], committed)
+        if row is None or row.state != "running":
+            return False
+        committed = max(0, row.fed - row.done)
+        self._outstanding[replay_id] = min(self._outstanding[replay_id], committed)
+        return True
 
     async def _deliveries(self, replay: ReplayRow, rows: Sequence[Any]) -> list[Delivery]:
         index = self._index()
@@ -533,6 +543,17 @@ class Recovery:
                 counts["journal"] += await self._shrink_journal(journal.max_size)
         else:
             counts["journal"] += await self._prune_journal("1", ())
+        # Letters and replays of connections deleted while the daemon was down (those
+        # deleted while it runs went with their deliveries, `Spool.drop_connection`).
+        known = orjson.dumps(sorted(self._index().connections)).decode()
+        gone = await self._spool.read(
+            "SELECT DISTINCT connection_id FROM dead_letters"
+            " WHERE connection_id NOT IN (SELECT value FROM json_each(?))",
+            (known,),
+        )
+        for (cid,) in gone:
+            await self._spool.drop_connection(str(cid))
+            log.info("Dead letters of a deleted connection removed", connection=cid)
         dropped: dict[str, int] = {}
         limit = now - letters.retention.total_seconds()
         expired = await self._prune_letters("resending = 0 AND time < ?", (limit,))
@@ -562,21 +583,30 @@ class Recovery:
         return counts
 
     async def _prune_journal(self, where: str, values: Sequence[Any]) -> int:
+        """Delete the journal rows matching `where`, oldest first, `_PRUNE_CHUNK` a
+        transaction: a large prune (the journal turned off, a long downtime) must not hold
+        the spool's writer, and so live uplinks' commits, for seconds."""
+        chosen = f"SELECT id FROM journal WHERE {where} ORDER BY id LIMIT {_PRUNE_CHUNK}"
+
         async def action(db: aiosqlite.Connection) -> tuple[int, int]:
             async with db.execute(
                 "SELECT count(*), coalesce(sum(length(document) + length(route)), 0)"
-                f" FROM journal WHERE {where}",
+                f" FROM journal WHERE id IN ({chosen})",
                 values,
             ) as cursor:
                 row = await cursor.fetchone()
             if row is None or not row[0]:
                 return 0, 0
-            await db.execute(f"DELETE FROM journal WHERE {where}", values)
+            await db.execute(f"DELETE FROM journal WHERE id IN ({chosen})", values)
             return int(row[0]), int(row[1])
 
-        count, size = await self._spool.write(action)
-        self._journal_bytes = max(0, self._journal_bytes - size - _ROW_OVERHEAD * count)
-        return int(count)
+        total = 0
+        while True:
+            count, size = cast(tuple[int, int], await self._spool.write(action))
+            self._journal_bytes = max(0, self._journal_bytes - size - _ROW_OVERHEAD * count)
+            total += count
+            if count < _PRUNE_CHUNK:
+                return total
 
     async def _shrink_journal(self, max_size: int) -> int:
         """The oldest journal rows go until the journal fits in `max_size` (90% of it, so
@@ -627,8 +657,7 @@ class Recovery:
         )
         counts = {str(r[0]): int(r[1]) for r in rows}
         for cid in self._gauged - set(counts):
-            with contextlib.suppress(KeyError):
-                self._metrics.dead_letters.labels(cid).set(0)
+            self._metrics.dead_letters.labels(cid).set(0)
         for cid, n in counts.items():
             self._metrics.dead_letters.labels(cid).set(n)
         self._gauged = set(counts)

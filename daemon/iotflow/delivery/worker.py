@@ -309,7 +309,7 @@ class ConnectionWorker:
             if document is None:
                 self._finish(delivery, Outcome.FILTERED)
                 return
-            delivery = dataclasses.replace(delivery, document=document)
+            delivery = dataclasses.replace(delivery, document=document, source=delivery.document)
         last: SinkError | None = None
         try:
             try:

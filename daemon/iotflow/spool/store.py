@@ -116,7 +116,8 @@ CREATE TABLE dead_letters (
     dev_eui TEXT NOT NULL,
     uplink_time REAL NOT NULL,
     received_at REAL NOT NULL,
-    document BLOB NOT NULL,
+    document BLOB NOT NULL,  -- as it was to be sent (after the connection's processors)
+    original BLOB,  -- before the processors, when they changed it: what a re-send uses
     validity REAL,
     outcome TEXT NOT NULL,
     reason TEXT NOT NULL,
@@ -129,6 +130,7 @@ CREATE TABLE dead_letters (
     resending INTEGER NOT NULL DEFAULT 0  -- 1 while a re-sent copy is pending
 );
 CREATE INDEX dead_letters_connection ON dead_letters (connection_id, id);
+CREATE INDEX dead_letters_time ON dead_letters (connection_id, time);  -- the list's order
 CREATE TABLE replays (
     id TEXT PRIMARY KEY,
     connection_id TEXT NOT NULL,
@@ -215,8 +217,8 @@ _INSERT_JOURNAL = (
 )
 _INSERT_LETTER = (
     "INSERT INTO dead_letters (connection_id, dev_eui, uplink_time, received_at, document,"
-    " validity, outcome, reason, status, body, attempts, first_attempt, last_attempt, time)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " original, validity, outcome, reason, status, body, attempts, first_attempt,"
+    " last_attempt, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # A re-sent letter that fails again is the same letter again, with the new attempts.
 _UPDATE_LETTER = (
@@ -224,6 +226,7 @@ _UPDATE_LETTER = (
     " attempts = attempts + ?, last_attempt = ?, time = ?, resending = 0 WHERE id = ?"
 )
 _DELETE_LETTER = "DELETE FROM dead_letters WHERE id = ?"
+_RELEASE_LETTER = "UPDATE dead_letters SET resending = 0 WHERE id = ?"
 _DROP_LETTERS = "DELETE FROM dead_letters WHERE connection_id = ?"
 _CANCEL_REPLAYS = (
     "UPDATE replays SET state = 'cancelled', finished_at = ?"
@@ -267,6 +270,9 @@ class Delivery:
     attempts: int = 0  # in memory only
     first_attempt: float | None = None  # epoch seconds, in memory only
     last_attempt: float | None = None
+    # In memory: the document before the connection's processors, when they changed it
+    # (a dead letter keeps both: what was to be sent, and what a re-send starts from).
+    source: bytes | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -917,7 +923,11 @@ async def _write_final(db: aiosqlite.Connection, final: _Final) -> int:
         return 0  # dropped with its connection meanwhile: it ends nowhere
     letter = final.letter
     change = 0
-    if d.letter is not None and letter is None:
+    if final.outcome == "dropped":
+        # Never sent (its connection has no worker): the letter may be re-sent again.
+        if d.letter is not None:
+            await db.execute(_RELEASE_LETTER, (d.letter,))
+    elif d.letter is not None and letter is None:
         cursor = await db.execute(_DELETE_LETTER, (d.letter,))
         change = -cursor.rowcount
     elif letter is not None:
@@ -947,6 +957,7 @@ async def _write_final(db: aiosqlite.Connection, final: _Final) -> int:
                     d.uplink_time,
                     d.received_at,
                     d.document,
+                    d.source,
                     d.validity,
                     letter.outcome,
                     letter.reason,
