@@ -19,6 +19,8 @@ from iotflow.fleet import Fleet, default_api_url, sum_statistics
 from iotflow.registry import AlarmState, Instance, Store
 from iotflow.registry import db as registry_db
 from iotflow.registry.db import Migration, load_migrations
+from support.clouds import FakeCloud
+from support.ports import free_port
 from support.postgres import Postgres
 from test_registry import Backend, postgres_backend
 
@@ -264,3 +266,44 @@ async def test_a_newer_schema_is_used_only_when_it_says_so(backend: Backend) -> 
         f"UPDATE schema_compatibility SET oldest_reader = {latest} WHERE version = {latest + 1}"
     )
     assert await backend.open().migrate() == latest
+
+
+# -- asking peers ----------------------------------------------------------------------------
+
+
+async def test_a_peer_is_asked_with_the_callers_token_and_one_that_is_down_says_so(
+    pg_backend: Backend, cloud: FakeCloud
+) -> None:
+    store = pg_backend.open()
+    await store.migrate()
+    fleet = Fleet(
+        store,
+        instance_id="me",
+        api_url="http://me:1",
+        schema_version=5,
+        shared=True,
+        heartbeat=5,
+        statistics=dict,
+    )
+    now = datetime.now(UTC)
+    up = Instance("up", cloud.url("/").rstrip("/"), "0.1", 5, now, now)
+    down = Instance("down", f"http://127.0.0.1:{free_port()}", "0.1", 5, now, now)
+    for peer in (up, down):
+        await store.publish_instance(peer, {})
+    cloud.respond(200, body=[{"id": 1}], headers={"X-Total": "7"})
+    try:
+        with capture_logs() as logs:
+            answers = {a.instance: a for a in await fleet.ask_all("GET", "/x?a=1", token="s3cret")}
+    finally:
+        await fleet.close()
+    assert answers["up"].status == 200
+    assert answers["up"].body == [{"id": 1}]
+    assert answers["up"].total == 7
+    (request,) = cloud.requests_to("/x")
+    assert request.headers["Authorization"] == "Bearer s3cret"
+    assert request.headers["X-Iotflow-Fleet"] == "local"  # answered there, not fanned out
+    assert answers["down"].status is None
+    assert answers["down"].error
+    (warning,) = [e for e in logs if e["event"] == "Peer did not answer"]
+    assert warning["instance"] == "down"
+    assert "s3cret" not in repr(logs)
