@@ -14,10 +14,10 @@ instances' APIs (with the caller's bearer token) and answers with the whole:
   `?instance=` concerns the answering instance's letters;
 - a replay id unknown here is looked up on the peers.
 
-An instance that does not answer is named in the `X-Iotflow-Unreachable` header; the answer
-is the rest of the fleet's. A call from a peer carries `X-Iotflow-Fleet: local` and is
-answered locally, so that nothing fans out twice. With SQLite (one instance) only
-`?instance=` is read, and must name this instance.
+An instance that does not answer, or that missed its heartbeats, is named in the
+`X-Iotflow-Unreachable` header; the answer is the rest of the fleet's. A call from a peer
+carries `X-Iotflow-Fleet: local` and is answered locally, so that nothing fans out twice.
+With SQLite (one instance) only `?instance=` is read, and must name this instance.
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ async def _fan_out(
         for a in await _ask(fleet, peers, request.method, _path(request), _token(request), body)
     ]
     unreachable = [a.instance for a in answers if a.status is None or a.status >= 500]
+    unreachable += await _silent(fleet)
     done = [a for a in answers if a.status is not None and a.status < 300]
     headers = {UNREACHABLE: ",".join(unreachable)} if unreachable else {}
     if route == _RESEND:
@@ -177,7 +178,7 @@ async def _merged_letters(
     peers = await fleet.peers()
     letters: list[dict[str, Any]] = []
     total = 0
-    unreachable: list[str] = []
+    unreachable = await _silent(fleet)
     for source in [None, *peers]:
         name = fleet.id if source is None else source.id
         got, count, ok = await _top_letters(request, handler, fleet, source, need)
@@ -238,6 +239,12 @@ async def _replay_anywhere(
 
 
 # -- plumbing ------------------------------------------------------------------------------
+
+
+async def _silent(fleet: Fleet) -> list[str]:
+    """Instances the registry knows that missed their heartbeats: not asked, but named,
+    since what their spools hold is missing from the answer."""
+    return [i.id for i in await fleet.instances() if not fleet.alive(i)]
 
 
 def _without_instance(request: web.Request, query: dict[str, str]) -> web.Request:
