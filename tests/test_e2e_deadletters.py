@@ -329,19 +329,42 @@ async def test_a_connection_made_after_an_hour_of_traffic_gets_that_hour_by_repl
             "from": (origin + timedelta(minutes=15)).isoformat(),
             "to": (origin + timedelta(minutes=45)).isoformat(),
         }
-        # The journal is written by the spool's next group commit after the acknowledgement.
-        started: dict[str, Any] = {}
+        # The journal is written by the spool's next group commit after the acknowledgement:
+        # a deactivated connection (it sends nothing) counts it until all 120 are there.
+        probe = connection("probe", cloud.url("/probe"), [])
+        del probe["devices"]
+        status, created, _ = await api.call("POST", "/connections", {**probe, "active": False})
+        assert status == 201, created
+        whole = {
+            "from": origin.isoformat(),
+            "to": (origin + timedelta(hours=1)).isoformat(),
+            "devEUIs": [C, D],
+        }
+
+        probes: list[str] = []
 
         async def all_journaled() -> bool:
-            status, answer, _ = await api.call("POST", "/connections/late/replay", window)
+            status, answer, _ = await api.call("POST", "/connections/probe/replay", whole)
             assert status == 202, answer
-            if answer["uplinks"] == 31:
-                started.update(answer)
-                return True
-            await api.call("DELETE", f"/replays/{answer['id']}")
-            return False
+            probes.append(answer["id"])
+            return bool(answer["uplinks"] == 120)
 
         await until(all_journaled)
+        # Deleting a connection cancels its replays (and drops what they queued).
+        status, _, _ = await api.call("DELETE", "/connections/probe")
+        assert status == 204
+
+        async def cancelled() -> bool:  # the worker is removed after the answer
+            _, replay, _ = await api.call("GET", f"/replays/{probes[-1]}")
+            return bool(replay["state"] == "cancelled")
+
+        await until(cancelled)
+        code, out, err = await cli(
+            daemon, "replay", "late", "--from", window["from"], "--to", window["to"]
+        )
+        assert code == 0, err
+        started = json.loads(out)
+        assert started["uplinks"] == 31, started
         rid = started["id"]
 
         async def done() -> bool:
