@@ -13,6 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from iotflow import __version__
+from iotflow.api.server import openapi_document
 from iotflow.connectors.connection import parse_connection
 from iotflow.errors import RegistryError
 from iotflow.fleet import Fleet, default_api_url, sum_statistics
@@ -307,3 +308,14 @@ async def test_a_peer_is_asked_with_the_callers_token_and_one_that_is_down_says_
     (warning,) = [e for e in logs if e["event"] == "Peer did not answer"]
     assert warning["instance"] == "down"
     assert "s3cret" not in repr(logs)
+
+
+def test_the_document_describes_the_fleet_routes() -> None:
+    paths = openapi_document()["paths"]
+    listed = paths["/iot-flow/v1/instances"]["get"]
+    assert listed["responses"]["200"]
+    letters = paths["/iot-flow/v1/connections/{id}/deadLetters"]["get"]
+    assert "instance" in [p["name"] for p in letters["parameters"]]
+    assert "502" in letters["responses"]
+    replay = paths["/iot-flow/v1/replays/{id}"]["get"]
+    assert "instance" in [p["name"] for p in replay["parameters"]]
