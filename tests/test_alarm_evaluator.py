@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from iotflow.alarms.clock import Clock
 from iotflow.alarms.evaluator import Alarms
 from iotflow.connectors import Connection, parse_connection
-from iotflow.registry import SqliteStore, Store
+from iotflow.registry import AlarmState, SqliteStore, Store
 from iotflow.telemetry.metrics import Metrics
 
 START = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)  # a Monday, 09:00 in Paris
@@ -70,11 +70,36 @@ class Recorder:
         self.notes.append(message)
 
 
+class Spied:
+    """The store, telling the recorder which events its alarm changes wrote (they go to the
+    registry with the change, in one transaction, not through the record callback)."""
+
+    def __init__(self, store: Store, recorder: Recorder) -> None:
+        self._store = store
+        self._recorder = recorder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def set_alarm_state(
+        self,
+        state: AlarmState,
+        *,
+        expect_active: bool,
+        event: tuple[str, Mapping[str, Any]] | None = None,
+    ) -> bool:
+        done = await self._store.set_alarm_state(state, expect_active=expect_active, event=event)
+        if done and event is not None:
+            self._recorder.events.append((event[0], dict(event[1])))
+        return done
+
+
 async def make(store: Store, clock: ManualClock, recorder: Recorder) -> Alarms:
     connection = watched()
     if not await store.list_connections():
         await store.create_connection(connection)
-    alarms = Alarms(store, Metrics(), recorder, notify=recorder.notify, clock=clock)
+    spied = cast(Store, Spied(store, recorder))
+    alarms = Alarms(spied, Metrics(), recorder, notify=recorder.notify, clock=clock)
     alarms.watch([connection])
     return alarms
 

@@ -152,6 +152,7 @@ STARTED = [
     "transitions",
     "recovery",  # dead letters and replays: resumes replays once the workers run
     "registry-changes",
+    "fleet",
     "api",
     "source",
     "systemd-ready",

@@ -206,7 +206,7 @@ def test_a_migration_is_written_once_with_dialect_fragments() -> None:
     )
     with pytest.raises(RegistryError, match="unknown type"):
         render("CREATE TABLE t (x {blob})", "sqlite")
-    assert [m.version for m in load_migrations("sqlite")] == [1, 2, 3, 4]
+    assert [m.version for m in load_migrations("sqlite")] == [1, 2, 3, 4, 5]
     assert all("{" not in m.sql for d in ("sqlite", "postgresql") for m in load_migrations(d))
 
 
@@ -916,11 +916,11 @@ async def test_a_registry_of_the_previous_stores_opens_without_loss(backend: Bac
         await create_previous_postgres(backend.url, data=True)
     applied_before = await backend.raw("SELECT version, applied_at FROM schema_migrations")
     store = backend.open()
-    assert await store.migrate() == 4
+    assert await store.migrate() == 5
     after = await backend.raw("SELECT version, applied_at FROM schema_migrations")
-    # The previous steps are not applied again; only 0004 (flows) is new.
+    # The previous steps are not applied again; only 0004 (flows) and 0005 are new.
     assert sorted(after)[: len(applied_before)] == sorted(applied_before), "nothing migrated again"
-    assert [row[0] for row in sorted(after)][len(applied_before) :] == [4]
+    assert [row[0] for row in sorted(after)][len(applied_before) :] == [4, 5]
     assert await store.list_flows() == []
     # Everything reads back as it was written.
     documents = previous_documents()
@@ -1020,9 +1020,11 @@ async def test_the_migrations_make_the_schema_of_the_previous_files(backend: Bac
         previous = await postgres_schema(backend.url, "previous")
         now = await postgres_schema(backend.url, "public")
     assert len(now) >= 9  # 7 tables with their indexes, at least
-    # 0004 (flows) came after the previous files: their tables are new, the rest the same.
+    # 0004 (flows) and 0005 (instances) came after the previous files: their tables are
+    # new, the rest the same.
     table = 2 if backend.kind == "sqlite" else 0
-    new = {"flows", "flow_connections"}
+    new = {"flows", "flow_connections", "instances", "instance_statistics"}
+    new.add("schema_compatibility")
     assert {row[table] for row in now} >= new
     assert [row for row in now if row[table] not in new] == previous
 

@@ -32,6 +32,7 @@ from iotflow.downlinks.service import Downlinks
 from iotflow.drivers import AUTO, Drivers
 from iotflow.errors import ConfigError, IotflowError, Rejection
 from iotflow.events import EventLog
+from iotflow.fleet import Fleet, default_api_url
 from iotflow.formats import actility_document, decode
 from iotflow.registry import Store, open_registry
 from iotflow.routing import RoutingIndex
@@ -71,6 +72,7 @@ class Daemon:
         self.directory: DeviceDirectory | None = None
         self.downlinks: Downlinks | None = None
         self.drivers: Drivers | None = None  # TS013 codecs; None: not started (no decoding)
+        self.fleet: Fleet | None = None  # this instance among those sharing the registry
         self._runner: web.AppRunner | None = None
         self._api_sockets: list[socket.socket] = []
         self._stop = asyncio.Event()
@@ -204,6 +206,18 @@ class Daemon:
         self._closing("recovery", self.recovery.close)
         await self.alarms.start()
         self._background(self._follow_changes(), "registry-changes")
+        self.fleet = Fleet(
+            self.store,
+            instance_id=config.mqtt.client_id,
+            api_url=config.api.url or default_api_url(config.api.host, config.api.port),
+            schema_version=version,
+            # Only a shared database has other instances; SQLite pays for none of this.
+            shared=config.registry.url.startswith(("postgresql:", "postgres:")),
+            heartbeat=config.registry.heartbeat.total_seconds(),
+            statistics=self._statistics,
+        )
+        await self.fleet.start()
+        self._closing("fleet", self.fleet.close)
         self._runner = web.AppRunner(create_app(self), access_log=None)
         await self._runner.setup()
         # The API writes through the spool (HTTP ingest, re-sends): it closes before it.
@@ -311,6 +325,12 @@ class Daemon:
 
     def active_alarms(self) -> list[dict[str, Any]]:
         return self.alarms.active() if self.alarms is not None else []
+
+    def _statistics(self) -> dict[str, dict[str, Any]]:
+        """This instance's statistics of every connection it runs a worker for."""
+        if self.deliveries is None:
+            return {}
+        return {cid: w.stats.document() for cid, w in self.deliveries.workers.items()}
 
     def record(self, connection_id: str, kind: str, data: dict[str, Any]) -> None:
         """Add to a connection's event log, in the background."""

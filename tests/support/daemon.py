@@ -48,6 +48,9 @@ class DaemonProcess:
         mqtt: dict[str, Any] | None = None,
         subscriptions: list[dict[str, Any]] | None = None,
         tokens: str = '["test-token"]',
+        registry_url: str | None = None,
+        registry: dict[str, Any] | None = None,
+        api: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -66,6 +69,10 @@ class DaemonProcess:
         self.mqtt = mqtt or {}
         self.subscriptions = subscriptions
         self.tokens = tokens  # the TOML value of [api] tokens
+        # A fleet shares one PostgreSQL registry; alone, a SQLite file of its own.
+        self.registry_url = registry_url or f"sqlite:///{workdir}/registry.db"
+        self.registry = registry or {}  # more [registry] keys ("heartbeat")
+        self.api_settings = api or {}  # more [api] keys ("url")
         self.logs: list[LogEvent] = []
         self.output: list[str] = []
         self.process: asyncio.subprocess.Process | None = None
@@ -97,12 +104,14 @@ class DaemonProcess:
             lines += [f"{k} = {toml_value(v)}" for k, v in subscription.items()]
         lines += [
             "[registry]",
-            f'url = "sqlite:///{self.workdir}/registry.db"',
+            f'url = "{self.registry_url}"',
+            *(f"{k} = {toml_value(v)}" for k, v in self.registry.items()),
             "[spool]",
             f'path = "{self.spool_path}"',
             "[api]",
             f'listen = "127.0.0.1:{self.api_port}"',
             f"tokens = {self.tokens}",
+            *(f"{k} = {toml_value(v)}" for k, v in self.api_settings.items()),
             "[log]",
             'level = "debug"',
             "[delivery]",

@@ -7,6 +7,9 @@ import os
 import time
 
 SPEED_VARIABLE = "IOTFLOW_TEST_CLOCK_SPEED"
+# The epoch second at which the accelerated clock reads real time: instances of one fleet
+# under test share it, so that they agree on the minute (default: the process's start).
+ORIGIN_VARIABLE = "IOTFLOW_TEST_CLOCK_ORIGIN"
 
 
 class Clock:
@@ -17,16 +20,19 @@ class Clock:
     alone; deliveries and uplink validity always use real time.
     """
 
-    def __init__(self, speed: float = 1.0) -> None:
+    def __init__(self, speed: float = 1.0, origin: float | None = None) -> None:
         if speed <= 0:
             raise ValueError("the clock's speed must be positive")
         self.speed = speed
-        self._origin = time.time()
+        now = time.time()
+        # Virtual time at this process's start: `origin` plus the real time since, sped up.
+        self._origin = now if origin is None else origin + (now - origin) * speed
         self._monotonic = time.monotonic()
 
     @classmethod
     def from_environment(cls) -> Clock:
-        return cls(float(os.environ.get(SPEED_VARIABLE) or 1))
+        origin = os.environ.get(ORIGIN_VARIABLE)
+        return cls(float(os.environ.get(SPEED_VARIABLE) or 1), float(origin) if origin else None)
 
     def now(self) -> float:
         return self._origin + (time.monotonic() - self._monotonic) * self.speed

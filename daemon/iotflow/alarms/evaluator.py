@@ -245,13 +245,6 @@ class Alarms:
             window.start if window else None,
             window.end if window else None,
         )
-        if not await self._store.set_alarm_state(state, expect_active=not raise_):
-            return  # another instance announced it
-        key = (watched.connection_id, watched.index)
-        self._states[key] = state
-        self._metrics.alarm_active.labels(watched.connection_id, str(watched.index)).set(
-            1 if raise_ else 0
-        )
         alarm = watched.alarm
         kind = "alarm_raised" if raise_ else "alarm_cleared"
         details: dict[str, Any] = {
@@ -262,7 +255,24 @@ class Alarms:
             "reason": reason,
             "window": _window(window) if window else None,
         }
-        self._record(watched.connection_id, kind, details)
+        announce = await self._store.set_alarm_state(
+            state, expect_active=not raise_, event=(kind, details)
+        )
+        key = (watched.connection_id, watched.index)
+        # Refused: another instance of the fleet got there first and announced it. The state
+        # is the same either way (its details are read again at the next evaluation).
+        self._states[key] = state
+        self._metrics.alarm_active.labels(watched.connection_id, str(watched.index)).set(
+            1 if raise_ else 0
+        )
+        if not announce:
+            log.debug(
+                "Alarm change announced by another instance",
+                connection=watched.connection_id,
+                alarm=watched.index,
+                raised=raise_,
+            )
+            return
         (log.warning if raise_ else log.info)(
             "Alarm raised" if raise_ else "Alarm cleared",
             connection=watched.connection_id,

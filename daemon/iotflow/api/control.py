@@ -17,6 +17,7 @@ from iotflow.delivery.recovery import Recovery
 from iotflow.delivery.worker import Statistics
 from iotflow.downlinks.service import Downlinks
 from iotflow.drivers import Drivers
+from iotflow.fleet import Fleet
 from iotflow.registry import Store
 from iotflow.telemetry.metrics import Metrics
 
@@ -60,6 +61,11 @@ class ControlPlane(Protocol):
     @property
     def drivers(self) -> Drivers | None:
         """The payload drivers; None while the daemon is starting."""
+        ...
+
+    @property
+    def fleet(self) -> Fleet | None:
+        """This instance among those sharing the registry; None while starting."""
         ...
 
     @property

@@ -110,7 +110,7 @@ class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Statistics(_Out):
+class _Counts(_Out):
     received: int
     delivered: int
     retried: int
@@ -121,6 +121,34 @@ class Statistics(_Out):
     pending: int
     lastError: str | None
     lastDeliveryTime: str | None
+
+
+class InstanceStatistics(_Counts):
+    """One instance's share of a connection's statistics (fleets only)."""
+
+    instance: str = Field(description="the instance's id ([mqtt] client_id)")
+
+
+class Statistics(_Counts):
+    """Since each instance started. With a PostgreSQL registry (a fleet), the sum over the
+    live instances, and `instances` says what each counted; absent for a single instance."""
+
+    instances: list[InstanceStatistics] | None = None
+
+
+class InstanceView(_Out):
+    """One daemon of the fleet that shares this registry."""
+
+    model_config = ConfigDict(title="Instance")
+
+    id: str = Field(description="[mqtt] client_id, unique in a fleet")
+    apiUrl: str | None
+    version: str
+    schemaVersion: int = Field(description="the newest registry migration it knows")
+    startedAt: str
+    lastSeen: str = Field(description="its last heartbeat")
+    alive: bool = Field(description="heard from within three heartbeats")
+    answering: bool = Field(description="whether it is the instance answering this request")
 
 
 class AlarmStatus(_Out):
@@ -301,6 +329,10 @@ class DeadLetter(_Out):
     firstAttemptTime: str | None
     lastAttemptTime: str | None
     time: str = Field(description="when it became a dead letter")
+    instance: str | None = Field(
+        default=None,
+        description="fleets: the instance that holds it (its id is unique there only)",
+    )
 
 
 class DeadLetterDetail(DeadLetter):
@@ -336,9 +368,20 @@ class ReplayInput(BaseModel):
     devEUIs: Annotated[list[_DevEUI], Field(max_length=MAX_REPLAY_DEVICES)] | None = None
 
 
+class InstanceReplay(_Out):
+    """Fleets: the replay one instance started on its own journal."""
+
+    instance: str
+    id: str
+    uplinks: int
+
+
 class ReplayStarted(_Out):
     id: str
     uplinks: int = Field(description="journaled uplinks of the window to send")
+    instances: list[InstanceReplay] | None = Field(
+        default=None, description="fleets: the replay each instance started"
+    )
 
 
 class Replay(_Out):
@@ -350,3 +393,6 @@ class Replay(_Out):
     expired: int
     failed: int
     pending: int
+    instance: str | None = Field(
+        default=None, description="fleets: the instance it runs on, when not this one"
+    )

@@ -32,6 +32,8 @@ from iotflow.api.models import (
     DownlinkAccepted,
     DownlinkInput,
     Event,
+    InstanceStatistics,
+    InstanceView,
     Statistics,
 )
 from iotflow.api.models import Connection as ConnectionView
@@ -46,8 +48,10 @@ from iotflow.delivery.worker import iso
 from iotflow.downlinks import DownlinkRejected, parse_downlink
 from iotflow.downlinks.signature import ReplayGuard, Unauthorized, verify
 from iotflow.errors import NotFoundError, Problem
+from iotflow.fleet import sum_statistics
 from iotflow.formats import normalize_dev_eui
 from iotflow.registry import Event as StoredEvent
+from iotflow.registry import Instance
 from iotflow.states import ConnectionState
 from iotflow.telemetry.logging import get_logger
 
@@ -79,8 +83,35 @@ def connection_id(request: web.Request) -> str:
     return value
 
 
-def connection_document(control: ControlPlane, connection: Connection) -> dict[str, Any]:
-    """The connection as the product shows it: configuration (secrets masked) and status."""
+FleetStatistics = dict[str, dict[str, dict[str, Any]]]
+
+
+async def fleet_statistics(control: ControlPlane) -> FleetStatistics | None:
+    """Per connection, each live instance's statistics; None for a single instance."""
+    fleet = control.fleet
+    if fleet is None or not fleet.shared:
+        return None
+    return await fleet.statistics()
+
+
+def _statistics(
+    connection_id: str, own: WorkerStatistics, fleet: FleetStatistics | None
+) -> Statistics:
+    if fleet is None:
+        return Statistics.model_validate(own.document())
+    by_instance = fleet.get(connection_id, {})
+    breakdown = [
+        InstanceStatistics.model_validate({"instance": instance, **document})
+        for instance, document in sorted(by_instance.items())
+    ]
+    return Statistics.model_validate({**sum_statistics(by_instance), "instances": breakdown})
+
+
+def connection_document(
+    control: ControlPlane, connection: Connection, fleet: FleetStatistics | None = None
+) -> dict[str, Any]:
+    """The connection as the product shows it: configuration (secrets masked) and status;
+    with `fleet`, its statistics are the fleet's, instance by instance too."""
     document = connection.document()
     worker = control.worker(connection.id)
     state: str
@@ -97,7 +128,7 @@ def connection_document(control: ControlPlane, connection: Connection) -> dict[s
         alarms=connection.alarms if connection.fault is None else [],
         state=state,
         startupTime=iso(startup) if startup is not None else None,
-        statistics=Statistics.model_validate(stats.document()),
+        statistics=_statistics(connection.id, stats, fleet),
         provisioned=connection.provisioned,
         alarmStates=[AlarmStatus.model_validate(s) for s in control.alarm_states(connection.id)],
     )
@@ -157,8 +188,9 @@ async def list_connections(request: web.Request) -> web.Response:
     connections = await control.registry.list_connections()
     start = (page - 1) * per_page
     chosen = connections[start : start + per_page]
+    fleet = await fleet_statistics(control) if chosen else None
     return paginated(
-        [connection_document(control, c) for c in chosen], len(connections), page, per_page
+        [connection_document(control, c, fleet) for c in chosen], len(connections), page, per_page
     )
 
 
@@ -193,7 +225,7 @@ async def create_connection(request: web.Request) -> web.Response:
 async def get_connection(request: web.Request) -> web.Response:
     control = control_of(request)
     connection = await control.registry.get_connection(connection_id(request))
-    return json(connection_document(control, connection))
+    return json(connection_document(control, connection, await fleet_statistics(control)))
 
 
 @routes.route(
@@ -280,6 +312,45 @@ def event_document(event: StoredEvent) -> dict[str, Any]:
     )
     result: dict[str, Any] = dump(view)
     return result
+
+
+# -- instances -----------------------------------------------------------------------------
+
+
+def _instance_view(control: ControlPlane, instance: Instance) -> dict[str, Any]:
+    fleet = control.fleet
+    assert fleet is not None
+    view = InstanceView(
+        id=instance.id,
+        apiUrl=instance.api_url,
+        version=instance.version,
+        schemaVersion=instance.schema_version,
+        startedAt=iso(instance.started_at.timestamp()),
+        lastSeen=iso(instance.seen_at.timestamp()),
+        alive=fleet.alive(instance),
+        answering=instance.id == fleet.id,
+    )
+    result: dict[str, Any] = dump(view)
+    return result
+
+
+@routes.route(
+    "GET",
+    f"{BASE}/instances",
+    summary="The instances sharing this registry (the fleet), by id",
+    description=(
+        "With a PostgreSQL registry, every instance that published a heartbeat and has not"
+        " stopped (one silent for three heartbeats is `alive: false`, and forgotten after a"
+        " day); with SQLite, this instance alone."
+    ),
+    answers={200: Answer("The instances", InstanceView, many=True), **errors()},
+)
+async def list_instances(request: web.Request) -> web.Response:
+    control = control_of(request)
+    fleet = control.fleet
+    if fleet is None:
+        raise ApiError(503, "starting", "The daemon is starting.")
+    return json([_instance_view(control, i) for i in await fleet.instances()])
 
 
 # -- alarms --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from iotflow.api.control import CONTROL, ControlPlane
 from iotflow.api.deadletters import recovery_routes
 from iotflow.api.drivers import driver_routes
 from iotflow.api.errors import error_middleware
+from iotflow.api.fleetwide import fleet_middleware, fleet_wide
 from iotflow.api.flows import flow_routes
 from iotflow.api.models import Health, OpenApi, Readiness, WhoAmI
 from iotflow.api.openapi import generate
@@ -95,7 +96,13 @@ async def whoami(request: web.Request) -> web.Response:
 
 # Every route of the listener, each declared once: the router and the document read it.
 TABLE = (
-    health + routes + flow_routes + recovery_routes + ingest_routes + driver_routes + console_routes
+    health
+    + routes
+    + flow_routes
+    + fleet_wide(recovery_routes)
+    + ingest_routes
+    + driver_routes
+    + console_routes
 )
 
 
@@ -112,6 +119,8 @@ def create_app(control: ControlPlane) -> web.Application:
         middlewares=[
             error_middleware,
             auth_middleware(tokens, TABLE.roles(), exempt=TABLE.exempt()),
+            # After authentication: a peer is asked with the caller's own token.
+            fleet_middleware(),
         ],
     )
     app[CONTROL] = control

@@ -133,6 +133,9 @@ class MqttSettings(Section):
 
 class RegistrySettings(Section):
     url: str = "sqlite:///var/registry.db"
+    # PostgreSQL (a fleet): how often this instance publishes its heartbeat and statistics;
+    # an instance silent for three of these is shown as not alive (docs/scale-out.md).
+    heartbeat: PositiveDuration = timedelta(seconds=5)
 
     @field_validator("url")
     @classmethod
@@ -219,6 +222,9 @@ class ApiToken(Section):
 
 class ApiSettings(Section):
     listen: str = "127.0.0.1:8080"
+    # Where the other instances of a fleet reach this one's API (http://host:port), for the
+    # fleet-wide answers; default: from `listen`, with the host name for a wildcard address.
+    url: str | None = None
     # A bare string is an owner named `token-<its position>`, as before roles existed.
     tokens: list[ApiToken] = Field(default_factory=list)
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
@@ -240,6 +246,16 @@ class ApiSettings(Section):
             {"name": f"token-{i}", "token": item} if isinstance(item, str) else item
             for i, item in enumerate(value, start=1)
         ]
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected http://host:port or https://host:port")
+        return value.rstrip("/")
 
     @field_validator("tokens")
     @classmethod

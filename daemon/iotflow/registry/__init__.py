@@ -16,6 +16,7 @@ from iotflow.registry.store import (
     ChangeFeed,
     DeviceBinding,
     Event,
+    Instance,
     Reconciled,
     Store,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "ChangeFeed",
     "DeviceBinding",
     "Event",
+    "Instance",
     "PostgresStore",
     "Reconciled",
     "SqliteStore",

@@ -172,6 +172,9 @@ class Migration:
     version: int
     name: str
     sql: str  # of one dialect
+    # The oldest schema version whose code keeps working once this one is applied: its own
+    # version, unless the file says `-- compatible-with: N` (additive changes only).
+    oldest_reader: int
 
     def statements(self) -> list[str]:
         """The SQL split into statements, run one at a time inside the transaction."""
@@ -189,6 +192,7 @@ class Migration:
 
 
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_COMPATIBLE = re.compile(r"^-- compatible-with: (\d+)$", re.MULTILINE)
 
 
 def _only_comments(sql: str) -> bool:
@@ -203,8 +207,11 @@ def load_migrations(dialect: Dialect) -> list[Migration]:
     for entry in folder.iterdir():
         match = _MIGRATION_FILE.match(entry.name)
         if match:
-            sql = render(entry.read_text("utf-8"), dialect)
-            found.append(Migration(int(match.group(1)), match.group(2), sql))
+            text = entry.read_text("utf-8")
+            version = int(match.group(1))
+            compatible = _COMPATIBLE.search(text)
+            oldest = int(compatible.group(1)) if compatible else version
+            found.append(Migration(version, match.group(2), render(text, dialect), oldest))
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
     if versions != list(range(1, len(found) + 1)):

@@ -216,6 +216,7 @@ class PostgresDatabase(Database):
         conn.add_termination_listener(lambda _conn: lost.set())
         await conn.add_listener(CHANNEL, self._on_notification)
         self._hub.set_ready(True)
+        log.info("Registry change feed listening")
         while not lost.is_set():
             try:
                 await asyncio.wait_for(lost.wait(), self._keepalive)

@@ -32,6 +32,7 @@ from iotflow.registry.store import (
     ChangeFeed,
     DeviceBinding,
     Event,
+    Instance,
     Reconciled,
     check_page,
     group_bindings,
@@ -53,6 +54,8 @@ log = get_logger("iotflow.registry")
 # instance, of this version or an older one, agrees.
 _MIGRATE_LOCK = 0x696F74666C6F7701
 _WRITE_LOCK = 0x696F74666C6F7702
+# The migration that created the schema_compatibility table.
+_COMPATIBILITY_SINCE = 5
 
 
 def _dumps(value: Any) -> str:
@@ -94,11 +97,25 @@ class SqlStore:
             applied = {
                 int(row[0]) for row in await tx.fetch("SELECT version FROM schema_migrations")
             }
-            if max(applied, default=0) > latest:
-                raise RegistryError(
-                    f"registry schema version {max(applied)} is newer than this iotflow "
-                    f"knows ({latest}); upgrade iotflow"
+            newest = max(applied, default=0)
+            if newest > latest:
+                # A rolling upgrade: a newer instance migrated the registry. Keep working
+                # if that schema says code of our version still works on it.
+                oldest = await tx.fetchval(
+                    "SELECT oldest_reader FROM schema_compatibility WHERE version = $1", newest
                 )
+                if oldest is None or int(oldest) > latest:
+                    raise RegistryError(
+                        f"registry schema version {newest} is newer than this iotflow "
+                        f"knows ({latest}); upgrade iotflow"
+                    )
+                log.warning(
+                    "Registry schema is newer than this iotflow; it is compatible",
+                    schema_version=newest,
+                    known=latest,
+                    fix="upgrade this instance (a rolling upgrade is in progress)",
+                )
+                return latest
             for migration in migrations:
                 if migration.version in applied:
                     continue
@@ -111,6 +128,12 @@ class SqlStore:
                     _now(),
                 )
                 log.info("Registry migrated", version=migration.version, name=migration.name)
+            if latest >= _COMPATIBILITY_SINCE:
+                await tx.executemany(
+                    "INSERT INTO schema_compatibility (version, oldest_reader) VALUES ($1, $2)"
+                    " ON CONFLICT (version) DO NOTHING",
+                    [(m.version, m.oldest_reader) for m in migrations],
+                )
         return latest
 
     async def ping(self) -> None:
@@ -410,26 +433,32 @@ class SqlStore:
         time = _now()
         # Not the write lock: events are frequent and independent of routing.
         async with self._db.transaction() as tx:
-            try:
-                event_id = await tx.fetchval(
-                    "INSERT INTO events (connection_id, time, kind, data)"
-                    " VALUES ($1, $2, $3, $4) RETURNING id",
-                    connection_id,
-                    time,
-                    kind,
-                    encoded,
-                )
-            except ForeignKeyViolation:
-                raise NotFoundError(f"connection {connection_id!r} not found") from None
-            # Keep the newest N: one index range walk, and nothing deleted most of the time.
-            await tx.execute(
-                "DELETE FROM events WHERE connection_id = $1 AND id <= (SELECT id FROM events"
-                " WHERE connection_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
-                connection_id,
-                self._max_events,
-            )
+            event_id = await self._insert_event(tx, connection_id, time, kind, encoded)
         # Through JSON once, so the returned data is what a later read gives.
         return Event(int(event_id), connection_id, time, kind, orjson.loads(encoded))
+
+    async def _insert_event(
+        self, tx: Conn, connection_id: str, time: datetime, kind: str, encoded: str
+    ) -> int:
+        try:
+            event_id = await tx.fetchval(
+                "INSERT INTO events (connection_id, time, kind, data)"
+                " VALUES ($1, $2, $3, $4) RETURNING id",
+                connection_id,
+                time,
+                kind,
+                encoded,
+            )
+        except ForeignKeyViolation:
+            raise NotFoundError(f"connection {connection_id!r} not found") from None
+        # Keep the newest N: one index range walk, and nothing deleted most of the time.
+        await tx.execute(
+            "DELETE FROM events WHERE connection_id = $1 AND id <= (SELECT id FROM events"
+            " WHERE connection_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+            connection_id,
+            self._max_events,
+        )
+        return int(event_id)
 
     async def list_events(
         self, connection_id: str, offset: int = 0, limit: int = 100
@@ -506,7 +535,13 @@ class SqlStore:
             for r in rows
         ]
 
-    async def set_alarm_state(self, state: AlarmState, *, expect_active: bool) -> bool:
+    async def set_alarm_state(
+        self,
+        state: AlarmState,
+        *,
+        expect_active: bool,
+        event: tuple[str, Mapping[str, Any]] | None = None,
+    ) -> bool:
         # The alarm's own lock serialises the instances, even while it has no row.
         async with self._db.transaction(lock=(state.connection_id, state.alarm)) as tx:
             row = await tx.fetchrow(
@@ -537,6 +572,9 @@ class SqlStore:
                 )
             except ForeignKeyViolation:
                 raise NotFoundError(f"connection {state.connection_id!r} not found") from None
+            if event is not None:
+                kind, data = event
+                await self._insert_event(tx, state.connection_id, _now(), kind, _dumps(dict(data)))
         return True
 
     # -- device sources
@@ -566,6 +604,79 @@ class SqlStore:
         if row is None:
             return None
         return load_device_source(row[0], orjson.loads(row[1]))
+
+    # -- fleet
+
+    async def publish_instance(
+        self, instance: Instance, statistics: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        # Not routing: no change feed fires, and no lock (each instance writes its own rows).
+        async with self._db.transaction() as tx:
+            updated = await tx.execute(
+                "UPDATE instances SET api_url = $2, version = $3, schema_version = $4,"
+                " started_at = $5, seen_at = $6 WHERE id = $1",
+                *_instance_row(instance),
+            )
+            if not updated:
+                await tx.execute(
+                    "INSERT INTO instances"
+                    " (id, api_url, version, schema_version, started_at, seen_at)"
+                    " VALUES ($1, $2, $3, $4, $5, $6)",
+                    *_instance_row(instance),
+                )
+            await tx.execute("DELETE FROM instance_statistics WHERE instance_id = $1", instance.id)
+            await tx.executemany(
+                "INSERT INTO instance_statistics (instance_id, connection_id, document)"
+                " VALUES ($1, $2, $3)",
+                [(instance.id, cid, _dumps(dict(doc))) for cid, doc in statistics.items()],
+            )
+
+    async def list_instances(self) -> list[Instance]:
+        async with self._db.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id, api_url, version, schema_version, started_at, seen_at"
+                " FROM instances ORDER BY id"
+            )
+        return [
+            Instance(row[0], row[1], row[2], int(row[3]), timestamp(row[4]), timestamp(row[5]))
+            for row in rows
+        ]
+
+    async def instance_statistics(self) -> dict[str, dict[str, dict[str, Any]]]:
+        async with self._db.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT connection_id, instance_id, document FROM instance_statistics"
+                " ORDER BY connection_id, instance_id"
+            )
+        result: dict[str, dict[str, dict[str, Any]]] = {}
+        for connection_id, instance_id, document in rows:
+            result.setdefault(connection_id, {})[instance_id] = orjson.loads(document)
+        return result
+
+    async def remove_instance(
+        self, instance_id: str, *, seen_before: datetime | None = None
+    ) -> bool:
+        async with self._db.transaction() as tx:
+            if seen_before is None:
+                removed = await tx.execute("DELETE FROM instances WHERE id = $1", instance_id)
+            else:
+                removed = await tx.execute(
+                    "DELETE FROM instances WHERE id = $1 AND seen_at < $2",
+                    instance_id,
+                    seen_before,
+                )
+        return removed > 0
+
+
+def _instance_row(instance: Instance) -> tuple[Any, ...]:
+    return (
+        instance.id,
+        instance.api_url,
+        instance.version,
+        instance.schema_version,
+        instance.started_at,
+        instance.seen_at,
+    )
 
 
 async def _check_writable(conn: Conn, connection_id: str) -> None:

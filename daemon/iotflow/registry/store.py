@@ -29,6 +29,7 @@ __all__ = [
     "ChangeHub",
     "DeviceBinding",
     "Event",
+    "Instance",
     "Reconciled",
     "Store",
     "load_connection",
@@ -71,6 +72,18 @@ class AlarmState:
     rate: float
     window_start: datetime | None = None
     window_end: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One daemon of a fleet sharing the registry, as its last heartbeat left it."""
+
+    id: str
+    api_url: str | None
+    version: str
+    schema_version: int
+    started_at: datetime
+    seen_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,11 +231,19 @@ class Store(Protocol):
         """Every stored alarm state."""
         ...
 
-    async def set_alarm_state(self, state: AlarmState, *, expect_active: bool) -> bool:
+    async def set_alarm_state(
+        self,
+        state: AlarmState,
+        *,
+        expect_active: bool,
+        event: tuple[str, Mapping[str, Any]] | None = None,
+    ) -> bool:
         """Store `state` if the alarm's stored state is `expect_active` (no row, or a row of
         another fingerprint, counts as not active); False, and nothing written, otherwise.
         This compare-and-set is what lets several instances evaluate one alarm: only the
-        one whose write succeeds announces the raise or the clear."""
+        one whose write succeeds announces the raise or the clear. `event` (kind, data) is
+        added to the connection's log in the same transaction: an instance killed right
+        after the change cannot take its event with it."""
         ...
 
     async def remember_device_source(
@@ -234,6 +255,28 @@ class Store(Protocol):
 
     async def device_source(self, dev_eui: str) -> tuple[str, dict[str, str]] | None:
         """The input format and identifiers last stored for a device; None if none were."""
+        ...
+
+    async def publish_instance(
+        self, instance: Instance, statistics: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        """Store an instance's heartbeat (inserted or replaced) and its statistics by
+        connection id, replacing those it published before."""
+        ...
+
+    async def list_instances(self) -> list[Instance]:
+        """Every instance that published a heartbeat and was not removed, by id."""
+        ...
+
+    async def instance_statistics(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """The statistics every instance last published: by connection id, then instance id."""
+        ...
+
+    async def remove_instance(
+        self, instance_id: str, *, seen_before: datetime | None = None
+    ) -> bool:
+        """Forget an instance and its statistics (only if its last heartbeat is older than
+        `seen_before`, when given); whether there was one to forget."""
         ...
 
     def changes(self) -> ChangeFeed:
