@@ -770,6 +770,12 @@ def report(args: argparse.Namespace, figures: Figures, spool_fs: str) -> str:
             f"  over {f.cpu_window_seconds:.2f} s",
         ),
         (
+            # CPU time, not wall time: much less sensitive to the machine's other load.
+            "daemon CPU per delivery",
+            f"{1e6 * cpu.get('daemon', 0) / max(1, f.delivered):,.0f} µs"
+            f" (event loop thread {1e6 * cpu.get('daemon_loop', 0) / max(1, f.delivered):,.0f} µs)",
+        ),
+        (
             "daemon counters",
             f"delivered {m.get('deliveries_delivered', 0):.0f},"
             f" retries {m.get('delivery_retries', 0):.0f},"
