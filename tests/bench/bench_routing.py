@@ -393,11 +393,11 @@ def cpu_seconds(pid: int | None, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
-def cpu_figures(daemon: int, broker: int | None, cloud: int) -> dict[str, float]:
+def cpu_figures(daemons: Sequence[int], broker: int | None, cloud: int) -> dict[str, float]:
     return {
-        "daemon": cpu_seconds(daemon),
+        "daemon": sum(cpu_seconds(pid) for pid in daemons),
         # The event loop's thread: near 100% of one core means the loop is the bottleneck.
-        "daemon_loop": cpu_seconds(daemon, thread=daemon),
+        "daemon_loop": sum(cpu_seconds(pid, thread=pid) for pid in daemons),
         "broker": cpu_seconds(broker),
         "cloud": cpu_seconds(cloud),
     }
@@ -598,7 +598,7 @@ async def wait_delivered(
     args: argparse.Namespace,
     cloud: Child,
     publisher: Child,
-    daemon: DaemonProcess | NodeRed,
+    daemons: Sequence[DaemonProcess | NodeRed],
     expected: int,
     until: float,
 ) -> Published:
@@ -611,14 +611,15 @@ async def wait_delivered(
             published = await publisher.receive(60)
         if published is not None and distinct >= expected:
             return published
-        assert daemon.process is not None
-        if daemon.process.returncode is not None:
-            raise RuntimeError(f"the daemon exited early:\n{daemon.tail()}")
+        for daemon in daemons:
+            assert daemon.process is not None
+            if daemon.process.returncode is not None:
+                raise RuntimeError(f"the daemon exited early:\n{daemon.tail()}")
         now = time.monotonic()
         if now > until:
             raise TimeoutError(
                 f"{distinct} of {expected} deliveries (+{total - distinct} repeated) reached"
-                f" the cloud before the deadline; daemon log:\n{daemon.tail(20)}"
+                f" the cloud before the deadline; daemon log:\n{daemons[0].tail(20)}"
             )
         if now - last_report > 5:
             last_report = now
@@ -639,7 +640,7 @@ async def run(
     # The suite saves the broker's persistence every second, for its crash tests; here that
     # would be the broker's work rather than the daemon's (1800 s is mosquitto's default).
     broker = Mosquitto(autosave_interval=1800)
-    daemon: BenchDaemon | NodeRed | None = None
+    daemons: list[BenchDaemon | NodeRed] = []
     try:
         broker.start()
         say(args, f"broker on {broker.url}")
@@ -651,25 +652,38 @@ async def run(
 
         if red is not None:
             # Node-RED instead of the daemon: the same broker, publisher, cloud and ceiling.
-            daemon = NodeRed(
-                red, workdir / "node-red", broker_port=broker.port, topic="#", url=f"{base_url}/c0"
+            daemons.append(
+                NodeRed(
+                    red,
+                    workdir / "node-red",
+                    broker_port=broker.port,
+                    topic="#",
+                    url=f"{base_url}/c0",
+                )
             )
-        else:
-            daemon = BenchDaemon(
-                workdir / "daemon",
-                broker_url=broker.url,
-                client_id="iotflow-bench",
-                connections=connections_for(base_url, args.fanout, devices, operations),
-                delivery={"max_in_flight": args.in_flight},
-                extra=driver_flow(args.fanout) if operations and args.driver else "",
-                mqtt={"protocol": args.protocol},
+        for k in range(args.processes if red is None else 0):
+            # Several: one subscription shared by all ($share/<group>/...), each with its
+            # own spool, registry and API (docs/performance.md, "More cores").
+            shared = {"shared_group": "bench"} if args.processes > 1 else {}
+            daemons.append(
+                BenchDaemon(
+                    workdir / f"daemon{k}",
+                    broker_url=broker.url,
+                    client_id=f"iotflow-bench-{k}",
+                    connections=connections_for(base_url, args.fanout, devices, operations),
+                    delivery={"max_in_flight": args.in_flight},
+                    extra=driver_flow(args.fanout) if operations and args.driver else "",
+                    mqtt={"protocol": args.protocol, **shared},
+                )
             )
-        await daemon.start()
-        assert daemon.process is not None
-        pid = daemon.process.pid
-        say(args, f"daemon running (pid {pid}), spool on {filesystem_of(daemon.workdir)}")
+        await asyncio.gather(*(daemon.start() for daemon in daemons))
+        pids = []
+        for daemon in daemons:
+            assert daemon.process is not None
+            pids.append(daemon.process.pid)
+        say(args, f"running (pids {pids}), spool on {filesystem_of(workdir)}")
         await asyncio.sleep(1.0)  # let start-up allocations settle before the idle figure
-        figures.rss_idle_kib = proc_status(pid)["VmRSS"]
+        figures.rss_idle_kib = sum(proc_status(pid)["VmRSS"] for pid in pids)
 
         publisher = Child(
             "publisher",
@@ -684,21 +698,29 @@ async def run(
         children.append(publisher)
         await publisher.receive(max(1.0, until - time.monotonic()))
         cpu_start = time.monotonic()
-        cpu_before = cpu_figures(pid, broker.pid, cloud.pid)
+        cpu_before = cpu_figures(pids, broker.pid, cloud.pid)
         publisher.tell("go")
         say(args, f"publishing {args.n} {args.format} uplinks (pid {publisher.pid})")
-        published = await wait_delivered(args, cloud, publisher, daemon, figures.expected, until)
-        cpu_after = cpu_figures(pid, broker.pid, cloud.pid)
+        published = await wait_delivered(args, cloud, publisher, daemons, figures.expected, until)
+        cpu_after = cpu_figures(pids, broker.pid, cloud.pid)
         figures.cpu_seconds = {k: cpu_after[k] - cpu_before[k] for k in cpu_before}
         figures.cpu_seconds["publisher"] = published.cpu
         figures.cpu_window_seconds = time.monotonic() - cpu_start
         # A short grace, so that a late duplicate is counted rather than missed.
         await asyncio.sleep(args.grace)
-        status = proc_status(pid)
-        figures.rss_peak_kib, figures.rss_end_kib = status["VmHWM"], status["VmRSS"]
-        figures.daemon_metrics = metric_sums(await daemon.metrics())
-        figures.daemon_exit_code = await daemon.stop(timeout=max(5.0, until - time.monotonic()))
-        say(args, f"daemon stopped (exit {figures.daemon_exit_code})")
+        statuses = [proc_status(pid) for pid in pids]
+        figures.rss_peak_kib = sum(status["VmHWM"] for status in statuses)
+        figures.rss_end_kib = sum(status["VmRSS"] for status in statuses)
+        sums: dict[str, float] = {}
+        for daemon in daemons:
+            for key, value in metric_sums(await daemon.metrics()).items():
+                sums[key] = sums.get(key, 0.0) + value
+        figures.daemon_metrics = sums
+        codes = await asyncio.gather(
+            *(daemon.stop(timeout=max(5.0, until - time.monotonic())) for daemon in daemons)
+        )
+        figures.daemon_exit_code = max(codes, key=abs)
+        say(args, f"stopped (exit {codes})")
 
         records = await cloud.ask("records", timeout=60)
         paths = [f"/c{k}" for k in range(args.fanout)]
@@ -719,7 +741,7 @@ async def run(
         cloud.tell("stop")
         await cloud.receive(30)
     finally:
-        if daemon is not None:
+        for daemon in daemons:
             if daemon.process is not None and daemon.process.returncode is None:
                 with contextlib.suppress(AssertionError, RuntimeError):
                     await daemon.stop(timeout=30)
@@ -882,13 +904,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--plot", help="with --sweep: write the plot (PNG) to this path")
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="daemons sharing the subscription (shared_group), each with its own spool",
+    )
+    parser.add_argument(
         "--node-red",
         action="store_true",
         help="also measure Node-RED 4 (mqtt in -> http request) once, installed from npm"
         " into a temporary directory",
     )
     args = parser.parse_args(argv)
-    for name in ("n", "devices", "fanout", "in_flight", "window", "runs"):
+    for name in ("n", "devices", "fanout", "in_flight", "window", "runs", "processes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.rate is not None and args.rate <= 0:
