@@ -102,7 +102,12 @@ class Daemon:
             # What start-up allocated lives as long as the process: keep it out of the
             # collector's full passes, which otherwise grow with every uplink in flight.
             gc.freeze()
-            log.info("iotflow running", config=self.settings.path, connectors=sorted(CATALOG))
+            log.info(
+                "iotflow running",
+                config=self.settings.path,
+                connectors=sorted(CATALOG),
+                loop=type(loop).__module__.partition(".")[0],  # asyncio, or uvloop (speed)
+            )
             await self._serve()
         except IotflowError as exc:
             # An expected failure (the registry refuses us, a bad registry URL): said in

@@ -93,18 +93,19 @@ async def _migrate(settings: Settings) -> int:
     return 0
 
 
-def event_loop() -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+def event_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when it is installed (the `speed` extra): cheaper sockets and callbacks for
     every uplink (docs/performance.md). `IOTFLOW_EVENT_LOOP=asyncio` keeps the standard
-    library's loop, should uvloop ever misbehave on a host."""
+    library's loop, should uvloop ever misbehave on a host. The "iotflow running" line
+    says which loop runs."""
     if os.environ.get("IOTFLOW_EVENT_LOOP", "").strip().lower() != "asyncio":
         try:
             import uvloop
         except ImportError:
             pass
         else:
-            return uvloop.new_event_loop, "uvloop"
-    return None, "asyncio"
+            return uvloop.new_event_loop
+    return None
 
 
 def _run(path: str, why: str | None) -> int:
@@ -123,8 +124,7 @@ def _run(path: str, why: str | None) -> int:
         return 1
     from iotflow.app import run
 
-    factory, loop_name = event_loop()
-    log.info("Event loop", loop=loop_name)
+    factory = event_loop()
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(run(settings))

@@ -61,6 +61,7 @@ from bench.node_red import NodeRed  # noqa: E402
 from bench.node_red import install as install_node_red  # noqa: E402
 from support.daemon import DaemonProcess  # noqa: E402
 from support.mosquitto import Mosquitto  # noqa: E402
+from support.ports import free_port  # noqa: E402
 from support.uplinks import actility, uplink  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -661,6 +662,19 @@ async def run(
                     url=f"{base_url}/c0",
                 )
             )
+        # --dead: connections bound to the same devices whose cloud never answers (nothing
+        # listens on its port): their deliveries wait in the spool, the others must not care.
+        dead_url = f"http://{HOST}:{free_port()}"
+        dead = [
+            {
+                "id": f"dead-{k}",
+                "name": f"dead cloud {k}",
+                "connectorId": "actility-http-iot",
+                "devices": devices,
+                "configuration": {"destinationURL": f"{dead_url}/dead{k}"},
+            }
+            for k in range(args.dead)
+        ]
         for k in range(args.processes if red is None else 0):
             # Several: one subscription shared by all ($share/<group>/...), each with its
             # own spool, registry and API (docs/performance.md, "More cores").
@@ -670,7 +684,7 @@ async def run(
                     workdir / f"daemon{k}",
                     broker_url=broker.url,
                     client_id=f"iotflow-bench-{k}",
-                    connections=connections_for(base_url, args.fanout, devices, operations),
+                    connections=connections_for(base_url, args.fanout, devices, operations) + dead,
                     delivery={"max_in_flight": args.in_flight},
                     extra=driver_flow(args.fanout) if operations and args.driver else "",
                     mqtt={"protocol": args.protocol, **shared},
@@ -903,6 +917,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="with --sweep: offered loads as fractions of the flat-out throughput",
     )
     parser.add_argument("--plot", help="with --sweep: write the plot (PNG) to this path")
+    parser.add_argument(
+        "--dead",
+        type=int,
+        default=0,
+        help="connections to a cloud that never answers, bound to the same devices",
+    )
     parser.add_argument(
         "--processes",
         type=int,
