@@ -772,7 +772,9 @@ def mib(kib: int) -> str:
     return f"{kib / 1024:.1f} MiB"
 
 
-def report(args: argparse.Namespace, figures: Figures, spool_fs: str) -> str:
+def report(
+    args: argparse.Namespace, figures: Figures, spool_fs: str, subject: str = "iotflow"
+) -> str:
     f = figures
     pace = f"{args.rate:g}/s" if args.rate else f"as fast as acknowledged (window {args.window})"
     lat = f.latency_ms
@@ -834,10 +836,13 @@ def report(args: argparse.Namespace, figures: Figures, spool_fs: str) -> str:
             f"{f.ceiling_per_second:,.0f} requests/s"
             f"  ({args.fanout} × {args.in_flight} in flight, {f.ceiling_errors} errors)",
         ),
-        ("iotflow / ceiling", f"{f.ratio_end_to_end:.2f} end to end, {f.ratio_steady:.2f} steady"),
+        (
+            f"{subject} / ceiling",
+            f"{f.ratio_end_to_end:.2f} end to end, {f.ratio_steady:.2f} steady",
+        ),
     ]
     head = (
-        f"iotflow routing: {f.uplinks} {args.format} uplinks from {args.devices} devices,"
+        f"{subject} routing: {f.uplinks} {args.format} uplinks from {args.devices} devices,"
         f" fanout {args.fanout} ({f.expected} deliveries), max_in_flight {args.in_flight},"
         f" publish {pace}, cloud delay {args.cloud_delay:g} ms\n"
         f"machine: {os.cpu_count()} CPUs, load average {f.load_average[0]:.2f} before,"
@@ -1198,7 +1203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         else:
             print(f"== {label}")
-            print(report(run_args, figures, spool_fs), flush=True)
+            subject = "Node-RED" if label.startswith("Node-RED") else "iotflow"
+            print(report(run_args, figures, spool_fs, subject), flush=True)
 
     try:
         for label, operations in variants:
