@@ -31,7 +31,7 @@ from iotflow.drivers import AUTO, Drivers
 from iotflow.errors import ConfigError, IotflowError, Rejection
 from iotflow.events import EventLog
 from iotflow.formats import actility_document, decode
-from iotflow.registry import Store, open_registry
+from iotflow.registry import ChangeFeed, Store, open_registry
 from iotflow.routing import RoutingIndex
 from iotflow.sources.mqtt import Incoming, MqttSource
 from iotflow.spool import Spool, SpoolUnavailableError
@@ -181,10 +181,16 @@ class Daemon:
         # Transitions started by the last refreshes (an API call, a registry change)
         # complete before the workers stop.
         self._closing("transitions", self.settle)
+        feed = self.store.changes()
+        if feed.pending:
+            # The feed observes every writer already: a change from here on fires it
+            # again, so the refresh below stands for its first one (one index built at
+            # start, not two: 100,000 bindings cost tens of MB a build, issue #16).
+            await anext(feed)
         await self.refresh()
         await self.settle()  # workers running before the first uplink arrives
         await self.alarms.start()
-        self._background(self._follow_changes(), "registry-changes")
+        self._background(self._follow_changes(feed), "registry-changes")
         self._runner = web.AppRunner(create_app(self), access_log=None)
         await self._runner.setup()
         # The API writes through the spool (HTTP ingest, re-sends): it closes before it.
@@ -355,9 +361,8 @@ class Daemon:
         while self._transitions:
             await asyncio.gather(*self._transitions, return_exceptions=True)
 
-    async def _follow_changes(self) -> None:
-        assert self.store is not None
-        async for _ in self.store.changes():
+    async def _follow_changes(self, feed: ChangeFeed) -> None:
+        async for _ in feed:
             try:
                 await self.refresh()
             except Exception as exc:
