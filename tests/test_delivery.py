@@ -561,3 +561,23 @@ async def test_a_deliverys_own_validity_wins_over_the_connections(spool: Spool) 
     assert expired["reason"] == "older than uplinkTimeValidity on arrival"
     assert {d.dev_eui for _, d in sink.calls} == {"A"}  # only the flow's delivery is tried
     await worker.stop(time.monotonic())
+
+
+async def test_send_tasks_are_made_as_devices_get_ready_up_to_max_in_flight(
+    spool: Spool,
+) -> None:
+    # An idle connection holds no send task (1,000 connections x max_in_flight idle tasks
+    # were tens of MB, issue #16); a burst over many devices makes max_in_flight of them.
+    gate = asyncio.Event()
+    sink, outcomes = ScriptedSink(gate=gate), Outcomes()
+    worker = make_worker(spool, sink, outcomes, delivery=settings(max_in_flight=8))
+    await worker.start()
+    await spool.flush()
+    assert len(worker._tasks) == 1  # the refill loop alone
+    sent = await feed(spool, worker, [f"{d:016X}" for d in range(20)])
+    await sink.until(lambda: sink.in_flight == 8)
+    assert len(worker._tasks) == 1 + 8
+    gate.set()
+    await outcomes.completed_count(len(sent))
+    assert len(worker._tasks) == 1 + 8
+    await worker.stop(time.monotonic())

@@ -8,6 +8,7 @@ import textwrap
 from collections.abc import Awaitable, Callable
 
 import aiomqtt
+import paho.mqtt.client as paho
 import pytest
 from structlog.testing import capture_logs
 
@@ -307,3 +308,60 @@ async def test_a_broker_granting_qos_0_is_said_to_be_at_most_once() -> None:
             await asyncio.wait_for(task, 30)
     (warning,) = [e for e in logs if e["event"].startswith("The broker granted a lower QoS")]
     assert (warning["topic"], warning["qos"], warning["granted"]) == ("granted/#", 1, 0)
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_a_burst_is_read_in_fewer_system_calls_than_messages(
+    fresh_mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch, protocol: str
+) -> None:
+    # What the broker kept for our session arrives at once at the next connection. paho
+    # alone reads each packet in 3 or 4 recv calls; iotflow reads the socket in bulk
+    # (issue #16), and every message still arrives, once, in order.
+    calls = 0
+    original = paho.Client._sock_recv
+
+    def counted(self: paho.Client, size: int) -> bytes:
+        nonlocal calls
+        calls += 1
+        return original(self, size)
+
+    monkeypatch.setattr(paho.Client, "_sock_recv", counted)
+    received: list[bytes] = []
+    changed = asyncio.Condition()
+
+    async def notify() -> None:
+        async with changed:
+            changed.notify_all()
+
+    def handle(incoming: Incoming) -> Awaitable[None] | None:
+        received.append(incoming.payload)
+        asyncio.get_running_loop().create_task(notify())
+        return None
+
+    total = 300
+    settings = MqttSettings.model_validate(
+        {
+            "url": fresh_mosquitto.url,
+            "client_id": f"burst-{protocol}",
+            "protocol": protocol,
+            "receive_maximum": 1000,
+            "subscriptions": [{"topic": "burst/#", "format": "actility"}],
+        }
+    )
+    source = MqttSource(settings, handle, Metrics())
+    task = asyncio.create_task(source.run())
+    await asyncio.wait_for(source.consuming.wait(), 30)
+    source.stop()
+    await asyncio.wait_for(task, 30)
+    async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as publisher:
+        for n in range(total):
+            await publisher.publish(f"burst/{n % 7}", b"%d" % n + b" " * 500, qos=1)
+    calls = 0
+    source = MqttSource(settings, handle, Metrics())
+    task = asyncio.create_task(source.run())
+    async with asyncio.timeout(30), changed:
+        await changed.wait_for(lambda: len(received) >= total)
+    assert [int(p) for p in received] == list(range(total))
+    assert calls < total
+    source.stop()
+    await asyncio.wait_for(task, 30)

@@ -34,7 +34,7 @@ from iotflow.errors import ConfigError, IotflowError, Rejection
 from iotflow.events import EventLog
 from iotflow.fleet import Fleet, default_api_url
 from iotflow.formats import actility_document, decode
-from iotflow.registry import Store, open_registry
+from iotflow.registry import ChangeFeed, Store, open_registry
 from iotflow.routing import RoutingIndex
 from iotflow.sources.mqtt import Incoming, MqttSource
 from iotflow.spool import Spool, SpoolUnavailableError
@@ -111,7 +111,12 @@ class Daemon:
             # What start-up allocated lives as long as the process: keep it out of the
             # collector's full passes, which otherwise grow with every uplink in flight.
             gc.freeze()
-            log.info("iotflow running", config=self.settings.path, connectors=sorted(CATALOG))
+            log.info(
+                "iotflow running",
+                config=self.settings.path,
+                connectors=sorted(CATALOG),
+                loop=type(loop).__module__.partition(".")[0],  # asyncio, or uvloop (speed)
+            )
             await self._serve()
         except IotflowError as exc:
             # An expected failure (the registry refuses us, a bad registry URL): said in
@@ -199,13 +204,19 @@ class Daemon:
             render=self._render,
         )
         deliveries.replayed = self.recovery.replayed
+        feed = self.store.changes()
+        if feed.pending:
+            # The feed observes every writer already: a change from here on fires it
+            # again, so the refresh below stands for its first one (one index built at
+            # start, not two: 100,000 bindings cost tens of MB a build, issue #16).
+            await anext(feed)
         await self.refresh()
         await self.settle()  # workers running before the first uplink arrives
         # After the workers (resumed replays feed them), before the API and the source.
         await self.recovery.start()
         self._closing("recovery", self.recovery.close)
         await self.alarms.start()
-        self._background(self._follow_changes(), "registry-changes")
+        self._background(self._follow_changes(feed), "registry-changes")
         self.fleet = Fleet(
             self.store,
             instance_id=config.mqtt.client_id,
@@ -394,9 +405,8 @@ class Daemon:
         while self._transitions:
             await asyncio.gather(*self._transitions, return_exceptions=True)
 
-    async def _follow_changes(self) -> None:
-        assert self.store is not None
-        async for _ in self.store.changes():
+    async def _follow_changes(self, feed: ChangeFeed) -> None:
+        async for _ in feed:
             try:
                 await self.refresh()
             except Exception as exc:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from iotflow import __version__, remote
 from iotflow.config.load import Settings, default_source, load_settings
@@ -94,6 +95,21 @@ async def _migrate(settings: Settings) -> int:
     return 0
 
 
+def event_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when it is installed (the `speed` extra): cheaper sockets and callbacks for
+    every uplink (docs/performance.md). `IOTFLOW_EVENT_LOOP=asyncio` keeps the standard
+    library's loop, should uvloop ever misbehave on a host. The "iotflow running" line
+    says which loop runs."""
+    if os.environ.get("IOTFLOW_EVENT_LOOP", "").strip().lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop
+    return None
+
+
 def _run(path: str, why: str | None) -> int:
     """The daemon: from its first line on, everything it prints is one JSON object a line."""
     logs.configure()  # the file's [log] takes over once it is read
@@ -110,8 +126,10 @@ def _run(path: str, why: str | None) -> int:
         return 1
     from iotflow.app import run
 
+    factory = event_loop()
     try:
-        return asyncio.run(run(settings))
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(run(settings))
     except Exception as exc:
         # A bug: one line still, with the traceback in its `exception` field.
         log.exception("iotflow crashed", error=f"{type(exc).__name__}: {exc}")

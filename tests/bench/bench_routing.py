@@ -56,8 +56,12 @@ _TESTS = str(Path(__file__).resolve().parents[1])
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
+from bench.node_red import VERSION as NODE_RED_VERSION  # noqa: E402
+from bench.node_red import NodeRed  # noqa: E402
+from bench.node_red import install as install_node_red  # noqa: E402
 from support.daemon import DaemonProcess  # noqa: E402
 from support.mosquitto import Mosquitto  # noqa: E402
+from support.ports import free_port  # noqa: E402
 from support.uplinks import actility, uplink  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -390,11 +394,11 @@ def cpu_seconds(pid: int | None, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
-def cpu_figures(daemon: int, broker: int | None, cloud: int) -> dict[str, float]:
+def cpu_figures(daemons: Sequence[int], broker: int | None, cloud: int) -> dict[str, float]:
     return {
-        "daemon": cpu_seconds(daemon),
+        "daemon": sum(cpu_seconds(pid) for pid in daemons),
         # The event loop's thread: near 100% of one core means the loop is the bottleneck.
-        "daemon_loop": cpu_seconds(daemon, thread=daemon),
+        "daemon_loop": sum(cpu_seconds(pid, thread=pid) for pid in daemons),
         "broker": cpu_seconds(broker),
         "cloud": cpu_seconds(cloud),
     }
@@ -595,7 +599,7 @@ async def wait_delivered(
     args: argparse.Namespace,
     cloud: Child,
     publisher: Child,
-    daemon: DaemonProcess,
+    daemons: Sequence[DaemonProcess | NodeRed],
     expected: int,
     until: float,
 ) -> Published:
@@ -608,14 +612,15 @@ async def wait_delivered(
             published = await publisher.receive(60)
         if published is not None and distinct >= expected:
             return published
-        assert daemon.process is not None
-        if daemon.process.returncode is not None:
-            raise RuntimeError(f"the daemon exited early:\n{daemon.tail()}")
+        for daemon in daemons:
+            assert daemon.process is not None
+            if daemon.process.returncode is not None:
+                raise RuntimeError(f"the daemon exited early:\n{daemon.tail()}")
         now = time.monotonic()
         if now > until:
             raise TimeoutError(
                 f"{distinct} of {expected} deliveries (+{total - distinct} repeated) reached"
-                f" the cloud before the deadline; daemon log:\n{daemon.tail(20)}"
+                f" the cloud before the deadline; daemon log:\n{daemons[0].tail(20)}"
             )
         if now - last_report > 5:
             last_report = now
@@ -628,6 +633,7 @@ async def run(
     workdir: Path,
     figures: Figures,
     operations: list[dict[str, Any]] | None = None,
+    red: Path | None = None,
 ) -> None:
     until = time.monotonic() + args.deadline
     devices = device_euis(args.devices)
@@ -635,7 +641,7 @@ async def run(
     # The suite saves the broker's persistence every second, for its crash tests; here that
     # would be the broker's work rather than the daemon's (1800 s is mosquitto's default).
     broker = Mosquitto(autosave_interval=1800)
-    daemon: BenchDaemon | None = None
+    daemons: list[BenchDaemon | NodeRed] = []
     try:
         broker.start()
         say(args, f"broker on {broker.url}")
@@ -645,20 +651,53 @@ async def run(
         base_url = f"http://{HOST}:{port}"
         say(args, f"cloud on {base_url} (pid {cloud.pid})")
 
-        daemon = BenchDaemon(
-            workdir / "daemon",
-            broker_url=broker.url,
-            client_id="iotflow-bench",
-            connections=connections_for(base_url, args.fanout, devices, operations),
-            delivery={"max_in_flight": args.in_flight},
-            extra=driver_flow(args.fanout) if operations and args.driver else "",
-        )
-        await daemon.start()
-        assert daemon.process is not None
-        pid = daemon.process.pid
-        say(args, f"daemon running (pid {pid}), spool on {filesystem_of(daemon.workdir)}")
+        if red is not None:
+            # Node-RED instead of the daemon: the same broker, publisher, cloud and ceiling.
+            daemons.append(
+                NodeRed(
+                    red,
+                    workdir / "node-red",
+                    broker_port=broker.port,
+                    topic="#",
+                    url=f"{base_url}/c0",
+                )
+            )
+        # --dead: connections bound to the same devices whose cloud never answers (nothing
+        # listens on its port): their deliveries wait in the spool, the others must not care.
+        dead_url = f"http://{HOST}:{free_port()}"
+        dead = [
+            {
+                "id": f"dead-{k}",
+                "name": f"dead cloud {k}",
+                "connectorId": "actility-http-iot",
+                "devices": devices,
+                "configuration": {"destinationURL": f"{dead_url}/dead{k}"},
+            }
+            for k in range(args.dead)
+        ]
+        for k in range(args.processes if red is None else 0):
+            # Several: one subscription shared by all ($share/<group>/...), each with its
+            # own spool, registry and API (docs/performance.md, "More cores").
+            shared = {"shared_group": "bench"} if args.processes > 1 else {}
+            daemons.append(
+                BenchDaemon(
+                    workdir / f"daemon{k}",
+                    broker_url=broker.url,
+                    client_id=f"iotflow-bench-{k}",
+                    connections=connections_for(base_url, args.fanout, devices, operations) + dead,
+                    delivery={"max_in_flight": args.in_flight},
+                    extra=driver_flow(args.fanout) if operations and args.driver else "",
+                    mqtt={"protocol": args.protocol, **shared},
+                )
+            )
+        await asyncio.gather(*(daemon.start() for daemon in daemons))
+        pids = []
+        for daemon in daemons:
+            assert daemon.process is not None
+            pids.append(daemon.process.pid)
+        say(args, f"running (pids {pids}), spool on {filesystem_of(workdir)}")
         await asyncio.sleep(1.0)  # let start-up allocations settle before the idle figure
-        figures.rss_idle_kib = proc_status(pid)["VmRSS"]
+        figures.rss_idle_kib = sum(proc_status(pid)["VmRSS"] for pid in pids)
 
         publisher = Child(
             "publisher",
@@ -673,21 +712,29 @@ async def run(
         children.append(publisher)
         await publisher.receive(max(1.0, until - time.monotonic()))
         cpu_start = time.monotonic()
-        cpu_before = cpu_figures(pid, broker.pid, cloud.pid)
+        cpu_before = cpu_figures(pids, broker.pid, cloud.pid)
         publisher.tell("go")
         say(args, f"publishing {args.n} {args.format} uplinks (pid {publisher.pid})")
-        published = await wait_delivered(args, cloud, publisher, daemon, figures.expected, until)
-        cpu_after = cpu_figures(pid, broker.pid, cloud.pid)
+        published = await wait_delivered(args, cloud, publisher, daemons, figures.expected, until)
+        cpu_after = cpu_figures(pids, broker.pid, cloud.pid)
         figures.cpu_seconds = {k: cpu_after[k] - cpu_before[k] for k in cpu_before}
         figures.cpu_seconds["publisher"] = published.cpu
         figures.cpu_window_seconds = time.monotonic() - cpu_start
         # A short grace, so that a late duplicate is counted rather than missed.
         await asyncio.sleep(args.grace)
-        status = proc_status(pid)
-        figures.rss_peak_kib, figures.rss_end_kib = status["VmHWM"], status["VmRSS"]
-        figures.daemon_metrics = metric_sums(await daemon.metrics())
-        figures.daemon_exit_code = await daemon.stop(timeout=max(5.0, until - time.monotonic()))
-        say(args, f"daemon stopped (exit {figures.daemon_exit_code})")
+        statuses = [proc_status(pid) for pid in pids]
+        figures.rss_peak_kib = sum(status["VmHWM"] for status in statuses)
+        figures.rss_end_kib = sum(status["VmRSS"] for status in statuses)
+        sums: dict[str, float] = {}
+        for daemon in daemons:
+            for key, value in metric_sums(await daemon.metrics()).items():
+                sums[key] = sums.get(key, 0.0) + value
+        figures.daemon_metrics = sums
+        codes = await asyncio.gather(
+            *(daemon.stop(timeout=max(5.0, until - time.monotonic())) for daemon in daemons)
+        )
+        figures.daemon_exit_code = max(codes, key=abs)
+        say(args, f"stopped (exit {codes})")
 
         records = await cloud.ask("records", timeout=60)
         paths = [f"/c{k}" for k in range(args.fanout)]
@@ -708,9 +755,9 @@ async def run(
         cloud.tell("stop")
         await cloud.receive(30)
     finally:
-        if daemon is not None:
+        for daemon in daemons:
             if daemon.process is not None and daemon.process.returncode is None:
-                with contextlib.suppress(AssertionError):
+                with contextlib.suppress(AssertionError, RuntimeError):
                     await daemon.stop(timeout=30)
             await daemon.close()
         for child in children:
@@ -725,7 +772,9 @@ def mib(kib: int) -> str:
     return f"{kib / 1024:.1f} MiB"
 
 
-def report(args: argparse.Namespace, figures: Figures, spool_fs: str) -> str:
+def report(
+    args: argparse.Namespace, figures: Figures, spool_fs: str, subject: str = "iotflow"
+) -> str:
     f = figures
     pace = f"{args.rate:g}/s" if args.rate else f"as fast as acknowledged (window {args.window})"
     lat = f.latency_ms
@@ -770,6 +819,12 @@ def report(args: argparse.Namespace, figures: Figures, spool_fs: str) -> str:
             f"  over {f.cpu_window_seconds:.2f} s",
         ),
         (
+            # CPU time, not wall time: much less sensitive to the machine's other load.
+            "daemon CPU per delivery",
+            f"{1e6 * cpu.get('daemon', 0) / max(1, f.delivered):,.0f} µs"
+            f" (event loop thread {1e6 * cpu.get('daemon_loop', 0) / max(1, f.delivered):,.0f} µs)",
+        ),
+        (
             "daemon counters",
             f"delivered {m.get('deliveries_delivered', 0):.0f},"
             f" retries {m.get('delivery_retries', 0):.0f},"
@@ -781,10 +836,13 @@ def report(args: argparse.Namespace, figures: Figures, spool_fs: str) -> str:
             f"{f.ceiling_per_second:,.0f} requests/s"
             f"  ({args.fanout} × {args.in_flight} in flight, {f.ceiling_errors} errors)",
         ),
-        ("iotflow / ceiling", f"{f.ratio_end_to_end:.2f} end to end, {f.ratio_steady:.2f} steady"),
+        (
+            f"{subject} / ceiling",
+            f"{f.ratio_end_to_end:.2f} end to end, {f.ratio_steady:.2f} steady",
+        ),
     ]
     head = (
-        f"iotflow routing: {f.uplinks} {args.format} uplinks from {args.devices} devices,"
+        f"{subject} routing: {f.uplinks} {args.format} uplinks from {args.devices} devices,"
         f" fanout {args.fanout} ({f.expected} deliveries), max_in_flight {args.in_flight},"
         f" publish {pace}, cloud delay {args.cloud_delay:g} ms\n"
         f"machine: {os.cpu_count()} CPUs, load average {f.load_average[0]:.2f} before,"
@@ -846,12 +904,56 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="with --processors: the second run also decodes each uplink with a driver",
     )
+    parser.add_argument(
+        "--protocol", choices=("5", "3.1.1"), default="5", help="the daemon's [mqtt] protocol"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=1, help="flat-out runs; several print their medians"
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="then one run at each offered load of --loads (fractions of the median"
+        " steady throughput): delivered throughput and latency against offered load",
+    )
+    parser.add_argument(
+        "--loads",
+        default="0.25,0.5,0.75,1,1.25",
+        help="with --sweep: offered loads as fractions of the flat-out throughput",
+    )
+    parser.add_argument("--plot", help="with --sweep: write the plot (PNG) to this path")
+    parser.add_argument(
+        "--dead",
+        type=int,
+        default=0,
+        help="connections to a cloud that never answers, bound to the same devices",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="daemons sharing the subscription (shared_group), each with its own spool",
+    )
+    parser.add_argument(
+        "--node-red",
+        action="store_true",
+        help="also measure Node-RED 4 (mqtt in -> http request) once, installed from npm"
+        " into a temporary directory",
+    )
     args = parser.parse_args(argv)
-    for name in ("n", "devices", "fanout", "in_flight", "window"):
+    for name in ("n", "devices", "fanout", "in_flight", "window", "runs", "processes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.rate is not None and args.rate <= 0:
         parser.error("--rate must be positive")
+    if args.node_red and args.fanout != 1:
+        parser.error("--node-red goes with --fanout 1 (its flow has one http request node)")
+    if args.plot and not args.sweep:
+        parser.error("--plot goes with --sweep")
+    try:
+        args.load_fractions = [float(x) for x in args.loads.split(",")]
+    except ValueError:
+        parser.error("--loads: comma-separated numbers")
     if args.driver and not args.processors:
         parser.error("--driver goes with --processors (it changes the second run)")
     if args.deadline <= 0 or args.cloud_delay < 0 or args.grace < 0:
@@ -864,6 +966,7 @@ async def bounded(
     workdir: Path,
     figures: Figures,
     operations: list[dict[str, Any]] | None = None,
+    red: Path | None = None,
 ) -> None:
     # SIGTERM (a CI timeout, `kill`) stops the run the way Ctrl-C does: everything started
     # is stopped on the way out, nothing is left running.
@@ -872,7 +975,7 @@ async def bounded(
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     try:
         async with asyncio.timeout(args.deadline):
-            await run(args, workdir, figures, operations)
+            await run(args, workdir, figures, operations, red)
     except TimeoutError as exc:
         raise TimeoutError(f"the run passed its deadline ({args.deadline:g}s): {exc}") from None
 
@@ -947,6 +1050,132 @@ def flows_figure(counts: Sequence[int], lookups: int = 200_000) -> str:
     return "\n".join(lines)
 
 
+def measure(
+    args: argparse.Namespace,
+    operations: list[dict[str, Any]] | None = None,
+    red: Path | None = None,
+) -> tuple[Figures, str]:
+    """One run in a work directory of its own; its figures and the spool's filesystem."""
+    workdir = Path(tempfile.mkdtemp(prefix="iotflow-bench-", dir=args.dir))
+    spool_fs = filesystem_of(workdir)
+    figures = Figures(uplinks=args.n, fanout=args.fanout, expected=args.n * args.fanout)
+    load_before = os.getloadavg()[0]
+    try:
+        asyncio.run(bounded(args, workdir, figures, operations, red))
+    finally:
+        figures.load_average = (load_before, os.getloadavg()[0])
+        if args.keep:
+            print(f"work directory kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return figures, spool_fs
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(v for v in values if not math.isnan(v))
+    if not ordered:
+        return math.nan
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def cpu_per_delivery(f: Figures) -> float:
+    """µs of daemon CPU time per delivery: what the machine's other load changes least."""
+    return 1e6 * f.cpu_seconds.get("daemon", 0.0) / max(1, f.delivered)
+
+
+def summary(label: str, runs: Sequence[Figures]) -> str:
+    """The medians of several runs, each ratio taken within its own run first."""
+    loads = ", ".join(f"{f.load_average[0]:.1f}" for f in runs)
+
+    def m(get: Callable[[Figures], float]) -> float:
+        return median([get(f) for f in runs])
+
+    return "\n".join(
+        [
+            f"{label}: medians of {len(runs)} runs (load average before each: {loads})",
+            f"  throughput, steady state  {m(lambda f: f.steady_per_second):,.0f} deliveries/s"
+            f"  (end to end {m(lambda f: f.end_to_end_per_second):,.0f})",
+            f"  ceiling (bare aiohttp)    {m(lambda f: f.ceiling_per_second):,.0f} requests/s",
+            f"  iotflow / ceiling         {m(lambda f: f.ratio_steady):.2f} steady,"
+            f" {m(lambda f: f.ratio_end_to_end):.2f} end to end (each run against its own ceiling)",
+            f"  latency p50 / p99         {m(lambda f: f.latency_ms.get('p50', math.nan)):,.1f}"
+            f" / {m(lambda f: f.latency_ms.get('p99', math.nan)):,.1f} ms",
+            f"  daemon CPU per delivery   {m(cpu_per_delivery):,.0f} µs",
+            f"  daemon peak RSS           {mib(int(m(lambda f: f.rss_peak_kib)))}",
+        ]
+    )
+
+
+def sweep_table(rows: Sequence[tuple[float, Figures]]) -> str:
+    lines = [
+        "offered load sweep (one run each):",
+        "   offered/s  delivered/s   p50 ms    p99 ms   CPU µs/delivery  load",
+    ]
+    for rate, f in rows:
+        lines.append(
+            f"  {rate:10,.0f}  {f.end_to_end_per_second:11,.0f}"
+            f"  {f.latency_ms.get('p50', math.nan):7,.1f}"
+            f"  {f.latency_ms.get('p99', math.nan):8,.1f}"
+            f"  {cpu_per_delivery(f):16,.0f}  {f.load_average[0]:4.1f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(
+    path: str,
+    args: argparse.Namespace,
+    flat: Sequence[Figures],
+    rows: Sequence[tuple[float, Figures]],
+    node_red: Figures | None,
+) -> None:
+    """Throughput and latency against offered load, with the ceiling of the same runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a file
+    import matplotlib.pyplot as plt
+
+    ceiling = median([f.ceiling_per_second for f in flat])
+    steady = median([f.steady_per_second for f in flat])
+    offered = [rate for rate, _ in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    top.plot(offered, [f.end_to_end_per_second for _, f in rows], "o-", label="iotflow, paced")
+    top.plot(offered, offered, ":", color="grey", label="offered")
+    top.axhline(steady, color="C0", ls="--", lw=1, label=f"iotflow flat out ({steady:,.0f}/s)")
+    top.axhline(ceiling, color="C3", lw=1, label=f"bare aiohttp ceiling ({ceiling:,.0f}/s)")
+    top.axhline(0.6 * ceiling, color="C3", ls=":", lw=1, label="0.6 × ceiling")
+    if node_red is not None:
+        top.axhline(
+            node_red.steady_per_second,
+            color="C2",
+            ls="-.",
+            lw=1,
+            label=f"Node-RED flat out ({node_red.steady_per_second:,.0f}/s)",
+        )
+    top.set_ylabel("deliveries/s")
+    top.legend(fontsize="small")
+    top.grid(alpha=0.3)
+    for key, style in (("p50", "o-"), ("p99", "s-")):
+        bottom.plot(offered, [f.latency_ms.get(key, math.nan) for _, f in rows], style, label=key)
+    bottom.axhline(25, color="C3", ls=":", lw=1, label="25 ms")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("offered load, uplinks/s")
+    bottom.set_ylabel("publish → cloud latency, ms")
+    bottom.legend(fontsize="small")
+    bottom.grid(alpha=0.3, which="both")
+    loads = [f.load_average[0] for f in flat] + [f.load_average[0] for _, f in rows]
+    fig.suptitle(
+        f"iotflow: {args.n} {args.format} uplinks, {args.devices} devices, fanout"
+        f" {args.fanout}, max_in_flight {args.in_flight}\n{os.cpu_count()} CPUs, load average"
+        f" {min(loads):.1f}-{max(loads):.1f} (shared machine), {len(flat)} flat-out runs",
+        fontsize="medium",
+    )
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.flows:
@@ -955,55 +1184,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not sys.platform.startswith("linux"):
         print("bench_routing: Linux only (it reads /proc)", file=sys.stderr)
         return 2
-    # With --processors, the same run twice: without, then with the two operations.
+    # With --processors, the same runs twice: without, then with the two operations.
     variants: list[tuple[str, list[dict[str, Any]] | None]] = [("without processors", None)]
     if args.processors:
         label = "with a driver and 2 processors" if args.driver else "with 2 processors"
         variants.append((label, PROCESSORS))
-    results: list[tuple[str, Figures]] = []
-    for label, operations in variants:
-        if args.processors:
-            say(args, f"-- {label}")
-        workdir = Path(tempfile.mkdtemp(prefix="iotflow-bench-", dir=args.dir))
-        spool_fs = filesystem_of(workdir)
-        figures = Figures(uplinks=args.n, fanout=args.fanout, expected=args.n * args.fanout)
-        load_before = os.getloadavg()[0]
-        try:
-            asyncio.run(bounded(args, workdir, figures, operations))
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            print("bench_routing: interrupted; everything it started is stopped", file=sys.stderr)
-            return 130
-        except Exception as exc:
-            print(f"bench_routing: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            figures.load_average = (load_before, os.getloadavg()[0])
-            if args.keep:
-                print(f"work directory kept: {workdir}", file=sys.stderr)
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
-        results.append((label, figures))
+    results: list[tuple[str, list[Figures]]] = []
+    everything: list[Figures] = []
+
+    def show(label: str, figures: Figures, spool_fs: str, run_args: argparse.Namespace) -> None:
+        everything.append(figures)
         if args.json:
             document = {
-                "parameters": vars(args) | {"cpus": os.cpu_count()},
+                "parameters": vars(run_args) | {"cpus": os.cpu_count()},
                 "variant": label,
                 **asdict(figures),
             }
             print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         else:
-            if args.processors:
-                print(f"== {label}")
-            print(report(args, figures, spool_fs))
+            print(f"== {label}")
+            subject = "Node-RED" if label.startswith("Node-RED") else "iotflow"
+            print(report(run_args, figures, spool_fs, subject), flush=True)
+
+    try:
+        for label, operations in variants:
+            runs: list[Figures] = []
+            for k in range(args.runs):
+                say(args, f"-- {label}, run {k + 1} of {args.runs}")
+                figures, spool_fs = measure(args, operations)
+                show(f"{label}, run {k + 1}", figures, spool_fs, args)
+                runs.append(figures)
+            results.append((label, runs))
+            if args.runs > 1 and not args.json:
+                print(summary(label, runs), flush=True)
+        node_red: Figures | None = None
+        if args.node_red:
+            with tempfile.TemporaryDirectory(prefix="iotflow-bench-node-red-") as root:
+                say(args, f"installing node-red@{NODE_RED_VERSION} from npm into {root}")
+                red = install_node_red(Path(root))
+                node_red, spool_fs = measure(args, red=red)
+                show("Node-RED (mqtt in -> http request, no spool)", node_red, "-", args)
+        rows: list[tuple[float, Figures]] = []
+        if args.sweep:
+            flat = results[0][1]
+            steady = median([f.steady_per_second for f in flat])
+            for fraction in args.load_fractions:
+                rate = max(1.0, fraction * steady)
+                paced = argparse.Namespace(**(vars(args) | {"rate": rate}))
+                say(args, f"-- offered {rate:,.0f}/s ({fraction:g} of {steady:,.0f}/s)")
+                figures, spool_fs = measure(paced)
+                show(f"offered {rate:,.0f}/s", figures, spool_fs, paced)
+                rows.append((rate, figures))
+            if not args.json:
+                print(sweep_table(rows))
+            if args.plot:
+                plot(args.plot, args, flat, rows, node_red)
+                print(f"plot written to {args.plot}")
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench_routing: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"bench_routing: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     if args.processors and not args.json:
-        (_, plain), (_, shaped) = results
-        ratio = shaped.end_to_end_per_second / plain.end_to_end_per_second
+        (_, plain_runs), (_, shaped_runs) = results
+        plain = median([f.end_to_end_per_second for f in plain_runs])
+        shaped = median([f.end_to_end_per_second for f in shaped_runs])
         what = "a driver and 2 processors" if args.driver else "2 processors"
         print(
-            f"processors: {shaped.end_to_end_per_second:.0f} deliveries/s with {what},"
-            f" {plain.end_to_end_per_second:.0f} without ({ratio:.2f}x; steady"
-            f" {shaped.steady_per_second:.0f} vs {plain.steady_per_second:.0f})"
+            f"processors: {shaped:.0f} deliveries/s with {what}, {plain:.0f} without"
+            f" ({shaped / plain:.2f}x; steady"
+            f" {median([f.steady_per_second for f in shaped_runs]):.0f}"
+            f" vs {median([f.steady_per_second for f in plain_runs]):.0f})"
         )
-    ok = all(f.missing == 0 and f.unexpected == 0 for _, f in results)
+    ok = all(f.missing == 0 and f.unexpected == 0 for f in everything)
     return 0 if ok else 1
 
 

@@ -45,6 +45,8 @@ class Circuit:
 
     async def acquire(self, deadline: float) -> bool:
         """Wait for the right to send; True when the caller is the probe. Raises Expired."""
+        if self.healthy:
+            return False  # the common case, without the condition's lock (issue #16)
         async with self._changed:
             while True:
                 if self.healthy:
@@ -60,6 +62,8 @@ class Circuit:
                     await asyncio.wait_for(self._changed.wait(), timeout=max(0.0, until - now))
 
     async def success(self, probe: bool) -> None:
+        if self.healthy and not probe and self._failures == 0:
+            return  # nothing changes, and nobody waits on a healthy circuit
         async with self._changed:
             self._failures = 0
             if probe:

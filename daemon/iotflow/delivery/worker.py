@@ -160,6 +160,11 @@ class ConnectionWorker:
         self._refill_wanted = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sending: set[asyncio.Task[None]] = set()
+        # Send tasks are made as devices get ready, up to max_in_flight, and then kept:
+        # an idle connection holds none (1,000 connections x 32 idle tasks was tens of MB).
+        self._started = False
+        self._workers = 0
+        self._idle_workers = 0
         self._stopping = False
         validity = connection.validity_seconds
         self._validity = (
@@ -192,8 +197,8 @@ class ConnectionWorker:
         healthy = await self._sink.healthcheck()
         self._set_state(ConnectionState.OPENED if healthy else ConnectionState.OPENING)
         self._spawn(self._refill_loop())
-        for _ in range(self.settings.max_in_flight):
-            self._spawn(self._work_loop())
+        self._started = True
+        self._more_workers()
         self._refill_wanted.set()
 
     async def stop(self, deadline: float) -> None:
@@ -239,6 +244,7 @@ class ConnectionWorker:
             return
         self._last_loaded = delivery.id
         self._backlog.push(delivery)
+        self._more_workers()
 
     async def _refill_loop(self) -> None:
         """Read back from the spool what did not fit in memory (or was there at start)."""
@@ -255,16 +261,31 @@ class ConnectionWorker:
                 for row in rows:
                     self._last_loaded = row.id
                     self._backlog.push(row)
+                self._more_workers()
                 # No await between this check and the switch: an offer cannot slip between.
                 if len(rows) < room and not self._dirty:
                     self._spilled = False
 
     # -- sending ---------------------------------------------------------------------------
 
+    def _more_workers(self) -> None:
+        """Make send tasks for the devices that are ready and that no idle task will take."""
+        if not self._started or self._stopping:
+            return
+        wanted = self._backlog.ready.qsize() - self._idle_workers
+        while wanted > 0 and self._workers < self.settings.max_in_flight:
+            self._workers += 1
+            self._idle_workers += 1  # idle from now: it takes the next ready device
+            wanted -= 1
+            self._spawn(self._work_loop())
+
     async def _work_loop(self) -> None:
         backlog = self._backlog
         while not self._stopping:
-            dev_eui = await backlog.ready.get()
+            try:
+                dev_eui = await backlog.ready.get()
+            finally:
+                self._idle_workers -= 1
             delivery = backlog.devices[dev_eui].popleft()
             backlog.size -= 1
             if self._spilled and backlog.size < self.settings.memory_queue // 4:
@@ -286,6 +307,7 @@ class ConnectionWorker:
                 )
             finally:
                 self._sending.discard(task)
+                self._idle_workers += 1
                 backlog.release(dev_eui)
 
     async def _deliver(self, delivery: Delivery) -> None:

@@ -78,11 +78,14 @@ class RoutingIndex:
         by_id = {c.id: c for c in connections}
         active = {c.id for c in by_id.values() if c.active}
         routes: dict[str, tuple[str, ...]] = {}
+        # Most devices share their connections with many others: one tuple each set, not
+        # one a device (100,000 bindings to 1,000 connections: 1,000 tuples, not 100,000).
+        shared: dict[tuple[str, ...], tuple[str, ...]] = {}
         for dev_eui, ids in (bindings or {}).items():
             # Sorted and deduplicated: the same registry always gives the same order.
             routed = tuple(sorted({i for i in ids if i in active}))
             if routed:  # devices without an active connection are simply absent
-                routes[dev_eui] = routed
+                routes[dev_eui] = shared.setdefault(routed, routed)
         object.__setattr__(self, "_connections", MappingProxyType(by_id))
         object.__setattr__(self, "_routes", routes)
         self._build_flows(sorted(flows, key=lambda f: f.id), active)

@@ -33,6 +33,8 @@ REMINDER_INTERVAL = 300.0
 # paho reason codes of a refused protocol version: 1 (MQTT 3.1.1), 0x84 (MQTT 5).
 _UNSUPPORTED_PROTOCOL = (1, 0x84)
 PROTOCOL_HINT = '[mqtt] protocol = "3.1.1"'
+# Topics whose subscription is remembered (one a device in most layouts), at most.
+MATCH_CACHE = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,7 @@ class MqttSource:
         self._errors = _ErrorLog()
         self._closed_at_connect = 0  # consecutive sessions closed before their CONNACK
         self._was_connected = False  # the last session got its CONNACK
+        self._matches: dict[str, Subscription | None] = {}  # topic -> subscription (_match)
 
     @property
     def taken_in(self) -> int:
@@ -114,10 +117,23 @@ class MqttSource:
         ]
 
     def _match(self, topic: aiomqtt.Topic) -> Subscription | None:
+        # A device publishes on the same topic every time: its match is remembered
+        # (aiomqtt parses the filter again at every `matches`). Bounded: forgotten whole
+        # past MATCH_CACHE topics, and remade by the next uplinks.
+        name = topic.value
+        try:
+            return self._matches[name]
+        except KeyError:
+            pass
+        found = None
         for subscription in self.settings.subscriptions:
             if topic.matches(subscription.topic):
-                return subscription
-        return None
+                found = subscription
+                break
+        if len(self._matches) >= MATCH_CACHE:
+            self._matches.clear()
+        self._matches[name] = found
+        return found
 
     def _make_client(self) -> aiomqtt.Client:
         s = self.settings
@@ -329,32 +345,31 @@ class MqttSource:
         stop_task: asyncio.Task[bool],
         ack_task: asyncio.Task[None],
     ) -> None:
-        messages = aiter(client.messages)
-        while True:
-            next_message = asyncio.ensure_future(anext(messages))
-            done, _ = await asyncio.wait(
-                {next_message, stop_task, ack_task}, return_when=asyncio.FIRST_COMPLETED
-            )
-            if next_message not in done:
-                next_message.cancel()
-                if ack_task in done:
-                    ack_task.result()  # raises _Reconnect: a commit failed
-                return
-            message = next_message.result()
+        # The reading runs as a task of its own, watched once for the whole session rather
+        # than raced against the stop and the ack loop message by message (a future and a
+        # wait per uplink; issue #16). Cancelled, it leaves what it read unacknowledged:
+        # the broker redelivers it.
+        reader = asyncio.create_task(self._read(client, acks), name="mqtt-source-read")
+        try:
+            await asyncio.wait({reader, stop_task, ack_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not reader.done():
+                reader.cancel()
+                await asyncio.wait({reader})
+        if ack_task.done() and not ack_task.cancelled():
+            ack_task.result()  # raises _Reconnect: a commit failed
+        if not reader.cancelled():
+            reader.result()  # raises MqttError: the connection is lost
+
+    async def _read(
+        self, client: aiomqtt.Client, acks: asyncio.Queue[tuple[int, int, Awaitable[None] | None]]
+    ) -> None:
+        async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes) else b""
             incoming = Incoming(message.topic.value, payload, self._match(message.topic))
             pending = self._handler(incoming)
-            if not acks.full():
-                acks.put_nowait((message.mid, message.qos, pending))
-                continue
-            # A broker over our quota: wait for room, but not past a stop or a failed commit.
-            put = asyncio.ensure_future(acks.put((message.mid, message.qos, pending)))
-            await asyncio.wait({put, stop_task, ack_task}, return_when=asyncio.FIRST_COMPLETED)
-            if not put.done():
-                put.cancel()
-                if ack_task.done():
-                    ack_task.result()  # raises _Reconnect: a commit failed
-                return
+            # A broker over our quota: this waits for room (the ack loop makes it).
+            await acks.put((message.mid, message.qos, pending))
 
     async def _ack_loop(
         self,
