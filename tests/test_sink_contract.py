@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import secrets
 import ssl
 import tempfile
 import time
@@ -34,6 +35,7 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiomqtt
 import orjson
 import pytest
@@ -50,8 +52,10 @@ from support.clock import ManualClock
 from support.clouds import Behaviour, FakeCloud
 from support.cumulocity import FakeCumulocity
 from support.mosquitto import HOST, Mosquitto
+from support.amqpproxy import AmqpFaultProxy
 from support.mqttproxy import MqttFaultProxy
 from support.plugins import example_connector
+from support.rabbitmq import RabbitMQ
 from support.tls import Pki, make_pki
 from support.uplinks import actility
 
@@ -659,6 +663,132 @@ class CumulocityKind(SinkKind):
         return [document(n) for n in counters]
 
 
+# -- AMQP 0.9.1: the suite's RabbitMQ behind a proxy that plays the broker's faults ---------
+
+AMQP_PASSWORD = "iotflow-test"  # the node's user (support/rabbitmq.py)
+AMQP_FAULTS = (
+    Fault("broker down", "retried"),
+    Fault("timeout", "retried", error="no confirm from"),
+    Fault("connection reset", "retried"),
+    Fault("credentials refused", "auth"),
+    # No queue is bound for the routing key: the broker returns the message (NO_ROUTE).
+    Fault("unroutable", "failed", error="unroutable"),
+    Fault("routing key too long", "failed", error="uplinkTopicPattern"),
+    Fault("arbitrary exception", "failed", error="JSONDecodeError"),
+)
+AMQP_NOT_APPLICABLE = (
+    *((f.name, HTTP_ONLY.replace("MQTT", "AMQP").replace("CONNACK code", "Connection.Close"))
+      for f in RETRYABLE + PERMANENT + AUTHENTICATION if f.status),
+    *((f.name, NO_RETRY_AFTER.replace("MQTT", "AMQP")) for f in RETRYABLE if f.retry_after),
+    ("header template renders a line break", "AMQP headers are not templated here"),
+)  # fmt: skip
+
+
+class AmqpKind(SinkKind):
+    """AmqpSink (`actility-amqp-0.9.1-iot`) against the suite's RabbitMQ, through the
+    AMQP fault proxy; a queue bound to `contract.sensor` is the cloud's consumer."""
+
+    name = "amqp"
+    faults = AMQP_FAULTS
+    secrets = (AMQP_PASSWORD,)
+    not_applicable = AMQP_NOT_APPLICABLE
+
+    def __init__(self, broker: RabbitMQ) -> None:
+        self.broker = broker
+        self.proxy = AmqpFaultProxy(broker.amqp_port)
+        self.exchange = f"contract-{secrets.token_hex(4)}"
+        self.received: list[bytes] = []
+        self._changed = asyncio.Condition()
+        self._consumer: aio_pika.abc.AbstractConnection | None = None
+
+    async def start(self) -> None:
+        await self.proxy.start()
+        self._consumer = await aio_pika.connect(self.broker.amqp_url)
+        channel = await self._consumer.channel()
+        exchange = await channel.declare_exchange(
+            self.exchange, aio_pika.ExchangeType.TOPIC, auto_delete=True
+        )
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, routing_key="contract.sensor")
+        await queue.consume(self._receive, no_ack=True)
+
+    async def _receive(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        async with self._changed:
+            self.received.append(message.body)
+            self._changed.notify_all()
+
+    async def stop(self) -> None:
+        await self.proxy.stop()
+        if self._consumer is not None:
+            await self._consumer.close()
+
+    def connection(self) -> Connection:
+        return parse_connection(
+            {
+                "id": CONNECTION_ID,
+                "name": "contract",
+                "connectorId": "actility-amqp-0.9.1-iot",
+                "configuration": {
+                    "hostName": f"{HOST}:{self.proxy.port}",
+                    "username": self.broker.username,
+                    "password": AMQP_PASSWORD,
+                    "exchangeName": self.exchange,
+                    "uplinkTopicPattern": "contract.{CustomerData.name}",
+                    "downlinkEnabled": False,
+                    "uplinkTimeValidity": "1h",
+                },
+            }
+        )
+
+    def sink(self, connection: Connection) -> Sink:
+        return create_sink(connection, SinkContext(timeout=SEND_TIMEOUT, max_in_flight=1))
+
+    def play(self, fault: Fault) -> bytes | None:
+        proxy = self.proxy
+        if fault.name == "broker down":
+            proxy.close_next_connection = True
+        elif fault.name == "timeout":
+            proxy.swallow_next_publish = True
+        elif fault.name == "connection reset":
+            proxy.reset_at_next_publish = True
+        elif fault.name == "credentials refused":
+            proxy.spoil_next_login = True
+        elif fault.name == "unroutable":
+            return document(0, name="nobody")
+        elif fault.name == "routing key too long":
+            return document(0, name="x" * 300)
+        elif fault.name == "arbitrary exception":
+            return b"{not json"
+        else:
+            raise AssertionError(fault)
+        return None
+
+    def hold(self) -> None:
+        self.proxy.hold()
+
+    def release(self) -> None:
+        self.proxy.release()
+
+    async def arrived(self, count: int) -> None:
+        await self.proxy.wait_publishes(count)
+
+    async def accepted(self, count: int) -> list[bytes]:
+        async with asyncio.timeout(10), self._changed:
+            await self._changed.wait_for(lambda: len(self.received) >= count)
+        return list(self.received)
+
+    async def check(self, fault: Fault) -> None:
+        if fault.name in ("unroutable", "routing key too long"):
+            # Only the next, ordinary uplink reached the consumer.
+            (only,) = await self.accepted(1)
+            assert orjson.loads(only)["DevEUI_uplink"]["FCntUp"] == 2
+
+    async def ready(self, sink: Sink) -> None:
+        now = time.time()
+        warm_up = Delivery(0, CONNECTION_ID, "0018B20000000B20", now, now, document(0))
+        await sink.send(warm_up)
+
+
 ECHO_KEY = "acme-s3cret-key-90b1"
 
 
@@ -709,6 +839,7 @@ KINDS: tuple[type[SinkKind], ...] = (
     AwsKind,
     CumulocityKind,
     EchoKind,
+    AmqpKind,
 )
 
 
@@ -790,9 +921,17 @@ class Harness:
         return value or 0.0
 
 
+def make_kind(kind_type: type[SinkKind], request: pytest.FixtureRequest) -> SinkKind:
+    """A kind; the AMQP one gets the suite's RabbitMQ node (a session fixture: it takes
+    seconds to start)."""
+    if issubclass(kind_type, AmqpKind):
+        return kind_type(request.getfixturevalue("rabbitmq"))
+    return kind_type()
+
+
 @pytest.fixture(params=KINDS, ids=lambda k: k.name)
 async def kind(request: pytest.FixtureRequest) -> AsyncIterator[SinkKind]:
-    made: SinkKind = request.param()
+    made = make_kind(request.param, request)
     await made.start()
     yield made
     made.release()
@@ -845,8 +984,10 @@ async def test_delivered(harness: Harness) -> None:
 
 
 @pytest.mark.parametrize(("kind_type", "fault"), _cases())
-async def test_fault(kind_type: type[SinkKind], fault: Fault, spool: Spool) -> None:
-    made = kind_type()
+async def test_fault(
+    kind_type: type[SinkKind], fault: Fault, spool: Spool, request: pytest.FixtureRequest
+) -> None:
+    made = make_kind(kind_type, request)
     await made.start()
     harness = Harness(made, spool)
     try:
