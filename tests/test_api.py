@@ -294,6 +294,7 @@ async def test_catalog_describes_each_connector(running: tuple[DaemonProcess, Ap
         "actility-mqtt-iot",
         "actility-aws-iot",
         "actility-cumulocity-iot",
+        "actility-amqp-0.9.1-iot",
     }
     http = by_id["actility-http-iot"]
     assert {b["id"] for b in http["brands"]} >= {"DATACAKE", "CAYENNE", "QUBITRO", "TAGO"}

@@ -112,6 +112,10 @@ def classify(error: BaseException, where: str) -> SinkError:
         return AuthenticationSinkError(f"{where} refused the credentials: {error}")
     if isinstance(error, aiormq.exceptions.ChannelAccessRefused):
         return AuthenticationSinkError(f"{where} refused access: {error}")
+    if isinstance(error, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(error):
+        # A Connection.Close in answer to Connection.Open: the virtual host is refused
+        # (RabbitMQ: 530 NOT_ALLOWED, not found or no permission); aiormq keeps no code.
+        return AuthenticationSinkError(f"{where} refused the virtual host")
     code = _reply_code(error)
     if code in (_ACCESS_REFUSED, _NOT_ALLOWED):
         return AuthenticationSinkError(f"{where} refused access: {error}")
