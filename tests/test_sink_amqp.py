@@ -34,7 +34,10 @@ DEV_EUI = "0018B20000000A01"
 
 def product_bodies() -> list[dict[str, Any]]:
     text = (SEEDS / "amqp.md").read_text()
-    return [json.loads(b) for b in re.findall(r"```json\s*\n(?:POST /connections\s*\n)?(.*?)```", text, re.S)]
+    return [
+        json.loads(b)
+        for b in re.findall(r"```json\s*\n(?:POST /connections\s*\n)?(.*?)```", text, re.S)
+    ]
 
 
 def test_the_products_bodies_are_valid_as_they_are() -> None:

@@ -48,11 +48,11 @@ from iotflow.errors import RetryableSinkError, SinkError
 from iotflow.sinks import Sink, SinkContext, create_sink
 from iotflow.spool import Delivery, Spool
 from iotflow.telemetry.metrics import Metrics
+from support.amqpproxy import AmqpFaultProxy
 from support.clock import ManualClock
 from support.clouds import Behaviour, FakeCloud
 from support.cumulocity import FakeCumulocity
 from support.mosquitto import HOST, Mosquitto
-from support.amqpproxy import AmqpFaultProxy
 from support.mqttproxy import MqttFaultProxy
 from support.plugins import example_connector
 from support.rabbitmq import RabbitMQ

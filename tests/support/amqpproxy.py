@@ -162,7 +162,7 @@ def _spoil_password(frame: bytes) -> bytes:
 def _locale_length(frame: bytes) -> int:
     """Length of the locale short string at the end of a Start-Ok frame ("en_US")."""
     end = len(frame) - 1
-    for length in range(0, 64):
+    for length in range(64):
         if frame[end - length - 1] == length:
             return length
     raise ValueError("no locale at the end of Start-Ok")

@@ -51,7 +51,7 @@ from iotflow.backoff import Backoff
 from iotflow.config.types import secret_value
 from iotflow.connectors.amqp import AmqpConfig
 from iotflow.connectors.common import PROBE_BACKOFF_CAP_SECONDS
-from iotflow.downlinks import DownlinkRejected, parse_downlink
+from iotflow.downlinks import DownlinkRejected, DownlinkRequest, parse_downlink
 from iotflow.errors import (
     AuthenticationSinkError,
     PermanentSinkError,
@@ -136,6 +136,10 @@ def _reply_code(error: BaseException) -> int | None:
         if isinstance(code, int):
             return code
     return None
+
+
+async def _no_downlink_path(connection_id: str, request: DownlinkRequest) -> None:
+    raise DownlinkRejected("disabled", "this daemon has no downlink path")
 
 
 class AmqpSink:
@@ -426,10 +430,8 @@ class AmqpSink:
     async def _on_downlink(self, message: AbstractIncomingMessage) -> None:
         assert self.downlinks is not None
         key = message.routing_key or ""
-        handler = self._context.downlink
+        handler = self._context.downlink or _no_downlink_path
         try:
-            if handler is None:
-                raise DownlinkRejected("disabled", "this daemon has no downlink path")
             request = parse_downlink(
                 message.body,
                 dev_eui=self.downlinks.dev_eui(key),
