@@ -42,7 +42,13 @@ BASE = "/iot-flow/v1"
 AUTH = {"Authorization": "Bearer test-token"}
 DEV = "0018B2000000E001"
 KEY = "acme-api-key-s3cret-5d1e"
-BUILTINS = ["actility-aws-iot", "actility-cumulocity-iot", "actility-http-iot", "actility-mqtt-iot"]
+BUILTINS = [
+    "actility-amqp-0.9.1-iot",
+    "actility-aws-iot",
+    "actility-cumulocity-iot",
+    "actility-http-iot",
+    "actility-mqtt-iot",
+]
 NOT_LOADED = "Connector plugin not loaded"
 
 

@@ -2,7 +2,8 @@
 
 RabbitMQ 3.x's MQTT plugin speaks MQTT 3.1 and 3.1.1 only (QoS 0 and 1, persistent
 sessions with clean_session=false): the suite's broker for what Mosquitto cannot show,
-since Mosquitto accepts every protocol version. Its AMQP listener is kept for AMQP tests.
+since Mosquitto accepts every protocol version. Its AMQP listener (`amqp_port`,
+`amqp_url`) is the broker of the AMQP connector's tests.
 
 The node is private: its own name, Erlang cookie (HOME), epmd (ERL_EPMD_PORT), ports,
 database and log directories under a temporary directory. A RabbitMQ that runs on the
