@@ -166,7 +166,7 @@ async def test_an_uplink_creates_the_device_and_reaches_device_to_cloud(hub: Fak
         # The next uplink uses the session and the key it has: no registry call, no login.
         await sink.send(delivery(2))
         await hub.wait_received(2)
-        assert len(hub.requests) == 1 and len(hub.connects) == 1
+        assert (len(hub.requests), len(hub.connects)) == (1, 1)
         assert await sink.healthcheck()
     finally:
         await sink.close()
