@@ -45,6 +45,7 @@ KEY = "acme-api-key-s3cret-5d1e"
 BUILTINS = [
     "actility-amqp-0.9.1-iot",
     "actility-aws-iot",
+    "actility-azure-iot",
     "actility-cumulocity-iot",
     "actility-http-iot",
     "actility-mqtt-iot",

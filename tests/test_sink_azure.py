@@ -10,6 +10,8 @@ import base64
 import functools
 import hashlib
 import hmac
+import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +21,7 @@ import aiohttp
 import orjson
 import pytest
 
+from fixtures_path import SEEDS
 from iotflow.connectors import parse_connection
 from iotflow.downlinks import DownlinkRequest
 from iotflow.errors import AuthenticationSinkError, PermanentSinkError, RetryableSinkError
@@ -30,19 +33,14 @@ from support.tls import Pki, make_pki
 from support.uplinks import actility
 
 DEV = "0018B20000000C01"
-# The product's own example body (docs.thingpark.com, Connector/AZURE; tests/seeds/azure-iot.md).
-PRODUCT_BODY = {
-    "connectorId": "actility-azure-iot",
-    "name": "Azure Connection",
-    "configuration": {
-        "description": "Azure Datacenter",
-        "hostName": "demo.azure-devices.net",
-        "sharedAccessKeyName": "iothubowner",
-        "sharedAccessKey": "ZNPDmKmLc36xgSG8LWMPiPZ9YR6ezaeUtiZGYImH4=",
-        "iotHubTier": "S1",
-        "iotHubUnits": 25,
-    },
-}
+
+
+def product_body() -> dict[str, Any]:
+    """The product's own example (docs.thingpark.com Connector/AZURE, kept in the seeds)."""
+    text = (SEEDS / "azure-iot.md").read_text()
+    (block,) = re.findall(r"```json\s*\nPOST /connections\s*\n(.*?)```", text, re.S)
+    body: dict[str, Any] = json.loads(block)
+    return body
 
 
 @functools.cache
@@ -95,7 +93,7 @@ def make(hub: FakeIotHub, handler: Any = None, **config: Any) -> AzureSink:
 
 
 def test_the_products_body_is_valid_as_it_is() -> None:
-    config = parse_connection({"id": "p", **PRODUCT_BODY}).configuration
+    config = parse_connection({"id": "p", **product_body()}).configuration
     assert config.hostName == "demo.azure-devices.net"  # type: ignore[attr-defined]
     assert config.iotHubUnits == 25  # type: ignore[attr-defined]
 

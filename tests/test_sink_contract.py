@@ -49,6 +49,8 @@ from iotflow.sinks import Sink, SinkContext, create_sink
 from iotflow.spool import Delivery, Spool
 from iotflow.telemetry.metrics import Metrics
 from support.amqpproxy import AmqpFaultProxy
+from support.azure import POLICY as AZURE_POLICY
+from support.azure import FakeIotHub
 from support.clock import ManualClock
 from support.clouds import Behaviour, FakeCloud
 from support.cumulocity import FakeCumulocity
@@ -789,6 +791,120 @@ class AmqpKind(SinkKind):
         await sink.send(warm_up)
 
 
+# -- Azure IoT Hub: the local hub (registry + MQTT through the fault proxy) -----------------
+
+AZURE_MQTT_FAULTS = tuple(
+    f
+    for f in MQTT_FAULTS
+    if f.name in ("broker down", "timeout", "connection reset", "credentials refused")
+)
+# Played on the registry: a device's identity is created at its first uplink.
+AZURE_HTTP_FAULTS = tuple(
+    f
+    for f in RETRYABLE + PERMANENT + AUTHENTICATION
+    if f.status is not None and f.name != "HTTP 400 quoting the credentials"
+)
+AZURE_NOT_APPLICABLE = (
+    ("HTTP 400 quoting the credentials", "the hub double never quotes a request back"),
+    ("header template renders a line break", "Azure connections have no header templates"),
+    (
+        "arbitrary exception",
+        "the Azure sink reads no document it is given (fixed topic, DevEUI from the delivery)",
+    ),
+)
+
+
+class AzureKind(SinkKind):
+    """AzureSink (`actility-azure-iot`) against FakeIotHub: registry faults on the first
+    identity request, MQTT faults through the hub's login proxy."""
+
+    name = "azure"
+    faults = AZURE_MQTT_FAULTS + AZURE_HTTP_FAULTS
+    not_applicable = AZURE_NOT_APPLICABLE
+
+    def __init__(self) -> None:
+        self.hub = FakeIotHub(_pki())
+        self.secrets = (self.hub.policy_key,)
+
+    async def start(self) -> None:
+        await self.hub.start()
+
+    async def stop(self) -> None:
+        await self.hub.stop()
+
+    def connection(self) -> Connection:
+        hub = self.hub
+        return parse_connection(
+            {
+                "id": CONNECTION_ID,
+                "name": "contract",
+                "connectorId": "actility-azure-iot",
+                "configuration": {
+                    "hostName": hub.hub,
+                    "sharedAccessKeyName": AZURE_POLICY,
+                    "sharedAccessKey": hub.policy_key,
+                    "mqttEndpoint": hub.mqtt_endpoint,
+                    "registryURL": hub.registry_url,
+                    "trustedCaCertficate": hub.pki.ca,
+                    "downlinkEnabled": False,
+                    "uplinkTimeValidity": "1h",
+                },
+            }
+        )
+
+    def sink(self, connection: Connection) -> Sink:
+        return create_sink(connection, SinkContext(timeout=SEND_TIMEOUT, max_in_flight=1))
+
+    def play(self, fault: Fault) -> bytes | None:
+        hub, proxy = self.hub, self.hub.proxy
+        assert proxy is not None
+        if fault.name == "broker down":
+            proxy.close_next_connection = True
+        elif fault.name == "timeout":
+            proxy.drop_next_publish = True
+        elif fault.name == "connection reset":
+            proxy.reset_at_next_publish = True
+        elif fault.name == "credentials refused":
+            proxy.refuse_next_connect = True
+        elif fault.name == "HTTP 302 not followed":
+            hub.fail_next(302, {"Location": f"{hub.registry_url}/elsewhere"})
+        elif fault.name == "HTTP 429 Retry-After date":
+            when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+            hub.fail_next(429, {"Retry-After": when})
+        elif fault.retry_after is not None:
+            hub.fail_next(429, {"Retry-After": str(int(fault.retry_after))})
+        else:
+            assert fault.status is not None, fault
+            hub.fail_next(fault.status)
+        return None
+
+    def hold(self) -> None:
+        assert self.hub.proxy is not None
+        self.hub.proxy.hold()
+
+    def release(self) -> None:
+        if self.hub.proxy is not None:
+            self.hub.proxy.release()
+
+    async def arrived(self, count: int) -> None:
+        assert self.hub.proxy is not None
+        await self.hub.proxy.wait_publishes(count)
+
+    async def accepted(self, count: int) -> list[bytes]:
+        return [body for _, body in await self.hub.wait_received(count)]
+
+    async def check(self, fault: Fault) -> None:
+        if fault.status is not None:
+            # The faulted request, then the identity created: never a second device.
+            assert [s for _, _, s in self.hub.requests][-1] in (200, 409)
+            assert list(self.hub.devices) == ["0018B20000000B20"]
+
+    async def ready(self, sink: Sink) -> None:
+        now = time.time()
+        warm_up = Delivery(0, CONNECTION_ID, "0018B20000000B20", now, now, document(0))
+        await sink.send(warm_up)
+
+
 ECHO_KEY = "acme-s3cret-key-90b1"
 
 
@@ -840,6 +956,7 @@ KINDS: tuple[type[SinkKind], ...] = (
     CumulocityKind,
     EchoKind,
     AmqpKind,
+    AzureKind,
 )
 
 
