@@ -224,3 +224,66 @@ async def test_a_fleet_consumes_one_queue_and_hands_each_downlink_over_once(
     finally:
         for sink in sinks:
             await sink.close()
+
+
+# -- SSL ---------------------------------------------------------------------------------
+
+
+def tls_connection(broker: RabbitMQ, **config: Any) -> Any:
+    return connection_of(
+        broker,
+        hostName=f"127.0.0.1:{broker.amqps_port}",
+        protocol="SSL",
+        downlinkEnabled=False,
+        **config,
+    )
+
+
+async def test_ssl_with_the_brokers_ca_and_a_client_certificate(
+    rabbitmq: RabbitMQ, client: aio_pika.abc.AbstractConnection
+) -> None:
+    assert rabbitmq.tls is not None
+    pki = rabbitmq.tls
+    channel = await client.channel()
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind("amq.topic", routing_key=f"tls.{DEV_EUI}")
+    for extra in (
+        {},
+        {"certificate": pki.client.certificate, "privateKey": pki.client.private_key},
+    ):
+        sink = create_sink(
+            tls_connection(
+                rabbitmq,
+                trustedCaCertficate=pki.ca,
+                uplinkTopicPattern="tls.{DevEUI}",
+                **extra,
+            ),
+            SinkContext(timeout=5, max_in_flight=1),
+        )
+        await sink.start()
+        try:
+            await sink.send(delivery(1))
+            message = await queue.get(timeout=5)
+            assert orjson.loads(message.body)["DevEUI_uplink"]["DevEUI"] == DEV_EUI
+        finally:
+            await sink.close()
+
+
+@pytest.mark.parametrize("case", ["broker not trusted", "product's shortened PEM"])
+async def test_ssl_refusals_are_authentication_errors(rabbitmq: RabbitMQ, case: str) -> None:
+    assert rabbitmq.tls is not None
+    pki = rabbitmq.tls
+    config: dict[str, Any] = {
+        "broker not trusted": {"trustedCaCertficate": pki.rogue_ca},
+        "product's shortened PEM": {
+            "certificate": product_bodies()[1]["configuration"]["certificate"],
+            "privateKey": product_bodies()[1]["configuration"]["privateKey"],
+        },
+    }[case]
+    sink = create_sink(tls_connection(rabbitmq, **config), SinkContext(timeout=5, max_in_flight=1))
+    await sink.start()
+    try:
+        with pytest.raises(AuthenticationSinkError):
+            await sink.send(delivery(1))
+    finally:
+        await sink.close()

@@ -61,6 +61,7 @@ from iotflow.errors import (
 from iotflow.formats import Template, render_body
 from iotflow.sinks.base import SinkContext
 from iotflow.sinks.mqtt.endpoint import split_host_port
+from iotflow.sinks.mqtt.errors import TLS_AUTH_REASONS, tls_auth_reason
 from iotflow.sinks.mqtt.tls import TlsMaterial, describe_tls_error, tls_context
 from iotflow.sinks.mqtt.topics import DownlinkTopic
 from iotflow.spool import Delivery
@@ -119,14 +120,28 @@ def classify(error: BaseException, where: str) -> SinkError:
     code = _reply_code(error)
     if code in (_ACCESS_REFUSED, _NOT_ALLOWED):
         return AuthenticationSinkError(f"{where} refused access: {error}")
-    if isinstance(error, ssl.SSLCertVerificationError) or (
-        isinstance(error, ssl.SSLError) and "ALERT" in str(error).upper()
-    ):
-        return AuthenticationSinkError(f"TLS with {where} failed: {describe_tls_error(error)}")
+    reason = _tls_refusal(error)
+    if reason is not None:
+        return AuthenticationSinkError(f"TLS with {where} failed ({reason}): {error}")
     if isinstance(error, TimeoutError):
         return RetryableSinkError(f"no answer from {where} in time")
     text = str(error) or type(error).__name__
     return RetryableSinkError(f"{where}: {text}")
+
+
+def _tls_refusal(error: BaseException) -> str | None:
+    """The OpenSSL reason when one side refused the other's certificate. aiormq wraps the
+    ssl error in an AMQPConnectionError that keeps only its number and text."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        reason = tls_auth_reason(current)
+        if reason is not None:
+            return reason
+        current = current.__cause__ or current.__context__
+    text = str(error).upper()
+    return next((known for known in TLS_AUTH_REASONS if known in text), None)
 
 
 def _reply_code(error: BaseException) -> int | None:
