@@ -22,7 +22,7 @@ from fixtures_path import SEEDS
 from iotflow.connectors import parse_connection
 from iotflow.connectors.amqp import AmqpConfig
 from iotflow.downlinks import DownlinkRequest
-from iotflow.errors import AuthenticationSinkError, PermanentSinkError
+from iotflow.errors import AuthenticationSinkError, PermanentSinkError, RetryableSinkError
 from iotflow.sinks import SinkContext, create_sink
 from iotflow.sinks.amqp import AmqpSink, DownlinkKey, queue_name
 from iotflow.spool import Delivery
@@ -285,5 +285,32 @@ async def test_ssl_refusals_are_authentication_errors(rabbitmq: RabbitMQ, case: 
     try:
         with pytest.raises(AuthenticationSinkError):
             await sink.send(delivery(1))
+    finally:
+        await sink.close()
+
+
+async def test_a_nack_is_retryable(
+    rabbitmq: RabbitMQ, client: aio_pika.abc.AbstractConnection
+) -> None:
+    """A queue at its length limit with `reject-publish` makes the broker nack (RabbitMQ's
+    publisher confirms: "basic.nack ... when the message cannot be enqueued")."""
+    exchange = f"full-{secrets.token_hex(4)}"
+    channel = await client.channel()
+    target = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC)
+    queue = await channel.declare_queue(
+        exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+    )
+    await queue.bind(target, routing_key="#")
+    sink = create_sink(
+        connection_of(rabbitmq, exchangeName=exchange, downlinkEnabled=False),
+        SinkContext(timeout=5, max_in_flight=1),
+    )
+    await sink.start()
+    try:
+        await sink.send(delivery(1))  # takes the queue's only place
+        with pytest.raises(RetryableSinkError, match="refused"):
+            await sink.send(delivery(2))
+        await queue.get(timeout=5)  # room again: the retry goes through
+        await sink.send(delivery(2))
     finally:
         await sink.close()
