@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import ssl
 from typing import Any
@@ -68,6 +69,9 @@ from iotflow.spool import Delivery
 from iotflow.telemetry.logging import get_logger
 
 log = get_logger("iotflow.sinks")
+# aiormq logs each failed connection attempt at error level, traceback and all; the sink
+# classifies the same failure and the worker reports it once per streak.
+logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
 
 MAX_ROUTING_KEY = 255  # bytes: a short string (AMQP 0.9.1 section 4.2.5.3)
 DOWNLINK_PREFETCH = 10  # unacknowledged downlinks the broker may hand us at once
