@@ -156,7 +156,7 @@ async def test_an_uplink_creates_the_device_and_reaches_device_to_cloud(hub: Fak
         await sink.send(delivery(1, DEV.lower()))
         ((topic, body),) = await hub.wait_received(1)
         assert topic.startswith(f"devices/{DEV}/messages/events/")
-        assert "%24.ct=application%2Fjson" in topic
+        assert topic.endswith("/$.ct=application%2Fjson&$.ce=utf-8")
         assert orjson.loads(body)["DevEUI_uplink"]["FCntUp"] == 1
         assert DEV in hub.devices  # created, upper case
         assert hub.requests == [("PUT", DEV, 200)]

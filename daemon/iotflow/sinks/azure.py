@@ -59,7 +59,7 @@ MQTT_TLS_PORT = 8883
 TOKEN_LIFETIME = 3600.0  # seconds a SAS token is valid
 TOKEN_MARGIN = 300.0  # a token with less left is renewed before use
 # System properties of a D2C message, URL-encoded in its topic: JSON, UTF-8.
-D2C_PROPERTIES = "%24.ct=application%2Fjson&%24.ce=utf-8"
+D2C_PROPERTIES = "$.ct=application%2Fjson&$.ce=utf-8"
 
 
 def sas_token(resource: str, key: str, expiry: int, policy: str | None = None) -> str:
