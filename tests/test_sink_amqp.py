@@ -314,3 +314,36 @@ async def test_a_nack_is_retryable(
         await sink.send(delivery(2))
     finally:
         await sink.close()
+
+
+async def test_the_products_patterns_route_both_ways(
+    rabbitmq: RabbitMQ, client: aio_pika.abc.AbstractConnection
+) -> None:
+    """`{profile}.amqp.things.{DevEUI}.uplink`: iotflow's uplinks have no `profile`, so the
+    first word is empty; `*` matches an empty word, so the product's keys still route."""
+    (tcp, _) = product_bodies()
+    patterns = {k: tcp["configuration"][k] for k in ("uplinkTopicPattern", "downlinkTopicPattern")}
+    exchange = f"IotFlowExchange-{secrets.token_hex(3)}"
+    handed = Handed()
+    sink = create_sink(
+        connection_of(
+            rabbitmq, f"p-{secrets.token_hex(3)}", exchangeName=exchange, downlinkPort=4, **patterns
+        ),
+        SinkContext(timeout=5, max_in_flight=1, downlink=handed),
+    )
+    await sink.start()
+    try:
+        with pytest.raises(PermanentSinkError):  # declares the exchange; nothing bound yet
+            await sink.send(delivery(1))
+        channel = await client.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, routing_key="*.amqp.things.*.uplink")
+        await sink.send(delivery(2))
+        message = await queue.get(timeout=5)
+        assert message.routing_key == f".amqp.things.{DEV_EUI}.uplink"
+        body = {"DevEUI_downlink": {"payload_hex": "ff"}}
+        await publish(client, exchange, f".amqp.things.{DEV_EUI}.downlink", body)
+        await handed.until(1)
+        assert handed.requests[0][1].dev_eui == DEV_EUI
+    finally:
+        await sink.close()
