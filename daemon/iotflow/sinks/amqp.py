@@ -103,8 +103,9 @@ def queue_name(connection_id: str, shared_group: str) -> str:
     return f"iotflow.{group}{connection_id}.downlinks"
 
 
-def classify(error: BaseException, where: str) -> SinkError:
-    """What an AMQP failure means for a delivery: see the module docstring."""
+def classify(error: BaseException, where: str) -> SinkError | None:
+    """What an AMQP failure means for a delivery (see the module docstring); None for an
+    error that is not the broker's or the network's (a bug: the delivery fails)."""
     if isinstance(error, SinkError):
         return error
     if isinstance(error, aiormq.exceptions.PublishError):
@@ -129,8 +130,12 @@ def classify(error: BaseException, where: str) -> SinkError:
         return AuthenticationSinkError(f"TLS with {where} failed ({reason}): {error}")
     if isinstance(error, TimeoutError):
         return RetryableSinkError(f"no answer from {where} in time")
-    text = str(error) or type(error).__name__
-    return RetryableSinkError(f"{where}: {text}")
+    if isinstance(
+        error,
+        aiormq.exceptions.AMQPError | aiormq.exceptions.ChannelInvalidStateError | OSError,
+    ):
+        return RetryableSinkError(f"{where}: {str(error) or type(error).__name__}")
+    return None
 
 
 def _tls_refusal(error: BaseException) -> str | None:
@@ -273,6 +278,8 @@ class AmqpSink:
             if error is None:
                 return
             sink_error = classify(error, self.where)
+            if sink_error is None:
+                raise error
             if isinstance(sink_error, RetryableSinkError):
                 await self._forget()
             raise sink_error from None
@@ -408,7 +415,7 @@ class AmqpSink:
             log.warning(
                 "Cloud broker connection lost",
                 connection=self.connection_id,
-                error=str(classify(error, self.where)),
+                error=str(classify(error, self.where) or error),
             )
 
     async def _forget(self) -> None:
@@ -439,7 +446,7 @@ class AmqpSink:
                 log.debug(
                     "Cloud broker unavailable",
                     connection=self.connection_id,
-                    error=str(classify(exc, self.where)),
+                    error=str(classify(exc, self.where) or exc),
                 )
             else:
                 self._backoff.reset()
