@@ -19,6 +19,7 @@ from support.daemon import DaemonProcess
 from support.mosquitto import Mosquitto
 from support.postgres import Postgres
 from support.rabbitmq import RabbitMQ
+from support.tls import make_pki
 
 _phase_reports = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -76,7 +77,7 @@ def rabbitmq() -> Iterator[RabbitMQ]:
     It takes about fifteen seconds to start: once a session, only when a test asks.
     Skipped, with the reason, where rabbitmq-server is not installed.
     """
-    with RabbitMQ() as node:
+    with RabbitMQ(tls=make_pki()) as node:  # AMQP over TLS too (`amqps_port`)
         yield node
 
 

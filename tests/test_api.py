@@ -273,6 +273,7 @@ async def test_seed_bodies_are_accepted_as_they_are(
             "accessKeyId",
             "certificate",
             "downlinkAsKey",
+            "sharedAccessKey",
         ):
             assert config[key] == "*****"  # as the product's GET /connections shows them
         elif key == "headers":
@@ -297,6 +298,8 @@ async def test_catalog_describes_each_connector(running: tuple[DaemonProcess, Ap
         "actility-thingsboard-iot",
         "actility-splunk-iot",
         "actility-influxdb-iot",
+        "actility-amqp-0.9.1-iot",
+        "actility-azure-iot",
     }
     http = by_id["actility-http-iot"]
     assert {b["id"] for b in http["brands"]} >= {"DATACAKE", "CAYENNE", "QUBITRO", "TAGO"}

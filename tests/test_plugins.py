@@ -43,7 +43,9 @@ AUTH = {"Authorization": "Bearer test-token"}
 DEV = "0018B2000000E001"
 KEY = "acme-api-key-s3cret-5d1e"
 BUILTINS = [
+    "actility-amqp-0.9.1-iot",
     "actility-aws-iot",
+    "actility-azure-iot",
     "actility-cumulocity-iot",
     "actility-http-iot",
     "actility-influxdb-iot",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import secrets
 import ssl
 import tempfile
 import time
@@ -34,6 +35,7 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiomqtt
 import orjson
 import pytest
@@ -46,12 +48,16 @@ from iotflow.errors import RetryableSinkError, SinkError
 from iotflow.sinks import Sink, SinkContext, create_sink
 from iotflow.spool import Delivery, Spool
 from iotflow.telemetry.metrics import Metrics
+from support.amqpproxy import AmqpFaultProxy
+from support.azure import POLICY as AZURE_POLICY
+from support.azure import FakeIotHub
 from support.clock import ManualClock
 from support.clouds import Behaviour, FakeCloud
 from support.cumulocity import FakeCumulocity
 from support.mosquitto import HOST, Mosquitto
 from support.mqttproxy import MqttFaultProxy
 from support.plugins import example_connector
+from support.rabbitmq import RabbitMQ
 from support.tls import Pki, make_pki
 from support.uplinks import actility
 from support.webdoubles import FakeInfluxDb, FakeSplunkHec, FakeThingsBoard, ServiceDouble, hec
@@ -660,6 +666,246 @@ class CumulocityKind(SinkKind):
         return [document(n) for n in counters]
 
 
+# -- AMQP 0.9.1: the suite's RabbitMQ behind a proxy that plays the broker's faults ---------
+
+AMQP_PASSWORD = "iotflow-test"  # the node's user (support/rabbitmq.py)
+AMQP_FAULTS = (
+    Fault("broker down", "retried"),
+    Fault("timeout", "retried", error="no confirm from"),
+    Fault("connection reset", "retried"),
+    Fault("credentials refused", "auth"),
+    # No queue is bound for the routing key: the broker returns the message (NO_ROUTE).
+    Fault("unroutable", "failed", error="unroutable"),
+    Fault("routing key too long", "failed", error="uplinkTopicPattern"),
+    Fault("arbitrary exception", "failed", error="JSONDecodeError"),
+)
+AMQP_NOT_APPLICABLE = (
+    *((f.name, HTTP_ONLY.replace("MQTT", "AMQP").replace("CONNACK code", "Connection.Close"))
+      for f in RETRYABLE + PERMANENT + AUTHENTICATION if f.status),
+    *((f.name, NO_RETRY_AFTER.replace("MQTT", "AMQP")) for f in RETRYABLE if f.retry_after),
+    ("header template renders a line break", "AMQP headers are not templated here"),
+)  # fmt: skip
+
+
+class AmqpKind(SinkKind):
+    """AmqpSink (`actility-amqp-0.9.1-iot`) against the suite's RabbitMQ, through the
+    AMQP fault proxy; a queue bound to `contract.sensor` is the cloud's consumer."""
+
+    name = "amqp"
+    faults = AMQP_FAULTS
+    secrets = (AMQP_PASSWORD,)
+    not_applicable = AMQP_NOT_APPLICABLE
+
+    def __init__(self, broker: RabbitMQ) -> None:
+        self.broker = broker
+        self.proxy = AmqpFaultProxy(broker.amqp_port)
+        self.exchange = f"contract-{secrets.token_hex(4)}"
+        self.received: list[bytes] = []
+        self._changed = asyncio.Condition()
+        self._consumer: aio_pika.abc.AbstractConnection | None = None
+
+    async def start(self) -> None:
+        await self.proxy.start()
+        self._consumer = await aio_pika.connect(self.broker.amqp_url)
+        channel = await self._consumer.channel()
+        exchange = await channel.declare_exchange(
+            self.exchange, aio_pika.ExchangeType.TOPIC, auto_delete=True
+        )
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, routing_key="contract.sensor")
+        await queue.consume(self._receive, no_ack=True)
+
+    async def _receive(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        async with self._changed:
+            self.received.append(message.body)
+            self._changed.notify_all()
+
+    async def stop(self) -> None:
+        await self.proxy.stop()
+        if self._consumer is not None:
+            await self._consumer.close()
+
+    def connection(self) -> Connection:
+        return parse_connection(
+            {
+                "id": CONNECTION_ID,
+                "name": "contract",
+                "connectorId": "actility-amqp-0.9.1-iot",
+                "configuration": {
+                    "hostName": f"{HOST}:{self.proxy.port}",
+                    "username": self.broker.username,
+                    "password": AMQP_PASSWORD,
+                    "exchangeName": self.exchange,
+                    "uplinkTopicPattern": "contract.{CustomerData.name}",
+                    "downlinkEnabled": False,
+                    "uplinkTimeValidity": "1h",
+                },
+            }
+        )
+
+    def sink(self, connection: Connection) -> Sink:
+        return create_sink(connection, SinkContext(timeout=SEND_TIMEOUT, max_in_flight=1))
+
+    def play(self, fault: Fault) -> bytes | None:
+        proxy = self.proxy
+        if fault.name == "broker down":
+            proxy.close_next_connection = True
+        elif fault.name == "timeout":
+            proxy.swallow_next_publish = True
+        elif fault.name == "connection reset":
+            proxy.reset_at_next_publish = True
+        elif fault.name == "credentials refused":
+            proxy.spoil_next_login = True
+        elif fault.name == "unroutable":
+            return document(0, name="nobody")
+        elif fault.name == "routing key too long":
+            return document(0, name="x" * 300)
+        elif fault.name == "arbitrary exception":
+            return b"{not json"
+        else:
+            raise AssertionError(fault)
+        return None
+
+    def hold(self) -> None:
+        self.proxy.hold()
+
+    def release(self) -> None:
+        self.proxy.release()
+
+    async def arrived(self, count: int) -> None:
+        await self.proxy.wait_publishes(count)
+
+    async def accepted(self, count: int) -> list[bytes]:
+        async with asyncio.timeout(10), self._changed:
+            await self._changed.wait_for(lambda: len(self.received) >= count)
+        return list(self.received)
+
+    async def check(self, fault: Fault) -> None:
+        if fault.name in ("unroutable", "routing key too long"):
+            # Only the next, ordinary uplink reached the consumer.
+            (only,) = await self.accepted(1)
+            assert orjson.loads(only)["DevEUI_uplink"]["FCntUp"] == 2
+
+    async def ready(self, sink: Sink) -> None:
+        now = time.time()
+        warm_up = Delivery(0, CONNECTION_ID, "0018B20000000B20", now, now, document(0))
+        await sink.send(warm_up)
+
+
+# -- Azure IoT Hub: the local hub (registry + MQTT through the fault proxy) -----------------
+
+AZURE_MQTT_FAULTS = tuple(
+    f
+    for f in MQTT_FAULTS
+    if f.name in ("broker down", "timeout", "connection reset", "credentials refused")
+)
+# Played on the registry: a device's identity is created at its first uplink.
+AZURE_HTTP_FAULTS = tuple(
+    f
+    for f in RETRYABLE + PERMANENT + AUTHENTICATION
+    if f.status is not None and f.name != "HTTP 400 quoting the credentials"
+)
+AZURE_NOT_APPLICABLE = (
+    ("HTTP 400 quoting the credentials", "the hub double never quotes a request back"),
+    ("header template renders a line break", "Azure connections have no header templates"),
+    (
+        "arbitrary exception",
+        "the Azure sink reads no document it is given (fixed topic, DevEUI from the delivery)",
+    ),
+)
+
+
+class AzureKind(SinkKind):
+    """AzureSink (`actility-azure-iot`) against FakeIotHub: registry faults on the first
+    identity request, MQTT faults through the hub's login proxy."""
+
+    name = "azure"
+    faults = AZURE_MQTT_FAULTS + AZURE_HTTP_FAULTS
+    not_applicable = AZURE_NOT_APPLICABLE
+
+    def __init__(self) -> None:
+        self.hub = FakeIotHub(_pki())
+        self.secrets = (self.hub.policy_key,)
+
+    async def start(self) -> None:
+        await self.hub.start()
+
+    async def stop(self) -> None:
+        await self.hub.stop()
+
+    def connection(self) -> Connection:
+        hub = self.hub
+        return parse_connection(
+            {
+                "id": CONNECTION_ID,
+                "name": "contract",
+                "connectorId": "actility-azure-iot",
+                "configuration": {
+                    "hostName": hub.hub,
+                    "sharedAccessKeyName": AZURE_POLICY,
+                    "sharedAccessKey": hub.policy_key,
+                    "mqttEndpoint": hub.mqtt_endpoint,
+                    "registryURL": hub.registry_url,
+                    "trustedCaCertficate": hub.pki.ca,
+                    "downlinkEnabled": False,
+                    "uplinkTimeValidity": "1h",
+                },
+            }
+        )
+
+    def sink(self, connection: Connection) -> Sink:
+        return create_sink(connection, SinkContext(timeout=SEND_TIMEOUT, max_in_flight=1))
+
+    def play(self, fault: Fault) -> bytes | None:
+        hub, proxy = self.hub, self.hub.proxy
+        assert proxy is not None
+        if fault.name == "broker down":
+            proxy.close_next_connection = True
+        elif fault.name == "timeout":
+            proxy.drop_next_publish = True
+        elif fault.name == "connection reset":
+            proxy.reset_at_next_publish = True
+        elif fault.name == "credentials refused":
+            proxy.refuse_next_connect = True
+        elif fault.name == "HTTP 302 not followed":
+            hub.fail_next(302, {"Location": f"{hub.registry_url}/elsewhere"})
+        elif fault.name == "HTTP 429 Retry-After date":
+            when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+            hub.fail_next(429, {"Retry-After": when})
+        elif fault.retry_after is not None:
+            hub.fail_next(429, {"Retry-After": str(int(fault.retry_after))})
+        else:
+            assert fault.status is not None, fault
+            hub.fail_next(fault.status)
+        return None
+
+    def hold(self) -> None:
+        assert self.hub.proxy is not None
+        self.hub.proxy.hold()
+
+    def release(self) -> None:
+        if self.hub.proxy is not None:
+            self.hub.proxy.release()
+
+    async def arrived(self, count: int) -> None:
+        assert self.hub.proxy is not None
+        await self.hub.proxy.wait_publishes(count)
+
+    async def accepted(self, count: int) -> list[bytes]:
+        return [body for _, body in await self.hub.wait_received(count)]
+
+    async def check(self, fault: Fault) -> None:
+        if fault.status is not None:
+            # The faulted request, then the identity created: never a second device.
+            assert [s for _, _, s in self.hub.requests][-1] in (200, 409)
+            assert list(self.hub.devices) == ["0018B20000000B20"]
+
+    async def ready(self, sink: Sink) -> None:
+        now = time.time()
+        warm_up = Delivery(0, CONNECTION_ID, "0018B20000000B20", now, now, document(0))
+        await sink.send(warm_up)
+
+
 ECHO_KEY = "acme-s3cret-key-90b1"
 
 
@@ -927,6 +1173,8 @@ KINDS: tuple[type[SinkKind], ...] = (
     ThingsBoardKind,
     SplunkKind,
     InfluxDbKind,
+    AmqpKind,
+    AzureKind,
 )
 
 
@@ -1008,9 +1256,17 @@ class Harness:
         return value or 0.0
 
 
+def make_kind(kind_type: type[SinkKind], request: pytest.FixtureRequest) -> SinkKind:
+    """A kind; the AMQP one gets the suite's RabbitMQ node (a session fixture: it takes
+    seconds to start)."""
+    if issubclass(kind_type, AmqpKind):
+        return kind_type(request.getfixturevalue("rabbitmq"))
+    return kind_type()
+
+
 @pytest.fixture(params=KINDS, ids=lambda k: k.name)
 async def kind(request: pytest.FixtureRequest) -> AsyncIterator[SinkKind]:
-    made: SinkKind = request.param()
+    made = make_kind(request.param, request)
     await made.start()
     yield made
     made.release()
@@ -1063,8 +1319,10 @@ async def test_delivered(harness: Harness) -> None:
 
 
 @pytest.mark.parametrize(("kind_type", "fault"), _cases())
-async def test_fault(kind_type: type[SinkKind], fault: Fault, spool: Spool) -> None:
-    made = kind_type()
+async def test_fault(
+    kind_type: type[SinkKind], fault: Fault, spool: Spool, request: pytest.FixtureRequest
+) -> None:
+    made = make_kind(kind_type, request)
     await made.start()
     harness = Harness(made, spool)
     try:

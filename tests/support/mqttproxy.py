@@ -16,6 +16,7 @@ import contextlib
 import socket
 import ssl
 import struct
+from collections.abc import Callable
 
 HOST = "127.0.0.1"
 CONNECT, PUBLISH = 1, 3
@@ -37,9 +38,17 @@ async def _packet(reader: asyncio.StreamReader) -> bytes:
 
 
 class MqttFaultProxy:
-    def __init__(self, upstream_port: int, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        authorize: Callable[[bytes], int] | None = None,
+    ) -> None:
         self.upstream_port = upstream_port
         self._ssl = ssl_context
+        # A cloud's own login check: the CONNECT packet → a CONNACK return code (0: accept).
+        self.authorize = authorize
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -99,6 +108,11 @@ class MqttFaultProxy:
             if self.refuse_next_connect and connect[0] >> 4 == CONNECT:
                 self.refuse_next_connect = False
                 writer.write(CONNACK_NOT_AUTHORIZED)
+                await writer.drain()
+                return
+            code = self.authorize(connect) if self.authorize is not None else 0
+            if code:
+                writer.write(bytes([0x20, 0x02, 0x00, code]))
                 await writer.drain()
                 return
             up_reader, upstream = await asyncio.open_connection(HOST, self.upstream_port)

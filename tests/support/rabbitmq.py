@@ -2,7 +2,8 @@
 
 RabbitMQ 3.x's MQTT plugin speaks MQTT 3.1 and 3.1.1 only (QoS 0 and 1, persistent
 sessions with clean_session=false): the suite's broker for what Mosquitto cannot show,
-since Mosquitto accepts every protocol version. Its AMQP listener is kept for AMQP tests.
+since Mosquitto accepts every protocol version. Its AMQP listener (`amqp_port`,
+`amqp_url`) is the broker of the AMQP connector's tests.
 
 The node is private: its own name, Erlang cookie (HOME), epmd (ERL_EPMD_PORT), ports,
 database and log directories under a temporary directory. A RabbitMQ that runs on the
@@ -27,6 +28,7 @@ import pytest
 
 from .ports import free_port
 from .server import ServerProcess
+from .tls import Pki
 
 HOST = "127.0.0.1"
 # The Debian wrapper in /usr/sbin switches to the `rabbitmq` account and its HOME (the
@@ -67,6 +69,7 @@ class RabbitMQ(ServerProcess):
         prefetch: int = 10,
         start_timeout: float = 180.0,
         stop_timeout: float = 60.0,
+        tls: Pki | None = None,
     ) -> None:
         epmd = _find_epmd()
         if not os.path.exists(_SERVER_SCRIPT) or epmd is None:
@@ -86,6 +89,10 @@ class RabbitMQ(ServerProcess):
         self.nodename = f"iotflow-test-{os.getpid()}-{secrets.token_hex(3)}@localhost"
         self.mqtt_port = 0
         self.amqp_port = 0
+        # AMQP over TLS with `tls`'s server certificate; client certificates are checked
+        # when presented (signed by its CA), not required.
+        self.tls = tls
+        self.amqps_port = 0
         self._dist_port = 0
         self._epmd_port = 0
         self._process: subprocess.Popen[bytes] | None = None
@@ -166,12 +173,14 @@ class RabbitMQ(ServerProcess):
 
     def _pick_ports(self) -> None:
         ports: set[int] = set()
-        while len(ports) < 4:
+        while len(ports) < 5:
             ports.add(free_port())
-        self.mqtt_port, self.amqp_port, self._dist_port, self._epmd_port = sorted(ports)
+        self.mqtt_port, self.amqp_port, self._dist_port, self._epmd_port, self.amqps_port = sorted(
+            ports
+        )
 
     def _config(self) -> str:
-        return (
+        return self._tls_config() + (
             f"listeners.tcp.default = {HOST}:{self.amqp_port}\n"
             f"mqtt.listeners.tcp.default = {HOST}:{self.mqtt_port}\n"
             "mqtt.allow_anonymous = true\n"
@@ -188,6 +197,21 @@ class RabbitMQ(ServerProcess):
             "disk_free_limit.absolute = 1MB\n"
             "log.console = false\n"
             "log.file.level = info\n"
+        )
+
+    def _tls_config(self) -> str:
+        if self.tls is None:
+            return ""
+        directory = self.directory / "tls"
+        directory.mkdir(exist_ok=True)
+        ca, cert, key = self.tls.write_broker_files(directory)
+        return (
+            f"listeners.ssl.default = {HOST}:{self.amqps_port}\n"
+            f"ssl_options.cacertfile = {ca}\n"
+            f"ssl_options.certfile = {cert}\n"
+            f"ssl_options.keyfile = {key}\n"
+            "ssl_options.verify = verify_peer\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
         )
 
     def _environment(self) -> dict[str, str]:
@@ -256,6 +280,7 @@ class RabbitMQ(ServerProcess):
                 _READY_MARKER in text
                 and _accepts_connections(self.mqtt_port)
                 and _accepts_connections(self.amqp_port)
+                and (self.tls is None or _accepts_connections(self.amqps_port))
             ):
                 return
             if time.monotonic() > deadline:

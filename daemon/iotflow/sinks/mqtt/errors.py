@@ -24,7 +24,7 @@ _AUTH_RETURN_CODES = {4, 5}
 # side refused the other's certificate: ours (the alerts the broker sends) or theirs
 # (our verification). A bare handshake_failure is left out: it also means "no common
 # cipher", which no credential fixes.
-_TLS_AUTH_REASONS = (
+TLS_AUTH_REASONS = (
     "CERTIFICATE_VERIFY_FAILED",
     "ALERT_BAD_CERTIFICATE",
     "ALERT_UNKNOWN_CA",
@@ -37,13 +37,13 @@ _TLS_AUTH_REASONS = (
 )
 
 
-def _tls_auth_reason(error: BaseException) -> str | None:
+def tls_auth_reason(error: BaseException) -> str | None:
     """The OpenSSL reason when `error` is one side refusing the other's certificate."""
     if isinstance(error, ssl.SSLCertVerificationError):
         return "CERTIFICATE_VERIFY_FAILED"
     reason = getattr(error, "reason", None) if isinstance(error, ssl.SSLError) else None
     text = reason if isinstance(reason, str) else str(error).upper()
-    for known in _TLS_AUTH_REASONS:
+    for known in TLS_AUTH_REASONS:
         if known in text:
             return known
     return None
@@ -82,7 +82,7 @@ def classify_connect_error(
             if refused:
                 return AuthenticationSinkError(f"{endpoint} refused the connection: {candidate}")
             return RetryableSinkError(f"{endpoint} refused the connection: {candidate}")
-        reason = _tls_auth_reason(candidate)
+        reason = tls_auth_reason(candidate)
         if reason is not None:
             side = "its" if "VERIFY_FAILED" in reason else "our"
             return AuthenticationSinkError(
