@@ -32,6 +32,7 @@ from iotflow.config.model import DeadLetterSettings, DeliverySettings, JournalSe
 from iotflow.connectors import Connection, parse_connection
 from iotflow.delivery.manager import Deliveries
 from iotflow.delivery.recovery import Recovery, route_of
+from iotflow.delivery.worker import background_share
 from iotflow.routing import RoutingIndex
 from iotflow.spool import Delivery, Spool
 from iotflow.telemetry import logging as logs
@@ -182,7 +183,7 @@ async def replay_latency(args: argparse.Namespace, path: Path) -> None:
         record=record,
         journal=JournalSettings(),
         letters=DeadLetterSettings(),
-        window=lambda cid: max(1, deliveries.max_in_flight(cid) // 2),
+        window=lambda cid: background_share(deliveries.max_in_flight(cid)),
     )
     deliveries.replayed = recovery.replayed
     await deliveries.complete(deliveries.register([connection], settings, {}))
@@ -256,7 +257,7 @@ async def replay_latency(args: argparse.Namespace, path: Path) -> None:
     print(
         f"replay          {row.delivered:,} delivered in {elapsed:.1f} s"
         f" ({row.delivered / elapsed:,.0f}/s; cloud {args.cloud_delay} ms,"
-        f" max_in_flight {args.in_flight}, replay window {max(1, args.in_flight // 2)})"
+        f" max_in_flight {args.in_flight}, replay window {background_share(args.in_flight)})"
     )
     await recovery.close()
     await deliveries.stop(1)

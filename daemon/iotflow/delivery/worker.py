@@ -84,33 +84,140 @@ class Statistics:
         }
 
 
+def background_share(max_in_flight: int) -> int:
+    """How many of a connection's sends may carry replayed or re-sent deliveries at once:
+    half of `max_in_flight` (at least 1); the rest is kept for live uplinks."""
+    return max(1, max_in_flight // 2)
+
+
+def _background(delivery: Delivery) -> bool:
+    """A replayed uplink or a re-sent dead letter: an old copy, behind live traffic."""
+    return delivery.replay is not None or delivery.letter is not None
+
+
+@dataclass(slots=True)
+class _Device:
+    """One device's deliveries in memory, per lane, each in id order."""
+
+    live: deque[Delivery] = field(default_factory=deque)
+    background: deque[Delivery] = field(default_factory=deque)
+    busy: bool = False  # a worker holds one of its deliveries
+    queued_live: bool = False  # it has an entry in _Backlog.live_ready
+    queued_background: bool = False  # in _Backlog.background_ready
+
+
 @dataclass(slots=True)
 class _Backlog:
-    """Deliveries held in memory, one FIFO per device so that a device's order is kept.
+    """Deliveries held in memory in two lanes, one FIFO per device and lane.
 
-    A device is in `ready` at most once, and only while no worker holds it: that is what
-    serialises one device's deliveries while other devices go out in parallel.
+    Live deliveries are taken first; replayed and re-sent ones (the background lane) only
+    when no live device is ready, and at most `share` of them on the wire at once. A device
+    has one delivery on the wire at most, whichever its lane: that serialises one device's
+    sends while other devices go out in parallel. Within a lane a device's order is kept;
+    between lanes, live first (docs/deadletters.md). A ready list may hold entries that no
+    longer apply (the device was taken through its other lane): they are skipped.
     """
 
-    devices: dict[str, deque[Delivery]] = field(default_factory=dict)
-    ready: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    share: int = 1
+    devices: dict[str, _Device] = field(default_factory=dict)
+    live_ready: deque[str] = field(default_factory=deque)
+    background_ready: deque[str] = field(default_factory=deque)
+    background_busy: int = 0  # background deliveries taken and not released
     size: int = 0
+    _waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
     def push(self, delivery: Delivery) -> None:
-        queue = self.devices.get(delivery.dev_eui)
-        if queue is None:
-            self.devices[delivery.dev_eui] = deque((delivery,))
-            self.ready.put_nowait(delivery.dev_eui)
+        device = self.devices.get(delivery.dev_eui)
+        if device is None:
+            device = self.devices[delivery.dev_eui] = _Device()
+        if _background(delivery):
+            device.background.append(delivery)
         else:
-            queue.append(delivery)
+            device.live.append(delivery)
         self.size += 1
+        if not device.busy:
+            self._queue(delivery.dev_eui, device)
 
-    def release(self, dev_eui: str) -> None:
-        """A worker is done with one delivery of `dev_eui`: let the device's next one go."""
-        if self.devices[dev_eui]:
-            self.ready.put_nowait(dev_eui)
-        else:
+    def _queue(self, dev_eui: str, device: _Device) -> None:
+        if device.live and not device.queued_live:
+            device.queued_live = True
+            self.live_ready.append(dev_eui)
+            self._wake()
+        if device.background and not device.queued_background:
+            device.queued_background = True
+            self.background_ready.append(dev_eui)
+            if self.background_busy < self.share:
+                self._wake()
+
+    def _takeable(self) -> bool:
+        # May be true of stale entries only: a worker woken for nothing waits again.
+        return bool(self.live_ready) or (
+            bool(self.background_ready) and self.background_busy < self.share
+        )
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _take_now(self) -> Delivery | None:
+        while self.live_ready:
+            dev_eui = self.live_ready.popleft()
+            device = self.devices[dev_eui]
+            device.queued_live = False
+            if not device.busy and device.live:
+                device.busy = True
+                return device.live.popleft()
+            self._forget(dev_eui, device)
+        while self.background_ready and self.background_busy < self.share:
+            dev_eui = self.background_ready.popleft()
+            device = self.devices[dev_eui]
+            device.queued_background = False
+            if not device.busy and device.background:
+                device.busy = True
+                self.background_busy += 1
+                return device.background.popleft()
+            self._forget(dev_eui, device)
+        return None
+
+    def _forget(self, dev_eui: str, device: _Device) -> None:
+        """A skipped entry was the last trace of an idle device with nothing left."""
+        idle = not (device.busy or device.live or device.background)
+        if idle and not (device.queued_live or device.queued_background):
             del self.devices[dev_eui]
+
+    async def take(self) -> Delivery:
+        """The next delivery to send: a live one if any device has one ready."""
+        while True:
+            delivery = self._take_now()
+            if delivery is not None:
+                self.size -= 1
+                if self._takeable():
+                    self._wake()  # more is ready: another waiting worker goes too
+                return delivery
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled: the wake goes to another
+                raise
+
+    def release(self, delivery: Delivery) -> None:
+        """A worker is done with `delivery`: let its device's next one go."""
+        device = self.devices[delivery.dev_eui]
+        device.busy = False
+        if _background(delivery):
+            self.background_busy -= 1
+            if self.background_ready and self.background_busy < self.share:
+                self._wake()  # a background slot is free for another device
+        if device.live or device.background:
+            self._queue(delivery.dev_eui, device)
+        elif not (device.queued_live or device.queued_background):
+            del self.devices[delivery.dev_eui]
 
 
 class ConnectionWorker:
@@ -153,7 +260,7 @@ class ConnectionWorker:
         self.state = ConnectionState.OPENING if connection.active else ConnectionState.DEACTIVATED
         self.out_of_service: str | None = None  # why, once taken out of service
         self._auth_failed = False
-        self._backlog = _Backlog()
+        self._backlog = _Backlog(share=background_share(settings.max_in_flight))
         self._spilled = True  # at start, what is pending is in the spool
         self._dirty = False
         self._last_loaded = 0
@@ -264,9 +371,7 @@ class ConnectionWorker:
     async def _work_loop(self) -> None:
         backlog = self._backlog
         while not self._stopping:
-            dev_eui = await backlog.ready.get()
-            delivery = backlog.devices[dev_eui].popleft()
-            backlog.size -= 1
+            delivery = await backlog.take()
             if self._spilled and backlog.size < self.settings.memory_queue // 4:
                 self._refill_wanted.set()
             task = asyncio.current_task()
@@ -286,7 +391,7 @@ class ConnectionWorker:
                 )
             finally:
                 self._sending.discard(task)
-                backlog.release(dev_eui)
+                backlog.release(delivery)
 
     async def _deliver(self, delivery: Delivery) -> None:
         # A flow's validity, stored with the delivery, wins over the connection's.
