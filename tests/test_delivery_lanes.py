@@ -95,6 +95,23 @@ def assert_device_order(sent: list[Delivery], expected: list[Delivery]) -> None:
             assert [d.id for d in sent if d.dev_eui == dev and (d.replay is None) == lane] == mine
 
 
+async def test_the_spool_reads_back_each_lane_in_id_order(spool: Spool) -> None:
+    fresh = await live(spool, ["A", "B"], None)
+    replayed = await old(spool, ["A", "C"], None)
+    letters = await old(spool, ["B"], None, replay=None, letter=3)
+    later = await live(spool, ["C"], None)
+    everything = fresh + replayed + letters + later
+    assert await spool.load("c1") == everything
+    assert await spool.load("c1", background=False) == fresh + later
+    assert await spool.load("c1", background=True) == replayed + letters
+    assert await spool.load("c1", background=True, after_id=replayed[1].id) == letters
+    # A completion not committed yet is left out of either lane.
+    spool.complete(replayed[0].id)
+    spool.complete(fresh[0].id)
+    assert await spool.load("c1", background=True) == [replayed[1], *letters]
+    assert await spool.load("c1", background=False, limit=1) == [fresh[1]]
+
+
 def test_the_share_is_half_of_max_in_flight_and_at_least_one() -> None:
     assert [background_share(n) for n in (1, 2, 3, 32)] == [1, 1, 1, 16]
 
@@ -170,19 +187,25 @@ async def test_re_sent_letters_share_the_replays_lane(spool: Spool) -> None:
     await worker.stop(time.monotonic())
 
 
-async def test_after_a_restart_the_lanes_come_from_the_spool(spool: Spool) -> None:
+@pytest.mark.parametrize("memory_queue", [10_000, 16])
+async def test_after_a_restart_the_lanes_come_from_the_spool(
+    spool: Spool, memory_queue: int
+) -> None:
     # What a daemon left pending: a replay's deliveries, then live ones (higher ids).
     replayed = await old(spool, [f"R{d:02d}" for d in range(30)], None)
     fresh = await live(spool, [f"L{d}" for d in range(5)] + ["R20"], None)
     await spool.flush()
     gate = asyncio.Event()
     sink, outcomes = LaneSink(gate=gate), Outcomes()
-    worker = make_worker(spool, sink, outcomes, delivery=settings(max_in_flight=8))
+    worker = make_worker(
+        spool, sink, outcomes, delivery=settings(max_in_flight=8, memory_queue=memory_queue)
+    )
     worker.stats.pending = len(replayed) + len(fresh)
     await worker.start()
     await sink.until(lambda: sink.in_flight == 8)
-    # Read back in id order (replayed ones first), yet the 6 live ones went first and the
-    # replay has what is left of the 8, below its share.
+    # Replayed ones have the lower ids, yet each lane is read back on its own (live first,
+    # even with room for 8 of each lane only): the 6 live ones went first, and the replay
+    # has what is left of the 8, below its share.
     assert [d.replay is None for d in order(sink)].count(True) == 6
     assert sink.background == 2
     gate.set()
@@ -199,11 +222,15 @@ async def test_a_spilled_backlog_keeps_its_lanes(spool: Spool) -> None:
     worker = make_worker(spool, sink, outcomes, delivery=settings(max_in_flight=8, memory_queue=16))
     await worker.start()
     replayed = await old(spool, [f"R{d % 9}" for d in range(60)], worker)
-    fresh = await live(spool, [f"L{d % 5}" for d in range(40)], worker)
-    assert worker._backlog.size <= 16  # the rest waits in the spool, read back in id order
-    # The first 16 read are replayed: 4 go (the share), 12 wait with 4 workers idle.
+    # 8 in memory (half of memory_queue for each lane), the rest waits in the spool: 4 go
+    # (the share), 4 wait with 4 workers idle.
     await sink.until(lambda: sink.background == 4)
-    assert worker._backlog.size == 12
+    assert worker._backlog.size == 4
+    # Live uplinks are not queued behind the spilled replay: they take the 4 idle workers.
+    fresh = await live(spool, [f"L{d}" for d in range(40)], worker)
+    await sink.until(lambda: sink.in_flight == 8)
+    assert sink.background == 4
+    assert worker._backlog.size <= 16
     gate.set()
     await outcomes.completed_count(len(replayed) + len(fresh))
     sent = order(sink)

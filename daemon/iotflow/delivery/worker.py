@@ -96,6 +96,17 @@ def _background(delivery: Delivery) -> bool:
 
 
 @dataclass(slots=True)
+class _Refill:
+    """One lane's reading back from the spool (what did not fit in memory, or was there
+    at start). Each lane has its own, so that live deliveries are never read back behind
+    thousands of re-sent ones that came before them."""
+
+    spilled: bool = True  # at start, what is pending is in the spool
+    dirty: bool = False  # an offer was left in the spool while a read was under way
+    last_loaded: int = 0  # the highest id of the lane pushed to the backlog
+
+
+@dataclass(slots=True)
 class _Device:
     """One device's deliveries in memory, per lane, each in id order."""
 
@@ -123,7 +134,8 @@ class _Backlog:
     live_ready: deque[str] = field(default_factory=deque)
     background_ready: deque[str] = field(default_factory=deque)
     background_busy: int = 0  # background deliveries taken and not released
-    size: int = 0
+    size: int = 0  # both lanes
+    sizes: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})  # by lane
     _waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
     def push(self, delivery: Delivery) -> None:
@@ -135,6 +147,7 @@ class _Backlog:
         else:
             device.live.append(delivery)
         self.size += 1
+        self.sizes[_background(delivery)] += 1
         if not device.busy:
             self._queue(delivery.dev_eui, device)
 
@@ -194,6 +207,7 @@ class _Backlog:
             delivery = self._take_now()
             if delivery is not None:
                 self.size -= 1
+                self.sizes[_background(delivery)] -= 1
                 if self._takeable():
                     self._wake()  # more is ready: another waiting worker goes too
                 return delivery
@@ -261,9 +275,9 @@ class ConnectionWorker:
         self.out_of_service: str | None = None  # why, once taken out of service
         self._auth_failed = False
         self._backlog = _Backlog(share=background_share(settings.max_in_flight))
-        self._spilled = True  # at start, what is pending is in the spool
-        self._dirty = False
-        self._last_loaded = 0
+        # Keyed by lane (background or not); each lane holds half of memory_queue at most.
+        self._refill = {False: _Refill(), True: _Refill()}
+        self._lane_memory = settings.memory_queue // 2
         self._refill_wanted = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sending: set[asyncio.Task[None]] = set()
@@ -334,37 +348,48 @@ class ConnectionWorker:
         self._pending_gauge.inc()
         if not self.connection.active or self._stopping:
             return
-        if delivery.id <= self._last_loaded:
+        lane = _background(delivery)
+        refill = self._refill[lane]
+        if delivery.id <= refill.last_loaded:
             # The refill read it from the spool between its commit and this offer: it is in
             # the backlog already, and pushing it again would send it twice.
             return
-        if self._spilled or self._backlog.size >= self.settings.memory_queue:
-            self._spilled = True
-            self._dirty = True
-            if self._backlog.size < self.settings.memory_queue // 4:
+        held = self._backlog.sizes[lane]
+        if refill.spilled or held >= self._lane_memory:
+            refill.spilled = True
+            refill.dirty = True
+            if held < self._lane_memory // 4:
                 self._refill_wanted.set()
             return
-        self._last_loaded = delivery.id
+        refill.last_loaded = delivery.id
         self._backlog.push(delivery)
 
     async def _refill_loop(self) -> None:
-        """Read back from the spool what did not fit in memory (or was there at start)."""
-        limit = max(16, self.settings.memory_queue // 2)
+        """Read back from the spool what did not fit in memory (or was there at start),
+        each lane on its own, live first."""
+        limit = max(8, self._lane_memory // 2)
         while True:
             await self._refill_wanted.wait()
             self._refill_wanted.clear()
-            while self._spilled:
-                room = self.settings.memory_queue - self._backlog.size
-                if room < limit // 2:
-                    break  # refilled when the backlog has drained further
-                self._dirty = False
-                rows = await self._spool.load(self.id, after_id=self._last_loaded, limit=room)
-                for row in rows:
-                    self._last_loaded = row.id
-                    self._backlog.push(row)
-                # No await between this check and the switch: an offer cannot slip between.
-                if len(rows) < room and not self._dirty:
-                    self._spilled = False
+            read = True
+            while read:
+                read = False
+                for lane, refill in self._refill.items():
+                    room = self._lane_memory - self._backlog.sizes[lane]
+                    if not refill.spilled or room < limit // 2:
+                        continue  # refilled when the lane has drained further
+                    read = True
+                    refill.dirty = False
+                    rows = await self._spool.load(
+                        self.id, after_id=refill.last_loaded, limit=room, background=lane
+                    )
+                    for row in rows:
+                        refill.last_loaded = row.id
+                        self._backlog.push(row)
+                    # No await between this check and the switch: an offer cannot slip
+                    # between.
+                    if len(rows) < room and not refill.dirty:
+                        refill.spilled = False
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -372,7 +397,8 @@ class ConnectionWorker:
         backlog = self._backlog
         while not self._stopping:
             delivery = await backlog.take()
-            if self._spilled and backlog.size < self.settings.memory_queue // 4:
+            lane = _background(delivery)
+            if self._refill[lane].spilled and backlog.sizes[lane] < self._lane_memory // 4:
                 self._refill_wanted.set()
             task = asyncio.current_task()
             assert task is not None
