@@ -237,8 +237,9 @@ class _Backlog:
 class ConnectionWorker:
     """Delivers one connection's deliveries through its sink, `max_in_flight` at a time.
 
-    Memory is bounded: past `memory_queue` deliveries the worker stops holding new ones
-    (they are in the spool anyway) and reads them back from the spool as it drains.
+    Memory is bounded: past `memory_queue` deliveries (half for each lane: live, and
+    replayed or re-sent) the worker stops holding new ones (they are in the spool anyway)
+    and reads them back from the spool as the lane drains.
     """
 
     def __init__(
