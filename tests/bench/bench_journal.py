@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/bench/bench_journal.py                  # both parts
     .venv/bin/python tests/bench/bench_journal.py --replay 100000  # uplinks replayed
+    .venv/bin/python tests/bench/bench_journal.py --skip-cost --replay 0 --resend 20000
 
 Part 1, journal off vs on: `-n` uplinks appended to the spool (`--concurrency` in flight,
 each delivery completed once committed, as a steady stream does), without then with a
@@ -13,6 +14,8 @@ recovery; a sink that answers after `--cloud-delay` ms, as a remote cloud does, 
 `--in-flight` sends at most): live uplinks at `--rate` per second for `--seconds` alone,
 then while `--replay` journaled uplinks are replayed to the same connection. Prints the
 latency of live uplinks (receive to sink ack) both times, and the replay's throughput.
+With `--resend N` (after the replay; `--replay 0` for none), N dead letters are re-sent in
+one request beside the same live uplinks: their latency, and the re-send's throughput.
 Files go in a temporary directory under `--dir` (default: the current one, a real disk).
 """
 
