@@ -26,7 +26,7 @@ from iotflow.config.model import Config
 from iotflow.connectors import CATALOG
 from iotflow.delivery.manager import Deliveries, make_sink_factory
 from iotflow.delivery.recovery import Recovery, route_of
-from iotflow.delivery.worker import ConnectionWorker
+from iotflow.delivery.worker import ConnectionWorker, background_share
 from iotflow.downlinks.directory import DeviceDirectory
 from iotflow.downlinks.service import Downlinks
 from iotflow.drivers import AUTO, Drivers
@@ -199,8 +199,9 @@ class Daemon:
             record=self.record,
             journal=config.journal,
             letters=config.deadletters,
-            # Half the connection's sends at most: the other half stays for live uplinks.
-            window=lambda cid: max(1, deliveries.max_in_flight(cid) // 2),
+            # Queued at once: the share of the connection's sends its worker lets a replay
+            # have (the worker holds it to that share, live uplinks first).
+            window=lambda cid: background_share(deliveries.max_in_flight(cid)),
             render=self._render,
         )
         deliveries.replayed = self.recovery.replayed

@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/bench/bench_journal.py                  # both parts
     .venv/bin/python tests/bench/bench_journal.py --replay 100000  # uplinks replayed
+    .venv/bin/python tests/bench/bench_journal.py --skip-cost --replay 0 --resend 20000
 
 Part 1, journal off vs on: `-n` uplinks appended to the spool (`--concurrency` in flight,
 each delivery completed once committed, as a steady stream does), without then with a
@@ -13,6 +14,8 @@ recovery; a sink that answers after `--cloud-delay` ms, as a remote cloud does, 
 `--in-flight` sends at most): live uplinks at `--rate` per second for `--seconds` alone,
 then while `--replay` journaled uplinks are replayed to the same connection. Prints the
 latency of live uplinks (receive to sink ack) both times, and the replay's throughput.
+With `--resend N` (after the replay; `--replay 0` for none), N dead letters are re-sent in
+one request beside the same live uplinks: their latency, and the re-send's throughput.
 Files go in a temporary directory under `--dir` (default: the current one, a real disk).
 """
 
@@ -23,6 +26,7 @@ import asyncio
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ import orjson
 from iotflow.config.model import DeadLetterSettings, DeliverySettings, JournalSettings
 from iotflow.connectors import Connection, parse_connection
 from iotflow.delivery.manager import Deliveries
-from iotflow.delivery.recovery import Recovery, route_of
+from iotflow.delivery.recovery import LetterFilter, Recovery, route_of
 from iotflow.routing import RoutingIndex
 from iotflow.spool import Delivery, Spool
 from iotflow.telemetry import logging as logs
@@ -67,6 +71,12 @@ def make_document(n: int) -> bytes:
 
 
 ROUTE = route_of(frozenset({"site=a"}), "app", None)
+
+
+def share(max_in_flight: int) -> int:
+    """A replay's window (as the daemon's app.py: worker.background_share, written here
+    too so that the script also measures the versions before it)."""
+    return max(1, max_in_flight // 2)
 
 
 async def append_stream(path: Path, n: int, concurrency: int, journal: bool) -> tuple[float, int]:
@@ -122,7 +132,7 @@ class Sink:
 
     async def send(self, delivery: Delivery) -> None:
         await asyncio.sleep(self.delay)
-        if delivery.replay is not None:
+        if delivery.replay is not None or delivery.letter is not None:
             self.replayed += 1
         elif self.recording:
             self.live.append(time.time() - delivery.received_at)
@@ -182,7 +192,7 @@ async def replay_latency(args: argparse.Namespace, path: Path) -> None:
         record=record,
         journal=JournalSettings(),
         letters=DeadLetterSettings(),
-        window=lambda cid: max(1, deliveries.max_in_flight(cid) // 2),
+        window=lambda cid: share(deliveries.max_in_flight(cid)),
     )
     deliveries.replayed = recovery.replayed
     await deliveries.complete(deliveries.register([connection], settings, {}))
@@ -238,6 +248,22 @@ async def replay_latency(args: argparse.Namespace, path: Path) -> None:
     sink.live.clear()
     print(f"live alone      {percentiles(alone)}")
 
+    if args.replay:
+        await replay_during_live(args, recovery, origin, live, sink)
+    if args.resend:
+        await resend_during_live(args, spool, recovery, devices, document, live, sink)
+    await recovery.close()
+    await deliveries.stop(1)
+    await spool.close()
+
+
+async def replay_during_live(
+    args: argparse.Namespace,
+    recovery: Recovery,
+    origin: float,
+    live: Callable[[float], Coroutine[Any, Any, None]],
+    sink: Sink,
+) -> None:
     started = time.perf_counter()
     replay = await recovery.start_replay("c", origin - 1, time.time(), None)
     print(f"replay counted  {replay.total:,} uplinks in {time.perf_counter() - started:.2f} s")
@@ -256,11 +282,65 @@ async def replay_latency(args: argparse.Namespace, path: Path) -> None:
     print(
         f"replay          {row.delivered:,} delivered in {elapsed:.1f} s"
         f" ({row.delivered / elapsed:,.0f}/s; cloud {args.cloud_delay} ms,"
-        f" max_in_flight {args.in_flight}, replay window {max(1, args.in_flight // 2)})"
+        f" max_in_flight {args.in_flight}, replay window {share(args.in_flight)})"
     )
-    await recovery.close()
-    await deliveries.stop(1)
-    await spool.close()
+    sink.live.clear()
+
+
+async def resend_during_live(
+    args: argparse.Namespace,
+    spool: Spool,
+    recovery: Recovery,
+    devices: list[str],
+    document: bytes,
+    live: Callable[[float], Coroutine[Any, Any, None]],
+    sink: Sink,
+) -> None:
+    """`--resend` dead letters re-sent all at once (one request), beside live uplinks."""
+    now = time.time()
+    rows = [
+        (
+            "c",
+            devices[i % len(devices)],
+            now - 3600,
+            now - 3600,
+            document,
+            None,
+            None,
+            "failed",
+            "HTTP 400",
+            400,
+            "",
+            1,
+            now - 3600,
+            now - 3600,
+            now - 3600 + i / 1000,
+        )
+        for i in range(args.resend)
+    ]
+
+    async def insert(db: Any) -> None:
+        await db.executemany(
+            "INSERT INTO dead_letters (connection_id, dev_eui, uplink_time, received_at,"
+            " document, original, validity, outcome, reason, status, body, attempts,"
+            " first_attempt, last_attempt, time)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+    await spool.write(insert)
+    feeding = asyncio.create_task(live(10**9))
+    started = time.perf_counter()
+    count = await recovery.resend("c", filters=LetterFilter())
+    while True:  # a letter leaves once delivered
+        if not (await spool.read("SELECT count(*) FROM dead_letters"))[0][0]:
+            break
+        await asyncio.sleep(0.5)
+    elapsed = time.perf_counter() - started
+    feeding.cancel()
+    print(f"live in resend  {percentiles(list(sink.live))}")
+    print(f"resend          {count:,} delivered in {elapsed:.1f} s ({count / elapsed:,.0f}/s)")
+    sink.live.clear()
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> None:
@@ -271,7 +351,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
         print(f"journal off     {off_rate:,.0f} uplinks/s")
         print(f"journal on      {on_rate:,.0f} uplinks/s ({on_rate / off_rate - 1:+.0%})")
         print(f"journal disk    {(on_bytes - off_bytes) / args.n:,.0f} bytes per uplink")
-    if args.replay:
+    if args.replay or args.resend:
         await replay_latency(args, tmp / "replay.db")
 
 
@@ -280,6 +360,9 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=20_000, help="uplinks appended per mode")
     parser.add_argument("--concurrency", type=int, default=256, help="appends in flight")
     parser.add_argument("--replay", type=int, default=100_000, help="uplinks replayed (0: none)")
+    parser.add_argument(
+        "--resend", type=int, default=0, help="dead letters re-sent at once, after the replay"
+    )
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=50, help="live uplinks per second")
     parser.add_argument("--seconds", type=float, default=10, help="live alone, before the replay")

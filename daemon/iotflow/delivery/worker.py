@@ -84,40 +84,162 @@ class Statistics:
         }
 
 
+def background_share(max_in_flight: int) -> int:
+    """How many of a connection's sends may carry replayed or re-sent deliveries at once:
+    half of `max_in_flight` (at least 1); the rest is kept for live uplinks."""
+    return max(1, max_in_flight // 2)
+
+
+def _background(delivery: Delivery) -> bool:
+    """A replayed uplink or a re-sent dead letter: an old copy, behind live traffic."""
+    return delivery.replay is not None or delivery.letter is not None
+
+
+@dataclass(slots=True)
+class _Refill:
+    """One lane's reading back from the spool (what did not fit in memory, or was there
+    at start). Each lane has its own, so that live deliveries are never read back behind
+    thousands of re-sent ones that came before them."""
+
+    spilled: bool = True  # at start, what is pending is in the spool
+    dirty: bool = False  # an offer was left in the spool while a read was under way
+    last_loaded: int = 0  # the highest id of the lane pushed to the backlog
+
+
+@dataclass(slots=True)
+class _Device:
+    """One device's deliveries in memory, per lane, each in id order."""
+
+    live: deque[Delivery] = field(default_factory=deque)
+    background: deque[Delivery] = field(default_factory=deque)
+    busy: bool = False  # a worker holds one of its deliveries
+    queued_live: bool = False  # it has an entry in _Backlog.live_ready
+    queued_background: bool = False  # in _Backlog.background_ready
+
+
 @dataclass(slots=True)
 class _Backlog:
-    """Deliveries held in memory, one FIFO per device so that a device's order is kept.
+    """Deliveries held in memory in two lanes, one FIFO per device and lane.
 
-    A device is in `ready` at most once, and only while no worker holds it: that is what
-    serialises one device's deliveries while other devices go out in parallel.
+    Live deliveries are taken first; replayed and re-sent ones (the background lane) only
+    when no live device is ready, and at most `share` of them on the wire at once. A device
+    has one delivery on the wire at most, whichever its lane: that serialises one device's
+    sends while other devices go out in parallel. Within a lane a device's order is kept;
+    between lanes, live first (docs/deadletters.md). A ready list may hold entries that no
+    longer apply (the device was taken through its other lane): they are skipped.
     """
 
-    devices: dict[str, deque[Delivery]] = field(default_factory=dict)
-    ready: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
-    size: int = 0
+    share: int = 1
+    devices: dict[str, _Device] = field(default_factory=dict)
+    live_ready: deque[str] = field(default_factory=deque)
+    background_ready: deque[str] = field(default_factory=deque)
+    background_busy: int = 0  # background deliveries taken and not released
+    size: int = 0  # both lanes
+    sizes: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})  # by lane
+    _waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
     def push(self, delivery: Delivery) -> None:
-        queue = self.devices.get(delivery.dev_eui)
-        if queue is None:
-            self.devices[delivery.dev_eui] = deque((delivery,))
-            self.ready.put_nowait(delivery.dev_eui)
+        device = self.devices.get(delivery.dev_eui)
+        if device is None:
+            device = self.devices[delivery.dev_eui] = _Device()
+        if _background(delivery):
+            device.background.append(delivery)
         else:
-            queue.append(delivery)
+            device.live.append(delivery)
         self.size += 1
+        self.sizes[_background(delivery)] += 1
+        if not device.busy:
+            self._queue(delivery.dev_eui, device)
 
-    def release(self, dev_eui: str) -> None:
-        """A worker is done with one delivery of `dev_eui`: let the device's next one go."""
-        if self.devices[dev_eui]:
-            self.ready.put_nowait(dev_eui)
-        else:
+    def _queue(self, dev_eui: str, device: _Device) -> None:
+        if device.live and not device.queued_live:
+            device.queued_live = True
+            self.live_ready.append(dev_eui)
+            self._wake()
+        if device.background and not device.queued_background:
+            device.queued_background = True
+            self.background_ready.append(dev_eui)
+            if self.background_busy < self.share:
+                self._wake()
+
+    def _takeable(self) -> bool:
+        # May be true of stale entries only: a worker woken for nothing waits again.
+        return bool(self.live_ready) or (
+            bool(self.background_ready) and self.background_busy < self.share
+        )
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _take_now(self) -> Delivery | None:
+        while self.live_ready:
+            dev_eui = self.live_ready.popleft()
+            device = self.devices[dev_eui]
+            device.queued_live = False
+            if not device.busy and device.live:
+                device.busy = True
+                return device.live.popleft()
+            self._forget(dev_eui, device)
+        while self.background_ready and self.background_busy < self.share:
+            dev_eui = self.background_ready.popleft()
+            device = self.devices[dev_eui]
+            device.queued_background = False
+            if not device.busy and device.background:
+                device.busy = True
+                self.background_busy += 1
+                return device.background.popleft()
+            self._forget(dev_eui, device)
+        return None
+
+    def _forget(self, dev_eui: str, device: _Device) -> None:
+        """A skipped entry was the last trace of an idle device with nothing left."""
+        idle = not (device.busy or device.live or device.background)
+        if idle and not (device.queued_live or device.queued_background):
             del self.devices[dev_eui]
+
+    async def take(self) -> Delivery:
+        """The next delivery to send: a live one if any device has one ready."""
+        while True:
+            delivery = self._take_now()
+            if delivery is not None:
+                self.size -= 1
+                self.sizes[_background(delivery)] -= 1
+                if self._takeable():
+                    self._wake()  # more is ready: another waiting worker goes too
+                return delivery
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled: the wake goes to another
+                raise
+
+    def release(self, delivery: Delivery) -> None:
+        """A worker is done with `delivery`: let its device's next one go."""
+        device = self.devices[delivery.dev_eui]
+        device.busy = False
+        if _background(delivery):
+            self.background_busy -= 1
+            if self.background_ready and self.background_busy < self.share:
+                self._wake()  # a background slot is free for another device
+        if device.live or device.background:
+            self._queue(delivery.dev_eui, device)
+        elif not (device.queued_live or device.queued_background):
+            del self.devices[delivery.dev_eui]
 
 
 class ConnectionWorker:
     """Delivers one connection's deliveries through its sink, `max_in_flight` at a time.
 
-    Memory is bounded: past `memory_queue` deliveries the worker stops holding new ones
-    (they are in the spool anyway) and reads them back from the spool as it drains.
+    Memory is bounded: past `memory_queue` deliveries (half for each lane: live, and
+    replayed or re-sent) the worker stops holding new ones (they are in the spool anyway)
+    and reads them back from the spool as the lane drains.
     """
 
     def __init__(
@@ -153,10 +275,10 @@ class ConnectionWorker:
         self.state = ConnectionState.OPENING if connection.active else ConnectionState.DEACTIVATED
         self.out_of_service: str | None = None  # why, once taken out of service
         self._auth_failed = False
-        self._backlog = _Backlog()
-        self._spilled = True  # at start, what is pending is in the spool
-        self._dirty = False
-        self._last_loaded = 0
+        self._backlog = _Backlog(share=background_share(settings.max_in_flight))
+        # Keyed by lane (background or not); each lane holds half of memory_queue at most.
+        self._refill = {False: _Refill(), True: _Refill()}
+        self._lane_memory = settings.memory_queue // 2
         self._refill_wanted = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sending: set[asyncio.Task[None]] = set()
@@ -232,39 +354,50 @@ class ConnectionWorker:
         self._pending_gauge.inc()
         if not self.connection.active or self._stopping:
             return
-        if delivery.id <= self._last_loaded:
+        lane = _background(delivery)
+        refill = self._refill[lane]
+        if delivery.id <= refill.last_loaded:
             # The refill read it from the spool between its commit and this offer: it is in
             # the backlog already, and pushing it again would send it twice.
             return
-        if self._spilled or self._backlog.size >= self.settings.memory_queue:
-            self._spilled = True
-            self._dirty = True
-            if self._backlog.size < self.settings.memory_queue // 4:
+        held = self._backlog.sizes[lane]
+        if refill.spilled or held >= self._lane_memory:
+            refill.spilled = True
+            refill.dirty = True
+            if held < self._lane_memory // 4:
                 self._refill_wanted.set()
             return
-        self._last_loaded = delivery.id
+        refill.last_loaded = delivery.id
         self._backlog.push(delivery)
         self._more_workers()
 
     async def _refill_loop(self) -> None:
-        """Read back from the spool what did not fit in memory (or was there at start)."""
-        limit = max(16, self.settings.memory_queue // 2)
+        """Read back from the spool what did not fit in memory (or was there at start),
+        each lane on its own, live first."""
+        limit = max(8, self._lane_memory // 2)
         while True:
             await self._refill_wanted.wait()
             self._refill_wanted.clear()
-            while self._spilled:
-                room = self.settings.memory_queue - self._backlog.size
-                if room < limit // 2:
-                    break  # refilled when the backlog has drained further
-                self._dirty = False
-                rows = await self._spool.load(self.id, after_id=self._last_loaded, limit=room)
-                for row in rows:
-                    self._last_loaded = row.id
-                    self._backlog.push(row)
-                self._more_workers()
-                # No await between this check and the switch: an offer cannot slip between.
-                if len(rows) < room and not self._dirty:
-                    self._spilled = False
+            read = True
+            while read:
+                read = False
+                for lane, refill in self._refill.items():
+                    room = self._lane_memory - self._backlog.sizes[lane]
+                    if not refill.spilled or room < limit // 2:
+                        continue  # refilled when the lane has drained further
+                    read = True
+                    refill.dirty = False
+                    rows = await self._spool.load(
+                        self.id, after_id=refill.last_loaded, limit=room, background=lane
+                    )
+                    for row in rows:
+                        refill.last_loaded = row.id
+                        self._backlog.push(row)
+                    self._more_workers()
+                    # No await between this check and the switch: an offer cannot slip
+                    # between.
+                    if len(rows) < room and not refill.dirty:
+                        refill.spilled = False
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -272,7 +405,12 @@ class ConnectionWorker:
         """Make send tasks for the devices that are ready and that no idle task will take."""
         if not self._started or self._stopping:
             return
-        wanted = self._backlog.ready.qsize() - self._idle_workers
+        backlog = self._backlog
+        # Ready entries may be stale (skipped when taken): at worst a task too many, kept.
+        ready = len(backlog.live_ready) + min(
+            len(backlog.background_ready), max(0, backlog.share - backlog.background_busy)
+        )
+        wanted = ready - self._idle_workers
         while wanted > 0 and self._workers < self.settings.max_in_flight:
             self._workers += 1
             self._idle_workers += 1  # idle from now: it takes the next ready device
@@ -283,12 +421,11 @@ class ConnectionWorker:
         backlog = self._backlog
         while not self._stopping:
             try:
-                dev_eui = await backlog.ready.get()
+                delivery = await backlog.take()
             finally:
                 self._idle_workers -= 1
-            delivery = backlog.devices[dev_eui].popleft()
-            backlog.size -= 1
-            if self._spilled and backlog.size < self.settings.memory_queue // 4:
+            lane = _background(delivery)
+            if self._refill[lane].spilled and backlog.sizes[lane] < self._lane_memory // 4:
                 self._refill_wanted.set()
             task = asyncio.current_task()
             assert task is not None
@@ -308,7 +445,7 @@ class ConnectionWorker:
             finally:
                 self._sending.discard(task)
                 self._idle_workers += 1
-                backlog.release(dev_eui)
+                backlog.release(delivery)
 
     async def _deliver(self, delivery: Delivery) -> None:
         # A flow's validity, stored with the delivery, wins over the connection's.

@@ -244,8 +244,17 @@ _SELECT = (
 )
 # Completes not yet committed are still rows; `?` is a JSON array of their ids.
 _NOT_COMPLETED = " AND d.id NOT IN (SELECT value FROM json_each(?))"
-_LOAD = _SELECT + " ORDER BY d.id LIMIT ?"
-_LOAD_EXCLUDING = _SELECT + _NOT_COMPLETED + " ORDER BY d.id LIMIT ?"
+# A worker's lanes (delivery/worker.py): replayed and re-sent deliveries, or the others.
+_LANES = {
+    None: "",
+    True: " AND (d.replay IS NOT NULL OR d.letter IS NOT NULL)",
+    False: " AND d.replay IS NULL AND d.letter IS NULL",
+}
+_LOAD = {lane: _SELECT + where + " ORDER BY d.id LIMIT ?" for lane, where in _LANES.items()}
+_LOAD_EXCLUDING = {
+    lane: _SELECT + where + _NOT_COMPLETED + " ORDER BY d.id LIMIT ?"
+    for lane, where in _LANES.items()
+}
 _COUNTS = "SELECT connection_id, count(*) FROM deliveries AS d GROUP BY connection_id"
 _COUNTS_EXCLUDING = (
     "SELECT connection_id, count(*) FROM deliveries AS d"
@@ -549,16 +558,24 @@ class Spool:
             return 0
 
     async def load(
-        self, connection_id: str, *, after_id: int = 0, limit: int = 1000
+        self,
+        connection_id: str,
+        *,
+        after_id: int = 0,
+        limit: int = 1000,
+        background: bool | None = None,
     ) -> list[Delivery]:
-        """Pending deliveries of one connection with id > after_id, in id order."""
+        """Pending deliveries of one connection with id > after_id, in id order; only the
+        replayed and re-sent ones (`background`), only the others (False), or all (None)."""
         self._check_open()
         excluded = self._excluded()
         if excluded is None:
-            rows = await self._reader.execute_fetchall(_LOAD, (connection_id, after_id, limit))
+            rows = await self._reader.execute_fetchall(
+                _LOAD[background], (connection_id, after_id, limit)
+            )
         else:
             rows = await self._reader.execute_fetchall(
-                _LOAD_EXCLUDING, (connection_id, after_id, excluded, limit)
+                _LOAD_EXCLUDING[background], (connection_id, after_id, excluded, limit)
             )
         return [Delivery(*row) for row in rows]
 
