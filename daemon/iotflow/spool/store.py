@@ -455,7 +455,35 @@ class Spool:
     ) -> list[Delivery]:
         """Spool one uplink for each connection; return once its group commit is durable.
 
-        Raises `SpoolFullError` (disk full) or `SpoolUnavailableError` (another write
+        `submit`, awaited: see there.
+        """
+        # Cancelling the caller cancels only this future: the op stays queued and is
+        # written whole with its batch, or not at all.
+        return await self.submit(
+            document,
+            dev_eui=dev_eui,
+            uplink_time=uplink_time,
+            received_at=received_at,
+            connection_ids=connection_ids,
+            validity=validity,
+            journal=journal,
+        )
+
+    def submit(
+        self,
+        document: bytes,
+        *,
+        dev_eui: str,
+        uplink_time: float,
+        received_at: float,
+        connection_ids: Sequence[str],
+        validity: Mapping[str, float | None] | None = None,
+        journal: str | None = None,
+    ) -> asyncio.Future[list[Delivery]]:
+        """Queue one uplink for each connection; the future resolves once its group commit
+        is durable. Not a coroutine, so that the daemon's ingest needs no task per uplink.
+
+        Fails with `SpoolFullError` (disk full) or `SpoolUnavailableError` (another write
         failure) when that transaction failed: nothing of it was written, and
         `wait_writable` tells when to try again. `SpoolClosedError` after `close`.
         A duplicate connection id gets one delivery. `validity` gives a connection's
@@ -464,9 +492,11 @@ class Spool:
         transaction (also when it goes to no connection).
         """
         self._check_open()
+        future: asyncio.Future[list[Delivery]] = asyncio.get_running_loop().create_future()
         targets = list(dict.fromkeys(connection_ids))
         if not targets and journal is None:
-            return []
+            future.set_result([])
+            return future
         # Allocated now, in call order, so ids increase in arrival order; a failed batch
         # leaves a gap rather than reusing ids a caller may have seen.
         uplink_id = self._next_id
@@ -483,13 +513,10 @@ class Spool:
             )
             for i, cid in enumerate(targets)
         ]
-        future: asyncio.Future[list[Delivery]] = asyncio.get_running_loop().create_future()
         uplink = (uplink_id, dev_eui, uplink_time, received_at, document)
         self._ops.append(_Append(uplink, deliveries, future, journal))
         self._wakeup.set()
-        # Cancelling the caller cancels only this future: the op stays queued and is
-        # written whole with its batch, or not at all.
-        return await future
+        return future
 
     def complete(
         self,
