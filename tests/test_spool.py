@@ -355,6 +355,22 @@ async def test_cancelled_append_is_written_whole(spool: Spool) -> None:
     assert len(await spool.load("a")) == 1
 
 
+async def test_submit_queues_at_once_and_resolves_at_the_commit(spool: Spool) -> None:
+    times = {"uplink_time": 1_700_000_000.0, "received_at": 1_700_000_000.5}
+    first = spool.submit(b"1", dev_eui="01", connection_ids=["a"], **times)
+    second = spool.submit(b"2", dev_eui="02", connection_ids=["a"], journal="[]", **times)
+    assert not first.done()  # not before its group commit
+    second.cancel()  # its caller went away: the op stays, written whole
+
+    delivered = await first
+    await spool.flush()
+
+    assert count_rows(spool.path) == (2, 2)
+    assert [d.id for d in await spool.load("a")] == [delivered[0].id, delivered[0].id + 1]
+    nothing = spool.submit(b"3", dev_eui="03", connection_ids=[], **times)
+    assert nothing.done() and nothing.result() == []
+
+
 async def test_closed_spool_refuses_work(tmp_path: Path) -> None:
     spool = await Spool.open(tmp_path / "spool.db")
     await add(spool, 1, "a")
