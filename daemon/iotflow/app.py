@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from prometheus_client import Counter
 
 from iotflow.alarms.clock import Clock
 from iotflow.alarms.evaluator import Alarms
@@ -56,6 +57,8 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        # uplinks_received's child per format, looked up once rather than per uplink.
+        self._received: dict[str, Counter] = {}
         self.notifier = Notifier()  # sd_notify; a no-op outside systemd
         self.store: Store | None = None
         self.spool: Spool | None = None
@@ -491,7 +494,10 @@ class Daemon:
         answers 503 and the sender retries).
         """
         received_at = time.time()
-        self.metrics.uplinks_received.labels(fmt).inc()
+        received = self._received.get(fmt)
+        if received is None:
+            received = self._received[fmt] = self.metrics.uplinks_received.labels(fmt)
+        received.inc()
         try:
             uplink = decode(fmt, payload)
         except Rejection as rejection:
