@@ -368,7 +368,8 @@ async def test_submit_queues_at_once_and_resolves_at_the_commit(spool: Spool) ->
     assert count_rows(spool.path) == (2, 2)
     assert [d.id for d in await spool.load("a")] == [delivered[0].id, delivered[0].id + 1]
     nothing = spool.submit(b"3", dev_eui="03", connection_ids=[], **times)
-    assert nothing.done() and nothing.result() == []
+    assert nothing.done()
+    assert nothing.result() == []
 
 
 async def test_closed_spool_refuses_work(tmp_path: Path) -> None:
@@ -877,6 +878,46 @@ async def test_a_version_2_spool_is_upgraded_keeping_its_deliveries(tmp_path: Pa
         )
         assert new.id == 3
         assert len(await spool.read("SELECT id FROM journal")) == 1
+    finally:
+        await spool.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+async def test_a_version_3_spool_is_upgraded_keeping_its_journaled_deliveries(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "spool.db"
+    # Version 3 as the previous iotflow wrote it: a journaled uplink's document in both rows.
+    spool = await Spool.open(path)
+    (old,) = await spool.append(
+        b'{"n": 1}',
+        dev_eui="0018B20000000B20",
+        uplink_time=1.0,
+        received_at=2.0,
+        connection_ids=["c"],
+        journal="[[], null, null]",
+    )
+    await spool.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE uplinks SET document = X'7B226E223A20317D'")  # {"n": 1}
+    db.execute("PRAGMA user_version = 3")
+    db.commit()
+    db.close()
+
+    spool = await Spool.open(path)
+    try:
+        assert [(d.id, d.document) for d in await spool.load("c")] == [(old.id, b'{"n": 1}')]
+        (new,) = await spool.append(
+            b'{"n": 2}',
+            dev_eui="0018B20000000B20",
+            uplink_time=3.0,
+            received_at=4.0,
+            connection_ids=["c"],
+            journal="[[], null, null]",
+        )
+        assert [d.document for d in await spool.load("c")] == [b'{"n": 1}', b'{"n": 2}']
+        rows = await spool.read("SELECT id, length(document) FROM uplinks ORDER BY id")
+        assert [tuple(r) for r in rows] == [(old.id, 8), (new.id, 0)]  # the new one: once
     finally:
         await spool.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)

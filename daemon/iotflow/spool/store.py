@@ -90,7 +90,7 @@ __all__ = [
 
 log = structlog.get_logger("iotflow.spool")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Module level rather than an `open` argument: the durability level is a decision of this
 # module (see above), not a knob; only the benchmark changes it, to measure the cost.
@@ -180,7 +180,7 @@ END;
 """
     + _V3
     + """
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;
 COMMIT;
 """
 )
@@ -203,6 +203,19 @@ ALTER TABLE deliveries ADD COLUMN replay TEXT;
 PRAGMA user_version = 3;
 COMMIT;
 """
+
+# Version 3 to 4: an uplink that is journaled too keeps its document in the journal row only
+# (same id), and its `uplinks.document` is empty (issue #16: the document was written twice
+# in every group commit). No table changes: the version says that an empty document means
+# "see the journal", so that an older iotflow, which would read it as empty, refuses the file.
+# A journal row has the id of its uplink's row only when both come from the same append: an
+# empty document with no journal row of that id is an empty document.
+_UPGRADE_4 = """
+BEGIN;
+PRAGMA user_version = 4;
+COMMIT;
+"""
+_IN_JOURNAL = b""  # uplinks.document of an uplink whose document is its journal row's
 
 _INSERT_UPLINK = (
     "INSERT INTO uplinks (id, dev_eui, uplink_time, received_at, document) VALUES (?, ?, ?, ?, ?)"
@@ -237,7 +250,9 @@ _DROP_CONNECTION = "DELETE FROM deliveries WHERE connection_id = ?"
 _UPDATE_NEXT_ID = "UPDATE meta SET value = ? WHERE key = 'next_id'"
 
 _SELECT = (
-    "SELECT d.id, d.connection_id, u.dev_eui, u.uplink_time, u.received_at, u.document,"
+    "SELECT d.id, d.connection_id, u.dev_eui, u.uplink_time, u.received_at,"
+    " CASE WHEN length(u.document) THEN u.document"
+    " ELSE coalesce((SELECT j.document FROM journal AS j WHERE j.id = u.id), u.document) END,"
     " d.validity, d.since, d.letter, d.replay"
     " FROM deliveries AS d JOIN uplinks AS u ON u.id = d.uplink_id"
     " WHERE d.connection_id = ? AND d.id > ?"
@@ -882,7 +897,15 @@ class Spool:
         if batch.appends:
             # An uplink without deliveries is only journaled: no row that nothing would
             # ever delete.
-            await db.executemany(_INSERT_UPLINK, [a.uplink for a in batch.appends if a.deliveries])
+            # A journaled uplink's document is written once, in its journal row.
+            await db.executemany(
+                _INSERT_UPLINK,
+                [
+                    (*a.uplink[:4], _IN_JOURNAL) if a.route else a.uplink
+                    for a in batch.appends
+                    if a.deliveries
+                ],
+            )
             await db.executemany(
                 _INSERT_DELIVERY,
                 [
@@ -1061,6 +1084,9 @@ async def _prepare(db: aiosqlite.Connection, path: Path, wal_limit: int) -> int:
         version = 2
     if version == 2:
         await db.executescript(_UPGRADE_3)
+        version = 3
+    if version == 3:
+        await db.executescript(_UPGRADE_4)
     last = max(
         await _scalar(db, "SELECT coalesce(max(id), 0) FROM deliveries"),
         await _scalar(db, "SELECT coalesce(max(id), 0) FROM uplinks"),
