@@ -20,6 +20,10 @@ commits, and resolves the waiting futures in FIFO order. Ids are allocated in me
 (the writer is the only writer), so a batch needs no read-back: it costs 4 or 5 hops to
 the aiosqlite thread (inserts x2, id high-water mark, deletes, commit), whatever its size.
 
+An uplink that is journaled too (issue #14) keeps its document once, in its journal row
+(same id), and its uplinks row holds an empty one: the document was written twice in every
+commit. Journal pruning copies it back for an uplink still pending (`recovery.py`).
+
 Uplinks without deliveries are deleted by a trigger on `deliveries`, in the same statement
 as the delete: measured as fast as an explicit sweep (490k vs 480k deletes/s, batches of
 512) and it needs no extra statement, so no extra thread hop, per batch.
