@@ -356,9 +356,18 @@ async def test_cancelled_append_is_written_whole(spool: Spool) -> None:
 
 
 async def test_submit_queues_at_once_and_resolves_at_the_commit(spool: Spool) -> None:
-    times = {"uplink_time": 1_700_000_000.0, "received_at": 1_700_000_000.5}
-    first = spool.submit(b"1", dev_eui="01", connection_ids=["a"], **times)
-    second = spool.submit(b"2", dev_eui="02", connection_ids=["a"], journal="[]", **times)
+    def submit(document: bytes, targets: list[str], journal: str | None = None) -> Any:
+        return spool.submit(
+            document,
+            dev_eui="0018B20000000B20",
+            uplink_time=1_700_000_000.0,
+            received_at=1_700_000_000.5,
+            connection_ids=targets,
+            journal=journal,
+        )
+
+    first = submit(b"1", ["a"])
+    second = submit(b"2", ["a"], journal="[]")
     assert not first.done()  # not before its group commit
     second.cancel()  # its caller went away: the op stays, written whole
 
@@ -367,7 +376,7 @@ async def test_submit_queues_at_once_and_resolves_at_the_commit(spool: Spool) ->
 
     assert count_rows(spool.path) == (2, 2)
     assert [d.id for d in await spool.load("a")] == [delivered[0].id, delivered[0].id + 1]
-    nothing = spool.submit(b"3", dev_eui="03", connection_ids=[], **times)
+    nothing = submit(b"3", [])
     assert nothing.done()
     assert nothing.result() == []
 

@@ -104,15 +104,15 @@ async def append_stream(
                 spool.complete(d.id)
 
     started = time.perf_counter()
-    cpu = time.process_time()
-    wrote = written()
+    cpu_start = time.process_time()
+    written_start = written()
     async with asyncio.TaskGroup() as group:
         for _ in range(concurrency):
             group.create_task(client())
     await spool.flush()
     elapsed = time.perf_counter() - started
-    cpu = (time.process_time() - cpu) / n * 1e6
-    wrote = (written() - wrote) / n
+    cpu = (time.process_time() - cpu_start) / n * 1e6
+    wrote = (written() - written_start) / n
     await spool.close()
     db = sqlite3.connect(path)
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
