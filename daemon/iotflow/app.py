@@ -618,10 +618,10 @@ class Daemon:
         hold: bool,
         journal: str | None,
     ) -> asyncio.Future[None]:
-        """`_commit` without a task: the spool's future, then dispatch, by callbacks. The
-        common case (one document, the spool writable) is every uplink, and a task per
-        uplink was about 5 % of the event loop (issue #16). A commit the spool could not
-        make is handed to `_commit`, which waits for it as before."""
+        """`_commit` without a task: the spool's future, then dispatch, by callbacks. This
+        is the path of nearly every uplink (one document, the spool writable), where a task
+        each was a cost of its own (issue #16). A commit the spool could not make is handed
+        to `_commit`, which waits for it as before."""
         assert self.spool is not None
         dev_eui, uplink_time, received_at = times
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
