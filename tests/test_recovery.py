@@ -261,3 +261,24 @@ async def test_a_resend_starts_from_the_document_before_the_processors(world: Wo
 
 def _fields(delivery: Delivery) -> dict[str, Any]:
     return {name: getattr(delivery, name) for name in Delivery.__slots__}
+
+
+async def test_a_pending_uplink_keeps_its_document_when_its_journal_row_is_pruned(
+    world: World,
+) -> None:
+    # A journaled uplink's document is stored once, in its journal row (issue #16).
+    pending = await world.append(3)
+    stored = await world.spool.read("SELECT length(document) FROM uplinks ORDER BY id")
+    assert [r[0] for r in stored] == [0, 0, 0]
+    await world.deliver(pending[0])
+    world.clock.now += 86400 * 2  # far past the journal's retention
+    world.recovery.journal = JournalSettings(retention=timedelta(hours=1))
+
+    assert (await world.recovery.prune())["journal"] == 3
+
+    assert await world.spool.read("SELECT id FROM journal") == []
+    loaded = await world.spool.load("c")
+    assert [(d.id, d.document) for d in loaded] == [
+        (pending[1].id, b'{"n": 1}'),
+        (pending[2].id, b'{"n": 2}'),
+    ]

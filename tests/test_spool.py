@@ -355,6 +355,32 @@ async def test_cancelled_append_is_written_whole(spool: Spool) -> None:
     assert len(await spool.load("a")) == 1
 
 
+async def test_submit_queues_at_once_and_resolves_at_the_commit(spool: Spool) -> None:
+    def submit(document: bytes, targets: list[str], journal: str | None = None) -> Any:
+        return spool.submit(
+            document,
+            dev_eui="0018B20000000B20",
+            uplink_time=1_700_000_000.0,
+            received_at=1_700_000_000.5,
+            connection_ids=targets,
+            journal=journal,
+        )
+
+    first = submit(b"1", ["a"])
+    second = submit(b"2", ["a"], journal="[]")
+    assert not first.done()  # not before its group commit
+    second.cancel()  # its caller went away: the op stays, written whole
+
+    delivered = await first
+    await spool.flush()
+
+    assert count_rows(spool.path) == (2, 2)
+    assert [d.id for d in await spool.load("a")] == [delivered[0].id, delivered[0].id + 1]
+    nothing = submit(b"3", [])
+    assert nothing.done()
+    assert nothing.result() == []
+
+
 async def test_closed_spool_refuses_work(tmp_path: Path) -> None:
     spool = await Spool.open(tmp_path / "spool.db")
     await add(spool, 1, "a")
@@ -861,6 +887,46 @@ async def test_a_version_2_spool_is_upgraded_keeping_its_deliveries(tmp_path: Pa
         )
         assert new.id == 3
         assert len(await spool.read("SELECT id FROM journal")) == 1
+    finally:
+        await spool.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+async def test_a_version_3_spool_is_upgraded_keeping_its_journaled_deliveries(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "spool.db"
+    # Version 3 as the previous iotflow wrote it: a journaled uplink's document in both rows.
+    spool = await Spool.open(path)
+    (old,) = await spool.append(
+        b'{"n": 1}',
+        dev_eui="0018B20000000B20",
+        uplink_time=1.0,
+        received_at=2.0,
+        connection_ids=["c"],
+        journal="[[], null, null]",
+    )
+    await spool.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE uplinks SET document = X'7B226E223A20317D'")  # {"n": 1}
+    db.execute("PRAGMA user_version = 3")
+    db.commit()
+    db.close()
+
+    spool = await Spool.open(path)
+    try:
+        assert [(d.id, d.document) for d in await spool.load("c")] == [(old.id, b'{"n": 1}')]
+        (new,) = await spool.append(
+            b'{"n": 2}',
+            dev_eui="0018B20000000B20",
+            uplink_time=3.0,
+            received_at=4.0,
+            connection_ids=["c"],
+            journal="[[], null, null]",
+        )
+        assert [d.document for d in await spool.load("c")] == [b'{"n": 1}', b'{"n": 2}']
+        rows = await spool.read("SELECT id, length(document) FROM uplinks ORDER BY id")
+        assert [tuple(r) for r in rows] == [(old.id, 8), (new.id, 0)]  # the new one: once
     finally:
         await spool.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import signal
 import socket
@@ -16,6 +17,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from prometheus_client import Counter
 
 from iotflow.alarms.clock import Clock
 from iotflow.alarms.evaluator import Alarms
@@ -37,7 +39,7 @@ from iotflow.formats import actility_document, decode
 from iotflow.registry import ChangeFeed, Store, open_registry
 from iotflow.routing import RoutingIndex
 from iotflow.sources.mqtt import Incoming, MqttSource
-from iotflow.spool import Spool, SpoolUnavailableError
+from iotflow.spool import Delivery, Spool, SpoolUnavailableError
 from iotflow.telemetry import logging as logs
 from iotflow.telemetry.metrics import Metrics
 from iotflow.telemetry.systemd import Notifier
@@ -55,6 +57,8 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        # uplinks_received's child per format, looked up once rather than per uplink.
+        self._received: dict[str, Counter] = {}
         self.notifier = Notifier()  # sd_notify; a no-op outside systemd
         self.store: Store | None = None
         self.spool: Spool | None = None
@@ -491,7 +495,10 @@ class Daemon:
         answers 503 and the sender retries).
         """
         received_at = time.time()
-        self.metrics.uplinks_received.labels(fmt).inc()
+        received = self._received.get(fmt)
+        if received is None:
+            received = self._received[fmt] = self.metrics.uplinks_received.labels(fmt)
+        received.inc()
         try:
             uplink = decode(fmt, payload)
         except Rejection as rejection:
@@ -539,11 +546,9 @@ class Daemon:
             # is what waits in the spool queue and in the workers' memory.
             document = memoryview(orjson.dumps(base)).tobytes()
             self._journaled(document, journal)
-            # Started now, not when the acknowledgement loop gets to it: commits of
+            # Queued now, not when the acknowledgement loop gets to it: commits of
             # consecutive uplinks must be in flight together for the spool to group them.
-            commit = asyncio.ensure_future(
-                self._commit(document, *times, tuple(groups[None]), validity, hold, journal)
-            )
+            commit = self._submit(document, times, tuple(groups[None]), validity, hold, journal)
         else:
             # Decoding takes its time: the device's next uplinks queue behind this one, so
             # that the spool (and so every connection) gets a device's uplinks in order.
@@ -605,6 +610,69 @@ class Daemon:
                 del self._queueing[dev_eui]
         await asyncio.gather(*commits)
 
+    def _submit(
+        self,
+        document: bytes,
+        times: tuple[str, float, float],
+        targets: tuple[str, ...],
+        validity: Mapping[str, float | None],
+        hold: bool,
+        journal: str | None,
+    ) -> asyncio.Future[None]:
+        """`_commit` without a task: the spool's future, then dispatch, by callbacks. This
+        is the path of nearly every uplink (one document, the spool writable), where a task
+        each was a cost of its own (issue #16). A commit the spool could not make is handed
+        to `_commit`, which waits for it as before."""
+        assert self.spool is not None
+        dev_eui, uplink_time, received_at = times
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            appended = self.spool.submit(
+                document,
+                dev_eui=dev_eui,
+                uplink_time=uplink_time,
+                received_at=received_at,
+                connection_ids=targets,
+                validity=validity,
+                journal=journal,
+            )
+        except Exception as exc:  # closed: as the awaited append would have raised
+            done.set_exception(exc)
+            return done
+
+        def committed(appended: asyncio.Future[list[Delivery]]) -> None:
+            if done.done():  # cancelled by its awaiter: so is the append, as with a task
+                return
+            if appended.cancelled():
+                done.cancel()
+                return
+            error = appended.exception()
+            if isinstance(error, SpoolUnavailableError) and hold:
+                retry = asyncio.ensure_future(
+                    self._commit(document, *times, targets, validity, hold, journal, error)
+                )
+                retry.add_done_callback(functools.partial(_settle, done))
+                done.add_done_callback(lambda _: retry.cancel())
+                return
+            if error is not None:
+                done.set_exception(error)
+                return
+            assert self.deliveries is not None
+            try:
+                self.deliveries.dispatch(appended.result())
+            except Exception as exc:
+                done.set_exception(exc)
+                return
+            done.set_result(None)
+
+        def abandoned(done: asyncio.Future[None]) -> None:
+            if done.cancelled():
+                appended.cancel()
+
+        appended.add_done_callback(committed)
+        done.add_done_callback(abandoned)
+        return done
+
     async def _commit(
         self,
         document: bytes,
@@ -615,9 +683,14 @@ class Daemon:
         validity: Mapping[str, float | None],
         hold: bool,
         journal: str | None = None,
+        failed: SpoolUnavailableError | None = None,
     ) -> None:
+        """Commit an uplink's deliveries, waiting (with `hold`) while the spool cannot
+        commit, then dispatch them. `failed`: the first attempt's error (`_submit`)."""
         assert self.spool is not None
         assert self.deliveries is not None
+        if failed is not None and not await self._until_writable():
+            raise failed
         while True:
             try:
                 deliveries = await self.spool.append(
@@ -745,6 +818,18 @@ class Daemon:
 async def _cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+def _settle(target: asyncio.Future[None], source: asyncio.Future[None]) -> None:
+    """Give `target` the outcome of `source`, unless it has one already."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (error := source.exception()) is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(None)
 
 
 def _retrieved(commit: asyncio.Future[None]) -> None:

@@ -6,8 +6,10 @@
 
 Part 1, journal off vs on: `-n` uplinks appended to the spool (`--concurrency` in flight,
 each delivery completed once committed, as a steady stream does), without then with a
-journal row each. Prints uplinks/s and the bytes the journal adds on disk per uplink (pages
-in use after a checkpoint, on minus off).
+journal row each. Prints uplinks/s, the bytes the journal adds on disk per uplink (pages
+in use after a checkpoint, on minus off), and per uplink the CPU time of the process and
+the bytes it wrote (WAL and database, /proc/self/io): the figures a shared machine moves
+least.
 
 Part 2, a replay and live traffic to the same connection, in process (spool, worker,
 recovery; a sink that answers after `--cloud-delay` ms, as a remote cloud does, with
@@ -79,8 +81,17 @@ def share(max_in_flight: int) -> int:
     return max(1, max_in_flight // 2)
 
 
-async def append_stream(path: Path, n: int, concurrency: int, journal: bool) -> tuple[float, int]:
-    """(uplinks/s, pages in use x page size after a checkpoint)."""
+def written() -> int:
+    """Bytes this process has passed to write(2) so far (WAL and database), from /proc."""
+    with open("/proc/self/io") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("wchar:"))
+
+
+async def append_stream(
+    path: Path, n: int, concurrency: int, journal: bool
+) -> tuple[float, int, float, float]:
+    """(uplinks/s, pages in use x page size after a checkpoint, CPU µs per uplink of the
+    whole process (all threads), bytes written per uplink)."""
     spool = await Spool.open(path)
     documents = [make_document(i) for i in range(n)]
     next_n = 0
@@ -103,11 +114,15 @@ async def append_stream(path: Path, n: int, concurrency: int, journal: bool) -> 
                 spool.complete(d.id)
 
     started = time.perf_counter()
+    cpu_start = time.process_time()
+    written_start = written()
     async with asyncio.TaskGroup() as group:
         for _ in range(concurrency):
             group.create_task(client())
     await spool.flush()
     elapsed = time.perf_counter() - started
+    cpu = (time.process_time() - cpu_start) / n * 1e6
+    wrote = (written() - written_start) / n
     await spool.close()
     db = sqlite3.connect(path)
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -115,7 +130,7 @@ async def append_stream(path: Path, n: int, concurrency: int, journal: bool) -> 
     free = db.execute("PRAGMA freelist_count").fetchone()[0]
     size = db.execute("PRAGMA page_size").fetchone()[0]
     db.close()
-    return n / elapsed, (pages - free) * size
+    return n / elapsed, (pages - free) * size, cpu, wrote
 
 
 class Sink:
@@ -345,12 +360,17 @@ async def resend_during_live(
 
 async def run(args: argparse.Namespace, tmp: Path) -> None:
     if not args.skip_cost:
-        off_rate, off_bytes = await append_stream(tmp / "off.db", args.n, args.concurrency, False)
-        on_rate, on_bytes = await append_stream(tmp / "on.db", args.n, args.concurrency, True)
+        off = await append_stream(tmp / "off.db", args.n, args.concurrency, False)
+        on = await append_stream(tmp / "on.db", args.n, args.concurrency, True)
+        off_rate, off_bytes, off_cpu, off_written = off
+        on_rate, on_bytes, on_cpu, on_written = on
         print(f"n={args.n} concurrency={args.concurrency} document={len(make_document(0))} bytes")
         print(f"journal off     {off_rate:,.0f} uplinks/s")
         print(f"journal on      {on_rate:,.0f} uplinks/s ({on_rate / off_rate - 1:+.0%})")
         print(f"journal disk    {(on_bytes - off_bytes) / args.n:,.0f} bytes per uplink")
+        # CPU and bytes written vary less than uplinks/s on a shared machine.
+        print(f"CPU per uplink  {off_cpu:,.1f} µs off, {on_cpu:,.1f} µs on (all threads)")
+        print(f"written/uplink  {off_written:,.0f} bytes off, {on_written:,.0f} bytes on")
     if args.replay or args.resend:
         await replay_latency(args, tmp / "replay.db")
 

@@ -606,6 +606,14 @@ class Recovery:
                 row = await cursor.fetchone()
             if row is None or not row[0]:
                 return 0, 0
+            # An uplink still pending keeps its document: it was only in its journal row
+            # (the spool's `_IN_JOURNAL`); copied back before that row goes.
+            await db.execute(
+                "UPDATE uplinks SET document ="
+                " (SELECT j.document FROM journal AS j WHERE j.id = uplinks.id)"
+                f" WHERE length(document) = 0 AND id IN ({chosen})",
+                values,
+            )
             await db.execute(f"DELETE FROM journal WHERE id IN ({chosen})", values)
             return int(row[0]), int(row[1])
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from prometheus_client import Counter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from iotflow import backoff
@@ -304,6 +305,9 @@ class ConnectionWorker:
         self._pipeline = Pipeline(connection.upOperations) if connection.upOperations else None
         self._latency = metrics.latency.labels(self.id)
         self._pending_gauge = metrics.spool_pending.labels(self.id)
+        # The deliveries counter's child per outcome, looked up once: `labels` takes a lock
+        # and builds a key at every call, once per delivery (issue #16).
+        self._outcomes: dict[Outcome, Counter] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -603,7 +607,10 @@ class ConnectionWorker:
                 self._spool.complete(delivery.id, final=delivery, outcome=outcome)
         self.stats.pending -= 1
         self._pending_gauge.dec()
-        self._metrics.deliveries.labels(self.id, outcome).inc()
+        counter = self._outcomes.get(outcome)
+        if counter is None:
+            counter = self._outcomes[outcome] = self._metrics.deliveries.labels(self.id, outcome)
+        counter.inc()
         if outcome == Outcome.DELIVERED:
             self.stats.delivered += 1
             self.stats.lastDeliveryTime = now

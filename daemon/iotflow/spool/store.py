@@ -20,6 +20,10 @@ commits, and resolves the waiting futures in FIFO order. Ids are allocated in me
 (the writer is the only writer), so a batch needs no read-back: it costs 4 or 5 hops to
 the aiosqlite thread (inserts x2, id high-water mark, deletes, commit), whatever its size.
 
+An uplink that is journaled too (issue #14) keeps its document once, in its journal row
+(same id), and its uplinks row holds an empty one: the document was written twice in every
+commit. Journal pruning copies it back for an uplink still pending (`recovery.py`).
+
 Uplinks without deliveries are deleted by a trigger on `deliveries`, in the same statement
 as the delete: measured as fast as an explicit sweep (490k vs 480k deletes/s, batches of
 512) and it needs no extra statement, so no extra thread hop, per batch.
@@ -90,7 +94,7 @@ __all__ = [
 
 log = structlog.get_logger("iotflow.spool")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Module level rather than an `open` argument: the durability level is a decision of this
 # module (see above), not a knob; only the benchmark changes it, to measure the cost.
@@ -180,7 +184,7 @@ END;
 """
     + _V3
     + """
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;
 COMMIT;
 """
 )
@@ -203,6 +207,19 @@ ALTER TABLE deliveries ADD COLUMN replay TEXT;
 PRAGMA user_version = 3;
 COMMIT;
 """
+
+# Version 3 to 4: an uplink that is journaled too keeps its document in the journal row only
+# (same id), and its `uplinks.document` is empty (issue #16: the document was written twice
+# in every group commit). No table changes: the version says that an empty document means
+# "see the journal", so that an older iotflow, which would read it as empty, refuses the file.
+# A journal row has the id of its uplink's row only when both come from the same append: an
+# empty document with no journal row of that id is an empty document.
+_UPGRADE_4 = """
+BEGIN;
+PRAGMA user_version = 4;
+COMMIT;
+"""
+_IN_JOURNAL = b""  # uplinks.document of an uplink whose document is its journal row's
 
 _INSERT_UPLINK = (
     "INSERT INTO uplinks (id, dev_eui, uplink_time, received_at, document) VALUES (?, ?, ?, ?, ?)"
@@ -237,7 +254,9 @@ _DROP_CONNECTION = "DELETE FROM deliveries WHERE connection_id = ?"
 _UPDATE_NEXT_ID = "UPDATE meta SET value = ? WHERE key = 'next_id'"
 
 _SELECT = (
-    "SELECT d.id, d.connection_id, u.dev_eui, u.uplink_time, u.received_at, u.document,"
+    "SELECT d.id, d.connection_id, u.dev_eui, u.uplink_time, u.received_at,"
+    " CASE WHEN length(u.document) THEN u.document"
+    " ELSE coalesce((SELECT j.document FROM journal AS j WHERE j.id = u.id), u.document) END,"
     " d.validity, d.since, d.letter, d.replay"
     " FROM deliveries AS d JOIN uplinks AS u ON u.id = d.uplink_id"
     " WHERE d.connection_id = ? AND d.id > ?"
@@ -464,7 +483,35 @@ class Spool:
     ) -> list[Delivery]:
         """Spool one uplink for each connection; return once its group commit is durable.
 
-        Raises `SpoolFullError` (disk full) or `SpoolUnavailableError` (another write
+        `submit`, awaited: see there.
+        """
+        # Cancelling the caller cancels only this future: the op stays queued and is
+        # written whole with its batch, or not at all.
+        return await self.submit(
+            document,
+            dev_eui=dev_eui,
+            uplink_time=uplink_time,
+            received_at=received_at,
+            connection_ids=connection_ids,
+            validity=validity,
+            journal=journal,
+        )
+
+    def submit(
+        self,
+        document: bytes,
+        *,
+        dev_eui: str,
+        uplink_time: float,
+        received_at: float,
+        connection_ids: Sequence[str],
+        validity: Mapping[str, float | None] | None = None,
+        journal: str | None = None,
+    ) -> asyncio.Future[list[Delivery]]:
+        """Queue one uplink for each connection; the future resolves once its group commit
+        is durable. Not a coroutine, so that the daemon's ingest needs no task per uplink.
+
+        Fails with `SpoolFullError` (disk full) or `SpoolUnavailableError` (another write
         failure) when that transaction failed: nothing of it was written, and
         `wait_writable` tells when to try again. `SpoolClosedError` after `close`.
         A duplicate connection id gets one delivery. `validity` gives a connection's
@@ -473,9 +520,11 @@ class Spool:
         transaction (also when it goes to no connection).
         """
         self._check_open()
+        future: asyncio.Future[list[Delivery]] = asyncio.get_running_loop().create_future()
         targets = list(dict.fromkeys(connection_ids))
         if not targets and journal is None:
-            return []
+            future.set_result([])
+            return future
         # Allocated now, in call order, so ids increase in arrival order; a failed batch
         # leaves a gap rather than reusing ids a caller may have seen.
         uplink_id = self._next_id
@@ -492,13 +541,10 @@ class Spool:
             )
             for i, cid in enumerate(targets)
         ]
-        future: asyncio.Future[list[Delivery]] = asyncio.get_running_loop().create_future()
         uplink = (uplink_id, dev_eui, uplink_time, received_at, document)
         self._ops.append(_Append(uplink, deliveries, future, journal))
         self._wakeup.set()
-        # Cancelling the caller cancels only this future: the op stays queued and is
-        # written whole with its batch, or not at all.
-        return await future
+        return future
 
     def complete(
         self,
@@ -872,7 +918,15 @@ class Spool:
         if batch.appends:
             # An uplink without deliveries is only journaled: no row that nothing would
             # ever delete.
-            await db.executemany(_INSERT_UPLINK, [a.uplink for a in batch.appends if a.deliveries])
+            # A journaled uplink's document is written once, in its journal row.
+            await db.executemany(
+                _INSERT_UPLINK,
+                [
+                    (*a.uplink[:4], _IN_JOURNAL) if a.route else a.uplink
+                    for a in batch.appends
+                    if a.deliveries
+                ],
+            )
             await db.executemany(
                 _INSERT_DELIVERY,
                 [
@@ -1051,6 +1105,9 @@ async def _prepare(db: aiosqlite.Connection, path: Path, wal_limit: int) -> int:
         version = 2
     if version == 2:
         await db.executescript(_UPGRADE_3)
+        version = 3
+    if version == 3:
+        await db.executescript(_UPGRADE_4)
     last = max(
         await _scalar(db, "SELECT coalesce(max(id), 0) FROM deliveries"),
         await _scalar(db, "SELECT coalesce(max(id), 0) FROM uplinks"),
