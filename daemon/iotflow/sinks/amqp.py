@@ -81,6 +81,21 @@ _ACCESS_REFUSED, _NOT_ALLOWED = 403, 530
 _WORD_SPLIT = re.compile(r"\.(?![^{]*\})")  # the dots of a key that are outside `{...}`
 
 
+class _ClosedOnFailure(aio_pika.Connection):
+    """aio-pika drops a connection whose connect failed without closing it; its `__del__`
+    then makes a `close()` coroutine that nothing awaits when no loop runs (a warning at
+    garbage collection). Closed here, it has nothing left to do then."""
+
+    # aio-pika's own signature, which `aio_pika.connect` calls.
+    async def connect(self, timeout: Any = None) -> None:  # noqa: ASYNC109
+        try:
+            await super().connect(timeout=timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.close()
+            raise
+
+
 class DownlinkKey:
     """A `downlinkTopicPattern` as an AMQP binding key, and the DevEUI of a routing key.
 
@@ -363,6 +378,7 @@ class AmqpSink:
             ssl_context=self._ssl,
             timeout=self._timeout,
             client_properties={"connection_name": f"iotflow {self.connection_id}"},
+            connection_class=_ClosedOnFailure,
         )
         self._connection = connection  # type: ignore[assignment]
         self._lost.clear()
