@@ -52,7 +52,7 @@ from iotflow.backoff import Backoff
 from iotflow.config.types import secret_value
 from iotflow.connectors.amqp import AmqpConfig
 from iotflow.connectors.common import PROBE_BACKOFF_CAP_SECONDS
-from iotflow.downlinks import DownlinkRejected, DownlinkRequest, parse_downlink
+from iotflow.downlinks.handover import hand_over
 from iotflow.errors import (
     AuthenticationSinkError,
     PermanentSinkError,
@@ -175,10 +175,6 @@ def _reply_code(error: BaseException) -> int | None:
         if isinstance(code, int):
             return code
     return None
-
-
-async def _no_downlink_path(connection_id: str, request: DownlinkRequest) -> None:
-    raise DownlinkRejected("disabled", "this daemon has no downlink path")
 
 
 class AmqpSink:
@@ -472,44 +468,15 @@ class AmqpSink:
     async def _on_downlink(self, message: AbstractIncomingMessage) -> None:
         assert self.downlinks is not None
         key = message.routing_key or ""
-        handler = self._context.downlink or _no_downlink_path
-        try:
-            request = parse_downlink(
-                message.body,
-                dev_eui=self.downlinks.dev_eui(key),
-                default_port=self._config.downlinkPort,
-            )
-            async with asyncio.timeout(self._timeout):
-                await handler(self.connection_id, request)
-        except DownlinkRejected as exc:
-            log.warning(
-                "Downlink rejected",
-                connection=self.connection_id,
-                routing_key=key,
-                reason=exc.reason,
-                error=exc.message,
-            )
-        except TimeoutError:
-            log.warning(
-                "Downlink not handed over in time",
-                connection=self.connection_id,
-                routing_key=key,
-                error=f"no answer within {self._timeout:g}s",
-            )
-        except asyncio.CancelledError:
-            # Stopping with it in hand: unacknowledged, the broker delivers it again.
-            raise
-        except Exception as exc:
-            log.warning(
-                "Downlink failed", connection=self.connection_id, routing_key=key, error=str(exc)
-            )
-        else:
-            log.info(
-                "Downlink received",
-                connection=self.connection_id,
-                devEUI=request.dev_eui,
-                fPort=request.f_port,
-                correlationId=request.correlation_id,
-            )
+        # Cancelled with it in hand (stopping): unacknowledged, the broker delivers it again.
+        await hand_over(
+            self._context.downlink,
+            self.connection_id,
+            message.body,
+            dev_eui=self.downlinks.dev_eui(key),
+            default_port=self._config.downlinkPort,
+            within=self._timeout,
+            routing_key=key,
+        )
         with contextlib.suppress(Exception):
             await message.ack()

@@ -43,7 +43,7 @@ import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
 from iotflow.backoff import Backoff
-from iotflow.downlinks import DownlinkRejected, parse_downlink
+from iotflow.downlinks.handover import hand_over
 from iotflow.errors import (
     AuthenticationSinkError,
     PermanentSinkError,
@@ -442,45 +442,12 @@ class MqttSession:
             return
         payload = message.payload if isinstance(message.payload, bytes) else b""
         topic_eui = self._downlinks.dev_eui(topic)
-        handler = self._context.downlink
-        if handler is None:
-            log.warning(
-                "Downlink rejected",
-                connection=self.connection_id,
-                topic=topic,
-                reason="disabled",
-                error="this daemon has no downlink path",
-            )
-            return
-        try:
-            request = parse_downlink(payload, dev_eui=topic_eui, default_port=self._downlink_port)
-            async with asyncio.timeout(self._timeout):
-                await handler(self.connection_id, request)
-        except DownlinkRejected as exc:
-            log.warning(
-                "Downlink rejected",
-                connection=self.connection_id,
-                topic=topic,
-                reason=exc.reason,
-                error=exc.message,
-            )
-        except TimeoutError:
-            log.warning(
-                "Downlink not handed over in time",
-                connection=self.connection_id,
-                topic=topic,
-                error=f"no answer within {self._timeout:g}s",
-            )
-        except Exception as exc:
-            # A bug or an outage downstream must not end the session (and uplinks with it).
-            log.warning(
-                "Downlink failed", connection=self.connection_id, topic=topic, error=str(exc)
-            )
-        else:
-            log.info(
-                "Downlink received",
-                connection=self.connection_id,
-                devEUI=request.dev_eui,
-                fPort=request.f_port,
-                correlationId=request.correlation_id,
-            )
+        await hand_over(
+            self._context.downlink,
+            self.connection_id,
+            payload,
+            dev_eui=topic_eui,
+            default_port=self._downlink_port,
+            within=self._timeout,
+            topic=topic,
+        )
