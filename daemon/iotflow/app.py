@@ -589,16 +589,21 @@ class Daemon:
                     documents[driver_id] = await self.drivers.decode(base, driver_id)
             if previous is not None:
                 await previous
+            raw: bytes | None = None  # `base` encoded, once for the journal and a group
             if journal is not None:
                 # The journal keeps the uplink as received, before any driver: a replay
                 # decodes it with the driver of the moment.
-                encoded = memoryview(orjson.dumps(base)).tobytes()
-                self._journaled(encoded, journal)
+                raw = memoryview(orjson.dumps(base)).tobytes()
+                self._journaled(raw, journal)
                 commits.append(
-                    asyncio.ensure_future(self._commit(encoded, *times, (), {}, hold, journal))
+                    asyncio.ensure_future(self._commit(raw, *times, (), {}, hold, journal))
                 )
             for driver_id, connection_ids in groups.items():
-                encoded = memoryview(orjson.dumps(documents[driver_id])).tobytes()
+                document = documents[driver_id]
+                if document is base and raw is not None:
+                    encoded = raw
+                else:
+                    encoded = memoryview(orjson.dumps(document)).tobytes()
                 commits.append(
                     asyncio.ensure_future(
                         self._commit(encoded, *times, tuple(connection_ids), validity, hold)
