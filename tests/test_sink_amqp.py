@@ -6,10 +6,12 @@ fleet's instances sharing that queue (each downlink handed over once)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import secrets
 import time
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -359,3 +361,24 @@ async def test_a_failed_connect_leaves_its_connection_closed() -> None:
     with pytest.raises(ConnectionError):
         await connection.connect(timeout=5)
     assert connection.is_closed
+
+
+async def test_a_connection_collected_in_another_thread_is_closed_quietly() -> None:
+    """A connection lost or given up on (a close cut short by its timeout) can be collected
+    by a garbage collection that runs in another thread (aiosqlite's, say): aio-pika's
+    `__del__` would make there a `close()` coroutine that no loop runs, a warning that
+    failed CI once more. It is closed on its own loop instead."""
+    connection = _ClosedOnFailure(URL("amqp://guest:guest@127.0.0.1:1/"))
+    closed = connection.closed()
+    holder = [connection]
+    del connection
+
+    def collect() -> None:
+        holder.clear()
+        gc.collect()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await asyncio.to_thread(collect)
+    assert [str(w.message) for w in caught if w.category is RuntimeWarning] == []
+    assert await asyncio.wait_for(closed, 5) is True

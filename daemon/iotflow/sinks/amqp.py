@@ -81,6 +81,9 @@ _ACCESS_REFUSED, _NOT_ALLOWED = 403, 530
 _WORD_SPLIT = re.compile(r"\.(?![^{]*\})")  # the dots of a key that are outside `{...}`
 
 
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
 class _ClosedOnFailure(aio_pika.Connection):
     """aio-pika drops a connection whose connect failed without closing it; its `__del__`
     then makes a `close()` coroutine that nothing awaits when no loop runs (a warning at
@@ -94,6 +97,27 @@ class _ClosedOnFailure(aio_pika.Connection):
             with contextlib.suppress(Exception):
                 await self.close()
             raise
+
+    def __del__(self) -> None:
+        """A connection lost, or whose close was cut short, may be collected by a garbage
+        collection running in another thread (aiosqlite's): aio-pika's own `__del__` would
+        make there a `close()` coroutine that no loop runs. It is closed on its loop."""
+        with contextlib.suppress(AttributeError, RuntimeError):
+            if self.is_closed or self.loop.is_closed():
+                return
+            try:
+                here = asyncio.get_running_loop()
+            except RuntimeError:
+                here = None
+            if here is self.loop:
+                super().__del__()
+            else:
+                self.loop.call_soon_threadsafe(self._close_soon)
+
+    def _close_soon(self) -> None:
+        task = self.loop.create_task(self.close())
+        _CLOSING.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(_CLOSING.discard)
 
 
 class DownlinkKey:
