@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -412,15 +412,17 @@ class CountingStore(SqliteStore):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.writes: list[tuple[str, str, dict[str, str]]] = []
+        self.transactions = 0
         self.failing = False
 
-    async def remember_device_source(
-        self, dev_eui: str, fmt: str, source: Mapping[str, str]
+    async def remember_device_sources(
+        self, sources: Sequence[tuple[str, str, Mapping[str, str]]]
     ) -> None:
         if self.failing:
             raise RegistryError("registry database error: disk I/O error")
-        self.writes.append((dev_eui, fmt, dict(source)))
-        await super().remember_device_source(dev_eui, fmt, source)
+        self.transactions += 1
+        self.writes.extend((dev_eui, fmt, dict(source)) for dev_eui, fmt, source in sources)
+        await super().remember_device_sources(sources)
 
 
 @pytest_asyncio.fixture
@@ -462,6 +464,26 @@ async def test_the_directory_writes_only_what_changed(store: CountingStore) -> N
         await directory.close()
     # Another instance, or this one after a restart, reads it from the registry.
     assert await DeviceDirectory(store).lookup(DEV) == ("actility", {})
+
+
+async def test_a_fleets_first_uplinks_are_written_in_a_few_transactions(
+    store: CountingStore,
+) -> None:
+    """A commit per device cost a millisecond of the loop each: 1,200 devices heard for the
+    first time (a start, a new fleet) are written in batches, each device once."""
+    directory = DeviceDirectory(store)
+    devices = [f"0018B2{n:010X}" for n in range(1200)]
+    for dev_eui in devices:
+        directory.remember(dev_eui, "actility", {})
+    directory.start()
+    try:
+        await settled(directory)
+    finally:
+        await directory.close()
+    assert sorted(w[0] for w in store.writes) == devices
+    assert store.transactions == 3  # 500 per transaction
+    for dev_eui in (devices[0], devices[-1]):
+        assert await DeviceDirectory(store).lookup(dev_eui) == ("actility", {})
 
 
 async def test_the_directory_keeps_writes_while_the_registry_fails(store: CountingStore) -> None:

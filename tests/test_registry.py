@@ -695,14 +695,14 @@ async def test_alarm_state_is_a_compare_and_set(store: Store) -> None:
 async def test_device_sources_are_remembered_and_replaced(store: Store, backend: Backend) -> None:
     assert await store.device_source(D1) is None
     chirpstack = {"applicationId": "17c82e96", "devEui": "0018b20000000b01", "tenantId": "t1"}
-    await store.remember_device_source(D1, "chirpstack", chirpstack)
-    await store.remember_device_source(D2, "actility", {})
+    await store.remember_device_sources([(D1, "chirpstack", chirpstack)])
+    await store.remember_device_sources([(D2, "actility", {})])
     assert await store.device_source(D1) == ("chirpstack", chirpstack)
     assert await store.device_source(D2) == ("actility", {})
     # The device moved to another network server: the latest replaces what was there.
     tts = {"application_id": "app", "device_id": "eui-0018b20000000b01", "tenant_id": "ttn"}
-    await store.remember_device_source(D1, "tts", tts)
-    await store.remember_device_source(D1, "tts", tts)  # the same again changes nothing
+    await store.remember_device_sources([(D1, "tts", tts)])
+    await store.remember_device_sources([(D1, "tts", tts)])  # the same again changes nothing
     assert await store.device_source(D1) == ("tts", tts)
     assert await store.device_source(D3) is None
     # Kept in the database: another instance reads it.
@@ -717,7 +717,7 @@ async def test_device_sources_outlive_bindings_and_feed_no_change(store: Store) 
     await store.set_device(D1, ["c1"])
     with store.changes() as feed:
         await next_change(feed)  # the first yield: the feed observes every writer
-        await store.remember_device_source(D1, "actility", {})
+        await store.remember_device_sources([(D1, "actility", {})])
         # Routing does not depend on it: no consumer should rebuild for it.
         assert not feed.pending
     await store.delete_device(D1)

@@ -9,13 +9,15 @@ The registry keeps them (table `device_sources`), so a restart or another instan
 scale-out knows the devices it has not heard yet. The hot path never waits for it: an
 in-memory copy answers "nothing changed" for all but the first uplink of a device after
 start (or one whose network server changed), and those few writes go out in the
-background, coalesced per device, retried while the registry is unavailable.
+background, coalesced per device, many per transaction, retried while the registry is
+unavailable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import Awaitable, Callable
 
 from iotflow.backoff import Backoff
@@ -27,6 +29,7 @@ __all__ = ["DeviceDirectory", "DeviceSource"]
 log = get_logger("iotflow.downlinks")
 
 DeviceSource = tuple[str, dict[str, str]]  # (input format, the network server's identifiers)
+WRITE_BATCH = 500  # devices written per registry transaction
 
 
 class DeviceDirectory:
@@ -97,11 +100,16 @@ class DeviceDirectory:
 
     async def _write_pending(self) -> None:
         while self._pending:
-            dev_eui, entry = next(iter(self._pending.items()))
-            await self._store.remember_device_source(dev_eui, entry[0], entry[1])
-            # A newer uplink that arrived during the write replaced the entry: keep that one.
-            if self._pending.get(dev_eui) is entry:
-                del self._pending[dev_eui]
+            # One transaction for many devices: at start, or when a fleet's devices first
+            # show up, a write each made a commit each (a millisecond of the loop apiece).
+            batch = list(itertools.islice(self._pending.items(), WRITE_BATCH))
+            await self._store.remember_device_sources(
+                [(dev_eui, fmt, source) for dev_eui, (fmt, source) in batch]
+            )
+            for dev_eui, entry in batch:
+                # A newer uplink that arrived during the write replaced the entry: keep it.
+                if self._pending.get(dev_eui) is entry:
+                    del self._pending[dev_eui]
 
     @property
     def pending(self) -> int:

@@ -579,21 +579,21 @@ class SqlStore:
 
     # -- device sources
 
-    async def remember_device_source(
-        self, dev_eui: str, fmt: str, source: Mapping[str, str]
+    async def remember_device_sources(
+        self, sources: Sequence[tuple[str, str, Mapping[str, str]]]
     ) -> None:
+        if not sources:
+            return
+        now = _now()
         # Not the write lock: it touches neither connections nor bindings, and two
         # instances writing the same device at once both write a true value.
         async with self._db.transaction() as tx:
-            await tx.execute(
+            await tx.executemany(
                 "INSERT INTO device_sources (dev_eui, format, source, updated_at)"
                 " VALUES ($1, $2, $3, $4) ON CONFLICT (dev_eui) DO UPDATE SET"
                 " format = excluded.format, source = excluded.source,"
                 " updated_at = excluded.updated_at",
-                dev_eui,
-                fmt,
-                _dumps(dict(source)),
-                _now(),
+                [(dev_eui, fmt, _dumps(dict(source)), now) for dev_eui, fmt, source in sources],
             )
 
     async def device_source(self, dev_eui: str) -> tuple[str, dict[str, str]] | None:

@@ -246,11 +246,12 @@ class Store(Protocol):
         after the change cannot take its event with it."""
         ...
 
-    async def remember_device_source(
-        self, dev_eui: str, fmt: str, source: Mapping[str, str]
+    async def remember_device_sources(
+        self, sources: Sequence[tuple[str, str, Mapping[str, str]]]
     ) -> None:
-        """Store the network server of a device's latest uplink: its input format and that
-        server's identifiers of the device (for downlinks), replacing what was stored."""
+        """Store the network server of devices' latest uplinks, (DevEUI, input format, that
+        server's identifiers of the device) each (for downlinks), replacing what was stored;
+        all in one transaction."""
         ...
 
     async def device_source(self, dev_eui: str) -> tuple[str, dict[str, str]] | None:
