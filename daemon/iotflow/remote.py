@@ -95,7 +95,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"cannot reach the daemon at {url}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if status >= 400:
-        print(f"HTTP {status}: {text}", file=sys.stderr)
+        print(describe_error(status, text), file=sys.stderr)
         return 1
     if text:
         data = orjson.loads(text)
@@ -103,6 +103,23 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     if total is not None:
         print(f"{total} in all", file=sys.stderr)
     return 0
+
+
+def describe_error(status: int, text: str) -> str:
+    """The API's error body (`code`, `message`, `details`) as lines for a person; any
+    other body (a proxy's page, say) as it came."""
+    try:
+        body = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("message"), str):
+        return f"HTTP {status}: {text}".rstrip()
+    lines = [f"error: {body['message']} (HTTP {status} {body.get('code', '')})".replace(" )", ")")]
+    for detail in body.get("details") or []:
+        if isinstance(detail, dict):
+            path = detail.get("path") or "(request)"
+            lines.append(f"  {path}: {detail.get('message', '')}")
+    return "\n".join(lines)
 
 
 def _request(args: argparse.Namespace, cid: str) -> tuple[str, str, Any]:
