@@ -14,10 +14,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
+from urllib.parse import unquote
 
 from iotflow.formats.fields import parse_time
 
-__all__ = ["ReplayGuard", "Unauthorized", "check_request", "matches"]
+__all__ = ["ReplayGuard", "Unauthorized", "check_request", "matches", "signed_query"]
 
 
 class Unauthorized(Exception):
@@ -30,6 +31,31 @@ class Unauthorized(Exception):
     def __init__(self, message: str, *, public: str | None = None) -> None:
         super().__init__(message)
         self.public = public if public is not None else message
+
+
+def signed_query(raw_query: str, *, after_token: bool) -> tuple[str, dict[str, str], str | None]:
+    """(the signed part, its parameters, the Token) of a raw query string.
+
+    The signed part is every parameter before Token (`after_token`: after it as well),
+    percent-decoded (a `+` stays a `+`: in a ThingPark Time it is the offset's sign, not a
+    form-encoded space), joined by `&` in order.
+    """
+    signed: list[str] = []
+    params: dict[str, str] = {}
+    token: str | None = None
+    for part in raw_query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        name, value = unquote(name), unquote(value)
+        if name == "Token":
+            token = value
+            if not after_token:
+                break
+            continue
+        signed.append(f"{name}={value}")
+        params.setdefault(name, value)
+    return "&".join(signed), params, token
 
 
 def check_request(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timedelta
-from urllib.parse import unquote
 
 from iotflow import thingpark
 from iotflow.thingpark import Unauthorized, check_request, matches
@@ -40,25 +39,9 @@ def sign(query: str, body: bytes, key: str) -> str:
 
 
 def signed_query(raw_query: str) -> tuple[str, dict[str, str], str | None]:
-    """(the signed part of the query, its parameters, the Token) of a raw query string.
-
-    Every parameter but Token is signed, percent-decoded (`+` stays a `+`: in a ThingPark
-    Time it is the offset's sign, not a form-encoded space), joined by `&` in order.
-    """
-    signed: list[str] = []
-    params: dict[str, str] = {}
-    token: str | None = None
-    for part in raw_query.split("&"):
-        if not part:
-            continue
-        name, _, value = part.partition("=")
-        name, value = unquote(name), unquote(value)
-        if name == "Token":
-            token = value
-            continue
-        signed.append(f"{name}={value}")
-        params.setdefault(name, value)
-    return "&".join(signed), params, token
+    """(the signed part of the query, its parameters, the Token) of a raw query string:
+    every parameter but Token is signed, decoded (see iotflow.thingpark.signed_query)."""
+    return thingpark.signed_query(raw_query, after_token=True)
 
 
 def verify(

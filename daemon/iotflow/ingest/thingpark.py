@@ -19,9 +19,8 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import unquote
 
-from iotflow.thingpark import ReplayGuard, Unauthorized, check_request, matches
+from iotflow.thingpark import ReplayGuard, Unauthorized, check_request, matches, signed_query
 
 __all__ = ["ReplayGuard", "Unauthorized", "body_elements", "uplink_token", "verify_uplink"]
 
@@ -48,28 +47,9 @@ def body_elements(document: Any) -> str:
 
 
 def uplink_token(elements: str, query: str, key: str) -> str:
-    """The Token ThingPark sends: `query` is the signed part, decoded (see signed_query)."""
+    """The Token ThingPark sends: `query` is the signed part (the parameters before Token),
+    decoded (see iotflow.thingpark.signed_query)."""
     return hashlib.sha256((elements + query + key).encode()).hexdigest()
-
-
-def signed_query(raw_query: str) -> tuple[str, dict[str, str], str | None]:
-    """(the signed part, its parameters, the Token) of a raw query string.
-
-    The signed part is every parameter before Token, percent-decoded (a `+` stays a `+`:
-    in a ThingPark Time it is the offset's sign, not a form-encoded space), in order.
-    """
-    signed: list[str] = []
-    params: dict[str, str] = {}
-    for part in raw_query.split("&"):
-        if not part:
-            continue
-        name, _, value = part.partition("=")
-        name, value = unquote(name), unquote(value)
-        if name == "Token":
-            return "&".join(signed), params, value
-        signed.append(f"{name}={value}")
-        params.setdefault(name, value)
-    return "&".join(signed), params, None
 
 
 def verify_uplink(
@@ -83,7 +63,7 @@ def verify_uplink(
 ) -> tuple[str, datetime]:
     """Check AS_ID, Time and Token of an uplink request; return (Token, Time), else raise
     Unauthorized."""
-    query, params, token = signed_query(raw_query)
+    query, params, token = signed_query(raw_query, after_token=False)
     token, sent_at = check_request(params, token, now=now, max_deviation=max_skew)
     expected = uplink_token(body_elements(document), query, key)
     if not matches(params, token, as_id=as_id, expected=expected):
