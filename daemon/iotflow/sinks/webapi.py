@@ -51,15 +51,8 @@ class WebApi:
         return self._session is not None and not self._session.closed
 
     def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._limit, keepalive_timeout=60, ssl=client_ssl(self._ca)
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self._timeout),
-            headers=self._headers,
-            # Cookies from one delivery must not leak into the next.
-            cookie_jar=aiohttp.DummyCookieJar(),
+        self._session = client_session(
+            timeout=self._timeout, limit=self._limit, headers=self._headers, ca=self._ca
         )
 
     async def close(self) -> None:
@@ -82,6 +75,21 @@ class WebApi:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise transport_error(exc, self._timeout) from None
         return Answer(status, text, retry_after)
+
+
+def client_session(
+    *, timeout: float, limit: int, headers: Mapping[str, str], ca: str | None
+) -> aiohttp.ClientSession:
+    """A keep-alive session to one cloud: at most `limit` connections, the server verified
+    with `ca` alone when given (else the system store), `headers` on every request."""
+    connector = aiohttp.TCPConnector(limit=limit, keepalive_timeout=60, ssl=client_ssl(ca))
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        headers=headers,
+        # Cookies from one delivery must not leak into the next.
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
 
 
 class WebApiSink:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from iotflow import __version__
 from iotflow.connectors.cumulocity import CumulocityConfig
 from iotflow.errors import PermanentSinkError, RetryableSinkError, SinkError
 from iotflow.sinks.base import MAX_ERROR_BODY, classify_http, parse_retry_after
-from iotflow.sinks.webapi import error_text, transport_error
+from iotflow.sinks.webapi import client_session, error_text, transport_error
 
 _MEDIA = "application/vnd.com.nsn.cumulocity.{}+json"
 _ERROR_MEDIA = _MEDIA.format("error")
@@ -44,19 +43,10 @@ class CumulocityClient:
         return self._session is not None and not self._session.closed
 
     def start(self) -> None:
-        context: ssl.SSLContext | bool = True
-        if self._config.trustedCaCertficate is not None:
-            # Only this CA: the connection is pinned to the tenant's private PKI.
-            context = ssl.create_default_context(cadata=self._config.trustedCaCertficate)
-        connector = aiohttp.TCPConnector(
+        self._session = client_session(
+            timeout=self._timeout,
             # One more than the workers, so that polling never waits behind deliveries.
             limit=self._limit + 1,
-            keepalive_timeout=60,
-            ssl=context,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self._timeout),
             # No X-Cumulocity-Application-Key: requests without it count as the device's
             # own traffic, which keeps the device "available" in Cumulocity.
             headers={
@@ -66,7 +56,8 @@ class CumulocityClient:
                 ),
                 "User-Agent": f"iotflow/{__version__}",
             },
-            cookie_jar=aiohttp.DummyCookieJar(),
+            # Only this CA when given: the connection is pinned to the tenant's private PKI.
+            ca=self._config.trustedCaCertficate,
         )
 
     async def close(self) -> None:
