@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ByteSize,
     ConfigDict,
@@ -26,19 +27,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _known_format(value: str) -> str:
+    if value not in FORMATS:
+        raise ValueError(f"unknown format {value!r}; expected one of {sorted(FORMATS)}")
+    return value
+
+
+# The name of an uplink format (formats/), for a subscription or an ingest endpoint.
+FormatName = Annotated[str, AfterValidator(_known_format)]
+
+
 class Subscription(Section):
     topic: Annotated[str, Field(min_length=1)]
-    format: str
+    format: FormatName
     # 0 for a broker that offers no more (The Things Stack): at most once from the broker.
     # No 2: at least once is what the spool gives, QoS 2's extra round trip adds nothing.
     qos: Literal[0, 1] = 1
-
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, value: str) -> str:
-        if value not in FORMATS:
-            raise ValueError(f"unknown format {value!r}; expected one of {sorted(FORMATS)}")
-        return value
 
     @field_validator("qos", mode="before")
     @classmethod
@@ -337,7 +341,7 @@ class IngestEndpoint(Section):
     """One `[[ingest]]` entry: POST /iot-flow/v1/ingest/{id} (see docs/ingest.md)."""
 
     id: Annotated[str, Field(pattern=INGEST_ID_PATTERN)]
-    format: str
+    format: FormatName
     auth: Literal["thingpark", "header", "bearer"]
     as_id: str | None = None
     as_key: Secret | None = None
@@ -347,13 +351,6 @@ class IngestEndpoint(Section):
     token: Secret | None = None
     # Real uplinks are a few KiB; the decoder refuses more than MAX_UPLINK_BYTES anyway.
     max_body_bytes: Annotated[int, Field(ge=1024, le=MAX_UPLINK_BYTES)] = MAX_UPLINK_BYTES
-
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, value: str) -> str:
-        if value not in FORMATS:
-            raise ValueError(f"unknown format {value!r}; expected one of {sorted(FORMATS)}")
-        return value
 
     @field_validator("header")
     @classmethod

@@ -9,8 +9,7 @@ from pydantic import Field, field_validator
 
 from iotflow.config.types import Secret
 from iotflow.connectors.catalog import Connector
-from iotflow.connectors.common import CommonConfig
-from iotflow.formats import Template
+from iotflow.connectors.common import CommonConfig, template_option
 
 if TYPE_CHECKING:
     from iotflow.connectors.connection import Connection
@@ -19,12 +18,6 @@ if TYPE_CHECKING:
 _HOST_PORT = r"^[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?$"
 # AMQP names (exchange, virtual host, routing key) are short strings: at most 255 bytes.
 _SHORT = 255
-
-
-def _template(value: str | None) -> str | None:
-    if value is not None:
-        Template(value)  # raises ValueError with the position of the mistake
-    return value
 
 
 class AmqpConfig(CommonConfig):
@@ -41,7 +34,7 @@ class AmqpConfig(CommonConfig):
     privateKey: Secret | None = None
     trustedCaCertficate: str | None = None  # the product's spelling
 
-    _templates = field_validator("uplinkTopicPattern", "downlinkTopicPattern")(_template)
+    _templates = field_validator("uplinkTopicPattern", "downlinkTopicPattern")(template_option)
 
 
 def _amqp_sink(connection: Connection, context: SinkContext) -> Sink:

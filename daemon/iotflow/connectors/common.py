@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 
 from iotflow.config.types import Duration, Secret
+from iotflow.formats import Template
 
 ReconnectStrategy = Literal["CALM", "NORMAL", "AGGRESSIVE"]
 
@@ -30,6 +31,13 @@ def _validity(value: timedelta) -> timedelta:
 
 
 Validity = Annotated[Duration, AfterValidator(_validity)]
+
+
+def template_option(value: str | None) -> str | None:
+    """A field validator for an option that is a `{Path}` template (topics, tokens)."""
+    if value is not None:
+        Template(value)  # raises ValueError with the position of the mistake
+    return value
 
 
 class CommonConfig(BaseModel):

@@ -8,20 +8,13 @@ from pydantic import Field, field_validator
 
 from iotflow.config.types import Secret
 from iotflow.connectors.catalog import Connector
-from iotflow.connectors.common import CommonConfig
-from iotflow.formats import Template
+from iotflow.connectors.common import CommonConfig, template_option
 
 if TYPE_CHECKING:
     from iotflow.connectors.connection import Connection
     from iotflow.sinks.base import Sink, SinkContext
 
 _HOST_PORT = r"^[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?$"
-
-
-def _template(value: str | None) -> str | None:
-    if value is not None:
-        Template(value)  # raises ValueError with the position of the mistake
-    return value
 
 
 class MqttConfig(CommonConfig):
@@ -37,7 +30,7 @@ class MqttConfig(CommonConfig):
     downlinkTopicPattern: str | None = "tpx/things/{DevEUI}/downlink"
     qos: Literal[0, 1] = 1
 
-    _templates = field_validator("uplinkTopicPattern", "downlinkTopicPattern")(_template)
+    _templates = field_validator("uplinkTopicPattern", "downlinkTopicPattern")(template_option)
 
 
 class AwsConfig(CommonConfig):
@@ -55,7 +48,7 @@ class AwsConfig(CommonConfig):
     accessKeyId: Secret | None = None
     secretAccessKey: Secret | None = None
 
-    _templates = field_validator("uplinkTopicPattern", "downlinkTopicPattern")(_template)
+    _templates = field_validator("uplinkTopicPattern", "downlinkTopicPattern")(template_option)
 
 
 # The sink modules are imported when a sink is made: they import this one for its

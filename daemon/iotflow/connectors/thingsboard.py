@@ -9,9 +9,9 @@ from pydantic import Field, field_validator
 
 from iotflow.config.types import MASK, Secret
 from iotflow.connectors.catalog import Connector
-from iotflow.connectors.common import CommonConfig
+from iotflow.connectors.common import CommonConfig, template_option
 from iotflow.connectors.web import CaCertificate, HostName, base_url
-from iotflow.formats import Template, normalize_dev_eui
+from iotflow.formats import normalize_dev_eui
 
 if TYPE_CHECKING:
     from iotflow.connectors.connection import Connection
@@ -54,12 +54,7 @@ class ThingsBoardConfig(CommonConfig):
             found[dev_eui] = token
         return found
 
-    @field_validator("accessTokenPattern")
-    @classmethod
-    def _template(cls, value: str | None) -> str | None:
-        if value is not None:
-            Template(value)  # raises ValueError with the position of the mistake
-        return value
+    _template = field_validator("accessTokenPattern")(template_option)
 
     @property
     def base_url(self) -> str:

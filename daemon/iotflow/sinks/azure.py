@@ -49,6 +49,7 @@ from iotflow.sinks.base import MAX_ERROR_BODY, SinkContext, classify_http, parse
 from iotflow.sinks.mqtt import Endpoint, MqttSession, TlsMaterial, split_host_port
 from iotflow.sinks.mqtt.sink import UplinkMessage, reconnect_cap
 from iotflow.sinks.mqtt.topics import DownlinkTopic
+from iotflow.sinks.webapi import transport_error
 from iotflow.spool import Delivery
 from iotflow.telemetry.logging import get_logger
 
@@ -147,12 +148,8 @@ class Registry:
                 text = await response.text()
                 retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
                 return response.status, (text, retry_after)
-        except TimeoutError:
-            raise RetryableSinkError(
-                f"{method} /devices: no answer within {self._timeout:g}s"
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise RetryableSinkError(f"{method} /devices: {type(exc).__name__}: {exc}") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise transport_error(exc, self._timeout, f"{method} /devices") from None
 
     @staticmethod
     def _raise(status: int, body: tuple[Any, float | None]) -> None:

@@ -19,7 +19,8 @@ from iotflow import __version__
 from iotflow.connectors.http import HEADER_CONTROL, HttpConfig
 from iotflow.errors import PermanentSinkError, RetryableSinkError
 from iotflow.formats import Template, render_body
-from iotflow.sinks.base import MAX_ERROR_BODY, classify_http, parse_retry_after
+from iotflow.sinks.base import classify_http, parse_retry_after
+from iotflow.sinks.webapi import error_text, transport_error
 from iotflow.spool import Delivery
 
 
@@ -95,13 +96,10 @@ class HttpSink:
                 url, data=body, headers=headers, allow_redirects=False
             ) as response:
                 status = response.status
-                text = "" if 200 <= status < 300 else await _read_text(response)
+                text = "" if 200 <= status < 300 else await error_text(response)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
-        except TimeoutError:
-            raise RetryableSinkError(f"no answer within {self._timeout:g}s") from None
-        except aiohttp.ClientError as exc:
-            # The exception text names host and port, never the headers or credentials.
-            raise RetryableSinkError(f"{type(exc).__name__}: {exc}") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise transport_error(exc, self._timeout) from None
         classify_http(status, text, retry_after)
 
     async def healthcheck(self) -> bool:
@@ -116,11 +114,3 @@ class HttpSink:
 def _url_value(value: str) -> str:
     """A template's value as it goes into a URL: only unreserved characters stay as they are."""
     return quote(value, safe="")
-
-
-async def _read_text(response: aiohttp.ClientResponse) -> str:
-    try:
-        raw = await response.content.read(MAX_ERROR_BODY * 4)
-    except (TimeoutError, aiohttp.ClientError):
-        return ""
-    return raw.decode("utf-8", "replace")[:MAX_ERROR_BODY]

@@ -25,7 +25,7 @@ from iotflow.sinks import lineprotocol
 from iotflow.sinks.base import SinkContext, classify_http
 from iotflow.sinks.lineprotocol import FieldValue, Integer
 from iotflow.sinks.points import metadata, time_ms, uplink_of
-from iotflow.sinks.webapi import WebApi, json_message
+from iotflow.sinks.webapi import WebApiSink, json_message
 from iotflow.spool import Delivery
 
 # Metadata written as integer fields; the other numbers are floats (lineprotocol.Integer).
@@ -68,26 +68,16 @@ def point(measurement: str, uplink: Uplink) -> str | None:
     return lineprotocol.line(measurement, tags, fields(uplink), time_ms(uplink))
 
 
-class InfluxDbSink:
+class InfluxDbSink(WebApiSink):
     def __init__(self, config: InfluxDbConfig, context: SinkContext) -> None:
-        self._measurement = config.measurement
-        query = urlencode({"org": config.org, "bucket": config.bucket, "precision": "ms"})
-        self._url = f"{config.base_url}/api/v2/write?{query}"
-        self._api = WebApi(
-            timeout=context.timeout,
-            limit=context.max_in_flight,
+        super().__init__(
+            context,
             headers={"Authorization": f"Token {config.token.get_secret_value()}"},
             ca=config.trustedCaCertficate,
         )
-
-    async def start(self) -> None:
-        self._api.start()
-
-    async def healthcheck(self) -> bool:
-        return self._api.open
-
-    async def close(self) -> None:
-        await self._api.close()
+        self._measurement = config.measurement
+        query = urlencode({"org": config.org, "bucket": config.bucket, "precision": "ms"})
+        self._url = f"{config.base_url}/api/v2/write?{query}"
 
     async def send(self, delivery: Delivery) -> None:
         uplink = uplink_of(delivery)

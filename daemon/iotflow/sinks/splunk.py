@@ -21,7 +21,7 @@ import orjson
 from iotflow.connectors.splunk import SplunkConfig
 from iotflow.formats import render_body
 from iotflow.sinks.base import SinkContext, classify_http
-from iotflow.sinks.webapi import WebApi
+from iotflow.sinks.webapi import WebApiSink
 from iotflow.spool import Delivery
 
 PATH = "/services/collector/event"
@@ -40,25 +40,15 @@ def hec_detail(text: str) -> str:
     return f"{answer['text'][:200]}{suffix}"
 
 
-class SplunkSink:
+class SplunkSink(WebApiSink):
     def __init__(self, config: SplunkConfig, context: SinkContext) -> None:
-        self._config = config
-        self._url = config.base_url + PATH
-        self._api = WebApi(
-            timeout=context.timeout,
-            limit=context.max_in_flight,
+        super().__init__(
+            context,
             headers={"Authorization": f"Splunk {config.hecToken.get_secret_value()}"},
             ca=config.trustedCaCertficate,
         )
-
-    async def start(self) -> None:
-        self._api.start()
-
-    async def healthcheck(self) -> bool:
-        return self._api.open
-
-    async def close(self) -> None:
-        await self._api.close()
+        self._config = config
+        self._url = config.base_url + PATH
 
     def event(self, delivery: Delivery) -> dict[str, Any]:
         """The HEC envelope of a delivery."""

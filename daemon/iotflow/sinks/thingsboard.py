@@ -20,7 +20,7 @@ from iotflow.errors import PermanentSinkError
 from iotflow.formats import Template, Uplink
 from iotflow.sinks.base import SinkContext, classify_http
 from iotflow.sinks.points import time_ms, uplink_of, values
-from iotflow.sinks.webapi import WebApi, json_message
+from iotflow.sinks.webapi import WebApiSink, json_message
 from iotflow.spool import Delivery
 
 
@@ -29,28 +29,14 @@ def telemetry(uplink: Uplink) -> dict[str, Any]:
     return {"ts": time_ms(uplink), "values": values(uplink)}
 
 
-class ThingsBoardSink:
+class ThingsBoardSink(WebApiSink):
     def __init__(self, config: ThingsBoardConfig, context: SinkContext) -> None:
+        super().__init__(context, headers={}, ca=config.trustedCaCertficate)
         self._base = config.base_url
         self._tokens = {k: v.get_secret_value() for k, v in config.accessTokens.items()}
         self._pattern = (
             Template(config.accessTokenPattern) if config.accessTokenPattern is not None else None
         )
-        self._api = WebApi(
-            timeout=context.timeout,
-            limit=context.max_in_flight,
-            headers={},
-            ca=config.trustedCaCertficate,
-        )
-
-    async def start(self) -> None:
-        self._api.start()
-
-    async def healthcheck(self) -> bool:
-        return self._api.open
-
-    async def close(self) -> None:
-        await self._api.close()
 
     def _token(self, uplink: Uplink) -> str:
         token = self._tokens.get(uplink.dev_eui)

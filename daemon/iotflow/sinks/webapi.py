@@ -1,6 +1,7 @@
 """One keep-alive HTTP session to a cloud's web API, shared by the sinks that POST one
 document per uplink to it (ThingsBoard, Splunk HEC, InfluxDB): what the transport can do
-wrong is classified here, once; what an answer means is each sink's."""
+wrong is classified here, once (`transport_error`, `error_text`, for every HTTP sink);
+what an answer means is each sink's."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import orjson
 from iotflow import __version__
 from iotflow.connectors.web import client_ssl
 from iotflow.errors import RetryableSinkError
-from iotflow.sinks.base import MAX_ERROR_BODY, parse_retry_after
+from iotflow.sinks.base import MAX_ERROR_BODY, SinkContext, parse_retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +51,8 @@ class WebApi:
         return self._session is not None and not self._session.closed
 
     def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._limit, keepalive_timeout=60, ssl=client_ssl(self._ca)
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self._timeout),
-            headers=self._headers,
-            # Cookies from one delivery must not leak into the next.
-            cookie_jar=aiohttp.DummyCookieJar(),
+        self._session = client_session(
+            timeout=self._timeout, limit=self._limit, headers=self._headers, ca=self._ca
         )
 
     async def close(self) -> None:
@@ -76,23 +70,71 @@ class WebApi:
                 url, data=body, headers={"Content-Type": content_type}, allow_redirects=False
             ) as response:
                 status = response.status
-                text = "" if 200 <= status < 300 else await _read_text(response)
+                text = "" if 200 <= status < 300 else (await error_text(response))[:MAX_ERROR_BODY]
                 retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
-        except TimeoutError:
-            raise RetryableSinkError(f"no answer within {self._timeout:g}s") from None
-        except aiohttp.ClientError as exc:
-            # The text names host and port; a credential in the URL's path (ThingsBoard) is
-            # cleaned by the worker's redactor like any other secret of the connection.
-            raise RetryableSinkError(f"{type(exc).__name__}: {exc}") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise transport_error(exc, self._timeout) from None
         return Answer(status, text, retry_after)
 
 
-async def _read_text(response: aiohttp.ClientResponse) -> str:
+def client_session(
+    *, timeout: float, limit: int, headers: Mapping[str, str], ca: str | None
+) -> aiohttp.ClientSession:
+    """A keep-alive session to one cloud: at most `limit` connections, the server verified
+    with `ca` alone when given (else the system store), `headers` on every request."""
+    connector = aiohttp.TCPConnector(limit=limit, keepalive_timeout=60, ssl=client_ssl(ca))
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        headers=headers,
+        # Cookies from one delivery must not leak into the next.
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+class WebApiSink:
+    """start, healthcheck and close of a sink whose one resource is its `WebApi`; the
+    subclass sends."""
+
+    def __init__(self, context: SinkContext, *, headers: Mapping[str, str], ca: str | None) -> None:
+        self._api = WebApi(
+            timeout=context.timeout, limit=context.max_in_flight, headers=headers, ca=ca
+        )
+
+    async def start(self) -> None:
+        self._api.start()
+
+    async def healthcheck(self) -> bool:
+        return self._api.open
+
+    async def close(self) -> None:
+        await self._api.close()
+
+
+def transport_error(
+    exc: TimeoutError | aiohttp.ClientError, timeout: float, what: str = ""
+) -> RetryableSinkError:
+    """What a request that got no answer means, for every HTTP sink: try again later.
+    `what` (`POST /path`) starts the message when given.
+
+    aiohttp's text names host and port, never headers; a credential in a URL's path
+    (ThingsBoard) is cleaned by the worker's redactor like any other secret of the connection.
+    """
+    prefix = f"{what}: " if what else ""
+    # TimeoutError first: aiohttp's ServerTimeoutError is a ClientError too.
+    if isinstance(exc, TimeoutError):
+        return RetryableSinkError(f"{prefix}no answer within {timeout:g}s")
+    return RetryableSinkError(f"{prefix}{type(exc).__name__}: {exc}")
+
+
+async def error_text(response: aiohttp.ClientResponse) -> str:
+    """The start of an error answer's body as text ("" when it cannot be read), a few times
+    MAX_ERROR_BODY: enough for the cloud's message, which callers cut to what they keep."""
     try:
         raw = await response.content.read(MAX_ERROR_BODY * 4)
     except (TimeoutError, aiohttp.ClientError):
         return ""
-    return raw.decode("utf-8", "replace")[:MAX_ERROR_BODY]
+    return raw.decode("utf-8", "replace")
 
 
 def json_message(text: str) -> str:

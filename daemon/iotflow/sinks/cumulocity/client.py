@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from iotflow import __version__
 from iotflow.connectors.cumulocity import CumulocityConfig
 from iotflow.errors import PermanentSinkError, RetryableSinkError, SinkError
 from iotflow.sinks.base import MAX_ERROR_BODY, classify_http, parse_retry_after
+from iotflow.sinks.webapi import client_session, error_text, transport_error
 
 _MEDIA = "application/vnd.com.nsn.cumulocity.{}+json"
 _ERROR_MEDIA = _MEDIA.format("error")
@@ -43,19 +43,10 @@ class CumulocityClient:
         return self._session is not None and not self._session.closed
 
     def start(self) -> None:
-        context: ssl.SSLContext | bool = True
-        if self._config.trustedCaCertficate is not None:
-            # Only this CA: the connection is pinned to the tenant's private PKI.
-            context = ssl.create_default_context(cadata=self._config.trustedCaCertficate)
-        connector = aiohttp.TCPConnector(
+        self._session = client_session(
+            timeout=self._timeout,
             # One more than the workers, so that polling never waits behind deliveries.
             limit=self._limit + 1,
-            keepalive_timeout=60,
-            ssl=context,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self._timeout),
             # No X-Cumulocity-Application-Key: requests without it count as the device's
             # own traffic, which keeps the device "available" in Cumulocity.
             headers={
@@ -65,7 +56,8 @@ class CumulocityClient:
                 ),
                 "User-Agent": f"iotflow/{__version__}",
             },
-            cookie_jar=aiohttp.DummyCookieJar(),
+            # Only this CA when given: the connection is pinned to the tenant's private PKI.
+            ca=self._config.trustedCaCertficate,
         )
 
     async def close(self) -> None:
@@ -111,15 +103,10 @@ class CumulocityClient:
                 status = response.status
                 if 200 <= status < 300:
                     return Response(status, _json(await response.read()))
-                text = await _read_text(response)
+                text = await error_text(response)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
-        except TimeoutError:
-            raise RetryableSinkError(
-                f"{method} {path}: no answer within {self._timeout:g}s"
-            ) from None
-        except aiohttp.ClientError as exc:
-            # The exception names host and port, never the Authorization header.
-            raise RetryableSinkError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise transport_error(exc, self._timeout, f"{method} {path}") from None
         if status == 404 and missing_ok:
             return Response(status, None)
         _raise_for(status, text, retry_after, f"{method} {path}")
@@ -170,14 +157,6 @@ def cumulocity_error(text: str) -> str | None:
         return None
     parts = [str(document[k]) for k in ("error", "message") if document.get(k)]
     return ": ".join(parts)[:MAX_ERROR_BODY] or None
-
-
-async def _read_text(response: aiohttp.ClientResponse) -> str:
-    try:
-        raw = await response.content.read(MAX_ERROR_BODY * 4)
-    except (TimeoutError, aiohttp.ClientError):
-        return ""
-    return raw.decode("utf-8", "replace")
 
 
 def id_of(document: Any, what: str) -> str:

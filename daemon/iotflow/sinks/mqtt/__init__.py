@@ -7,7 +7,8 @@
 - pacing.py: publishes spaced at a rate;
 - client.py: the aiomqtt client, and the only code that reaches under it;
 - session.py: `MqttSession`, one persistent session per connection;
-- sink.py: `MqttSink`, rendering an uplink into a publish on its session.
+- sink.py: `SessionSink`, rendering an uplink into a publish on its session (the MQTT
+  and AWS IoT sinks), and `MqttSink`.
 """
 
 from iotflow.sinks.mqtt.endpoint import (
