@@ -44,7 +44,7 @@ from iotflow.sinks.mqtt import (
     default_client_id,
     split_host_port,
 )
-from iotflow.sinks.mqtt.sink import SessionSink, downlink_topic, reconnect_cap
+from iotflow.sinks.mqtt.sink import downlink_topic, reconnect_cap
 from iotflow.spool import Delivery
 from iotflow.telemetry.logging import get_logger
 
@@ -314,7 +314,7 @@ class ThingRegistrar:
             return self._principal
 
 
-class AwsSink(SessionSink):
+class AwsSink:
     """`actility-aws-iot`: see the module docstring. An `MqttSession` does the MQTT."""
 
     def __init__(self, connection_id: str, config: AwsConfig, context: SinkContext) -> None:
@@ -361,11 +361,29 @@ class AwsSink(SessionSink):
         )
         self.registrar = ThingRegistrar(connection_id, config) if config.createDevices else None
 
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.session.endpoint
+
+    @property
+    def client_id(self) -> str:
+        return self.session.client_id
+
+    async def start(self) -> None:
+        if self._problem is None:
+            self.session.start()
+
     async def send(self, delivery: Delivery) -> None:
-        topic, body = self.render(delivery)
+        if self._problem is not None:
+            raise PermanentSinkError(str(self._problem))
+        self.session.raise_if_broken()
+        topic, body = self._message.render(delivery)
         if self.registrar is not None:
             self.registrar.offer(delivery.dev_eui)
         await self.session.publish(topic, body)
+
+    async def healthcheck(self) -> bool:
+        return self.session.connected
 
     def _websocket_path(self) -> str:
         """A SigV4-signed path, made afresh for each connection attempt."""
@@ -376,6 +394,6 @@ class AwsSink(SessionSink):
         return presign_websocket_path(self.endpoint.host, self._aws.region, access_key, secret_key)
 
     async def close(self) -> None:
-        await super().close()
+        await self.session.close()
         if self.registrar is not None:
             await self.registrar.close()

@@ -7,8 +7,7 @@
 - pacing.py: publishes spaced at a rate;
 - client.py: the aiomqtt client, and the only code that reaches under it;
 - session.py: `MqttSession`, one persistent session per connection;
-- sink.py: `SessionSink`, rendering an uplink into a publish on its session (the MQTT
-  and AWS IoT sinks), and `MqttSink`.
+- sink.py: `MqttSink`, rendering an uplink into a publish on its session.
 """
 
 from iotflow.sinks.mqtt.endpoint import (

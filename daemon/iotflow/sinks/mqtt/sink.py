@@ -66,46 +66,7 @@ def reconnect_cap(config: CommonConfig) -> float:
     return PROBE_BACKOFF_CAP_SECONDS[config.reconnectStrategy]
 
 
-class SessionSink:
-    """A sink that publishes each uplink on its one `MqttSession` (the MQTT sink, the AWS IoT
-    sink): its lifecycle and its publish. The subclass makes the session, the message and
-    `_problem` (what keeps a configuration from working) in its __init__."""
-
-    session: MqttSession
-    _message: UplinkMessage
-    _problem: PermanentSinkError | None
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return self.session.endpoint
-
-    @property
-    def client_id(self) -> str:
-        return self.session.client_id
-
-    async def start(self) -> None:
-        if self._problem is None:
-            self.session.start()
-
-    def render(self, delivery: Delivery) -> tuple[str, bytes]:
-        """The topic and body of `delivery`; raises what stops it from being sent now."""
-        if self._problem is not None:
-            raise PermanentSinkError(str(self._problem))
-        self.session.raise_if_broken()
-        return self._message.render(delivery)
-
-    async def send(self, delivery: Delivery) -> None:
-        topic, body = self.render(delivery)
-        await self.session.publish(topic, body)
-
-    async def healthcheck(self) -> bool:
-        return self.session.connected
-
-    async def close(self) -> None:
-        await self.session.close()
-
-
-class MqttSink(SessionSink):
+class MqttSink:
     """`actility-mqtt-iot`: a broker given by `hostName` and `protocol` (TCP, SSL, WSS)."""
 
     def __init__(self, connection_id: str, config: MqttConfig, context: SinkContext) -> None:
@@ -140,3 +101,28 @@ class MqttSink(SessionSink):
             downlinks=downlink_topic(config, config.downlinkTopicPattern),
             downlink_port=config.downlinkPort,
         )
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.session.endpoint
+
+    @property
+    def client_id(self) -> str:
+        return self.session.client_id
+
+    async def start(self) -> None:
+        if self._problem is None:
+            self.session.start()
+
+    async def send(self, delivery: Delivery) -> None:
+        if self._problem is not None:
+            raise PermanentSinkError(str(self._problem))
+        self.session.raise_if_broken()
+        topic, body = self._message.render(delivery)
+        await self.session.publish(topic, body)
+
+    async def healthcheck(self) -> bool:
+        return self.session.connected
+
+    async def close(self) -> None:
+        await self.session.close()
