@@ -436,6 +436,34 @@ async def test_a_broker_that_never_answers_is_retryable(sinks: list[MqttClientSi
         await sink.close()
 
 
+async def test_a_broker_that_closes_before_its_connack_fails_the_attempt_at_once(
+    sinks: list[MqttClientSink],
+) -> None:
+    """A broker, or a load balancer before it, that takes the CONNECT and hangs up: the
+    attempt fails then, not at the end of the delivery timeout (aiomqtt ignores a
+    disconnection before the CONNACK; seen as a flaky contract test on a loaded machine)."""
+    connects = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connects
+        if await reader.read(1024):
+            connects += 1
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, HOST, 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        config = MqttConfig(hostName=f"{HOST}:{port}", downlinkEnabled=False)
+        # A timeout no test waits out: the attempt must end on the hang-up.
+        sink = await started(sinks, MqttSink("hangs-up", config, context(timeout=120)))
+        async with asyncio.timeout(20):
+            with pytest.raises(RetryableSinkError, match="closed the connection") as caught:
+                await sink.send(delivery())
+        assert not isinstance(caught.value, AuthenticationSinkError)
+        assert connects >= 1
+        await sink.close()
+
+
 async def test_a_restarted_broker_is_reconnected(pki: Pki, sinks: list[MqttClientSink]) -> None:
     with tls_broker(pki) as broker:
         async with subscribe(broker, "#", tls=subscriber_tls(pki)) as subscriber:

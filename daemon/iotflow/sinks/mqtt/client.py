@@ -11,6 +11,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
 
@@ -88,7 +89,36 @@ def make_client(
     )
     # Every in-flight delivery is a pending call; aiomqtt warns past this threshold.
     client.pending_calls_threshold = options.max_in_flight + 16
+    _report_close_before_connack(client, on_socket_error)
     return client
+
+
+def _report_close_before_connack(
+    client: aiomqtt.Client, on_socket_error: Callable[[OSError], None]
+) -> None:
+    """A broker (or a proxy before it) that closes the connection before its CONNACK is a
+    failed attempt at once. aiomqtt ignores a disconnection before the CONNACK and waits out
+    its timeout, which made every such attempt last the whole delivery timeout."""
+    paho_client = client._client
+    on_connect, on_disconnect = paho_client.on_connect, paho_client.on_disconnect
+    answered = False
+
+    def connected(*args: Any) -> None:
+        nonlocal answered
+        answered = True
+        if on_connect is not None:
+            on_connect(*args)
+
+    def disconnected(*args: Any) -> None:
+        # paho may call this from the executor thread that runs connect(): on_socket_error
+        # hands over to the loop itself.
+        if not answered:
+            on_socket_error(ConnectionResetError("the broker closed the connection"))
+        if on_disconnect is not None:
+            on_disconnect(*args)
+
+    paho_client.on_connect = connected
+    paho_client.on_disconnect = disconnected
 
 
 def discard(client: aiomqtt.Client) -> None:
