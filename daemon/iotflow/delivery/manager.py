@@ -148,6 +148,10 @@ class Deliveries:
             if old is None:
                 worker = self._make(connection, fault=fault)
                 worker.stats.pending = pending.get(connection.id, 0)
+                if not worker.stats.pending:
+                    # Nothing stored: its deliveries are offered from now on (a commit in
+                    # flight for it is impossible, the routing index does not name it yet).
+                    worker.nothing_stored()
                 self.workers[connection.id] = worker
                 transition.started.append(worker)
             elif (

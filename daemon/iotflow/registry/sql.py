@@ -441,6 +441,25 @@ class SqlStore:
         # Through JSON once, so the returned data is what a later read gives.
         return Event(int(event_id), connection_id, time, kind, orjson.loads(encoded))
 
+    async def add_events(self, events: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
+        if not events:
+            return
+        time = _now()
+        async with self._db.transaction() as tx:
+            try:
+                await tx.executemany(
+                    "INSERT INTO events (connection_id, time, kind, data) VALUES ($1, $2, $3, $4)",
+                    [(cid, time, kind, _dumps(dict(data))) for cid, kind, data in events],
+                )
+            except ForeignKeyViolation:
+                raise NotFoundError("a connection of these events was not found") from None
+            # Each log keeps its newest N, as add_event does, once per connection.
+            await tx.executemany(
+                "DELETE FROM events WHERE connection_id = $1 AND id <= (SELECT id FROM events"
+                " WHERE connection_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+                [(cid, self._max_events) for cid in dict.fromkeys(e[0] for e in events)],
+            )
+
     async def _insert_event(
         self, tx: Conn, connection_id: str, time: datetime, kind: str, encoded: str
     ) -> int:
