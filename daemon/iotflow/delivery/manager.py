@@ -149,8 +149,8 @@ class Deliveries:
                 worker = self._make(connection, fault=fault)
                 worker.stats.pending = pending.get(connection.id, 0)
                 if not worker.stats.pending:
-                    # Nothing stored: its deliveries are offered from now on (a commit in
-                    # flight for it is impossible, the routing index does not name it yet).
+                    # Nothing stored: whatever is committed for it from now on is offered
+                    # to it (dispatch), so a first read of the spool would find nothing.
                     worker.nothing_stored()
                 self.workers[connection.id] = worker
                 transition.started.append(worker)
