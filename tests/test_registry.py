@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 from iotflow.config.load import Provisioned
 from iotflow.connectors.connection import Connection, parse_connection
 from iotflow.errors import ConfigError, ConflictError, NotFoundError, RegistryError
+from iotflow.events import EventLog
 from iotflow.flows import Flow, parse_flow
 from iotflow.registry import (
     AlarmState,
@@ -471,6 +472,40 @@ async def test_events_are_pruned_per_connection(backend: Backend) -> None:
     assert (await store.list_events("c2"))[1] == 1
     [(count,)] = await backend.raw("SELECT count(*) FROM events")
     assert count == 4  # pruned from the table, not only hidden
+
+
+async def test_events_added_together_are_kept_in_order_and_pruned(backend: Backend) -> None:
+    store = backend.open(max_events_per_connection=3)
+    await store.migrate()
+    await store.create_connection(connection("c1"))
+    await store.create_connection(connection("c2"))
+    await store.add_events([("c2", "kept", {})] + [("c1", "alarm", {"n": n}) for n in range(7)])
+    events, total = await store.list_events("c1")
+    assert (total, [e.data["n"] for e in events]) == (3, [6, 5, 4])
+    assert [e.kind for e in (await store.list_events("c2"))[0]] == ["kept"]
+    [(count,)] = await backend.raw("SELECT count(*) FROM events")
+    assert count == 4
+    # All or none: a connection that does not exist refuses the whole batch.
+    with pytest.raises(NotFoundError):
+        await store.add_events([("c2", "lost", {}), ("ghost", "alarm", {})])
+    assert [e.kind for e in (await store.list_events("c2"))[0]] == ["kept"]
+
+
+async def test_the_event_log_writes_what_is_queued_together_and_keeps_it_past_a_ghost(
+    store: Store,
+) -> None:
+    await store.create_connection(connection("c1"))
+    log = EventLog(store)
+    for n in range(3):
+        log("c1", "alarm", {"n": n})
+    log("ghost", "alarm", {})  # deleted meanwhile: its batch is written one at a time
+    log("c1", "alarm", {"n": 3})
+    with capture_logs() as logs:
+        log.start()
+        await log.close()
+    events, _ = await store.list_events("c1")
+    assert [e.data["n"] for e in events] == [3, 2, 1, 0]
+    assert [(e["event"], e["connection"]) for e in logs] == [("Event not recorded", "ghost")]
 
 
 # -- change feed

@@ -6,6 +6,8 @@
     .venv/bin/python tests/bench/bench_routing.py --json           # machine-readable figures
     .venv/bin/python tests/bench/bench_routing.py --flows 1000,10000,100000
                                     # per-uplink routing cost by flows (in process, no broker)
+    .venv/bin/python tests/bench/bench_routing.py --bindings 1000,10000,100000
+                                    # the same by device bindings
     .venv/bin/python tests/bench/bench_routing.py --processors     # with and without upOperations
     .venv/bin/python tests/bench/bench_routing.py --processors --driver
                                     # the second run also decodes every uplink with a driver
@@ -895,6 +897,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " that many flows (key, thing, application and range matchers) and exit",
     )
     parser.add_argument(
+        "--bindings",
+        help="comma-separated binding counts: print the routing index's per-uplink cost with"
+        " that many device bindings over 1,000 connections and exit",
+    )
+    parser.add_argument(
         "--processors",
         action="store_true",
         help="run twice, without and then with two upOperations, and print both",
@@ -1050,6 +1057,46 @@ def flows_figure(counts: Sequence[int], lookups: int = 200_000) -> str:
     return "\n".join(lines)
 
 
+def bindings_figure(counts: Sequence[int], lookups: int = 200_000) -> str:
+    """Per-uplink cost of `RoutingIndex.targets` with N device bindings over 1,000
+    connections (N / 1,000 devices each), against the same lookups: a random DevEUI, bound
+    or not (half each), drawn with a fixed seed."""
+    import random
+
+    from iotflow.connectors.connection import parse_connection
+    from iotflow.routing import RoutingIndex
+
+    connections = [
+        parse_connection(
+            {
+                "id": f"c{k}",
+                "name": "x",
+                "connectorId": "actility-http-iot",
+                "configuration": {"destinationURL": "http://127.0.0.1:9/"},
+            }
+        )
+        for k in range(1000)
+    ]
+    lines = ["routing cost by bindings (RoutingIndex.targets, one thread, in process):"]
+    for n in counts:
+        bindings = {f"{0x0018B20000000000 + i:016X}": [f"c{i % 1000}"] for i in range(n)}
+        started = time.perf_counter()
+        index = RoutingIndex(connections, bindings)
+        built = time.perf_counter() - started
+        rng = random.Random(13)
+        uplinks = [f"{0x0018B20000000000 + rng.randrange(2 * n):016X}" for _ in range(10_000)]
+        routed = 0
+        started = time.perf_counter()
+        for k in range(lookups):
+            routed += len(index.targets(uplinks[k % len(uplinks)]))
+        per_uplink = (time.perf_counter() - started) / lookups
+        lines.append(
+            f"  {n:>7} bindings: {per_uplink * 1e6:6.2f} µs per uplink"
+            f" ({routed / lookups:.2f} targets on average), index built in {built:.2f} s"
+        )
+    return "\n".join(lines)
+
+
 def measure(
     args: argparse.Namespace,
     operations: list[dict[str, Any]] | None = None,
@@ -1178,8 +1225,11 @@ def plot(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.flows:
-        print(flows_figure([int(n) for n in args.flows.split(",")]))
+    if args.flows or args.bindings:
+        if args.flows:
+            print(flows_figure([int(n) for n in args.flows.split(",")]))
+        if args.bindings:
+            print(bindings_figure([int(n) for n in args.bindings.split(",")]))
         return 0
     if not sys.platform.startswith("linux"):
         print("bench_routing: Linux only (it reads /proc)", file=sys.stderr)

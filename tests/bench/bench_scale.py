@@ -6,7 +6,8 @@
 Writes a config with `--connections` provisioned `actility-http-iot` connections, each bound
 to `--devices` devices of its own (connections x devices bindings), starts the daemon
 against a real Mosquitto, and prints the time from the process start to "Consuming uplinks"
-(everything loaded, the source subscribed), and its memory: VmRSS then, 2 s later, and
+(everything loaded, the source subscribed), the daemon's CPU time (all threads) then, which
+the rest of a shared machine changes least, and its memory: VmRSS then, 2 s later, and
 VmHWM (peak). The connections point at a port nothing listens on: nothing is sent.
 """
 
@@ -25,12 +26,12 @@ _TESTS = str(Path(__file__).resolve().parents[1])
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
-from bench.bench_routing import BenchDaemon, median, mib, proc_status  # noqa: E402
+from bench.bench_routing import BenchDaemon, cpu_seconds, median, mib, proc_status  # noqa: E402
 from support.mosquitto import Mosquitto  # noqa: E402
 from support.ports import free_port  # noqa: E402
 
 
-async def one(connections: int, devices: int, workdir: Path) -> tuple[float, int, int, int]:
+async def one(connections: int, devices: int, workdir: Path) -> tuple[float, float, int, int, int]:
     url = f"http://127.0.0.1:{free_port()}/"
     provisioned = [
         {
@@ -50,11 +51,12 @@ async def one(connections: int, devices: int, workdir: Path) -> tuple[float, int
         await daemon.start()
         seconds = time.monotonic() - started
         assert daemon.process is not None
+        cpu = cpu_seconds(daemon.process.pid)
         ready = proc_status(daemon.process.pid)["VmRSS"]
         await asyncio.sleep(2)
         status = proc_status(daemon.process.pid)
         await daemon.stop(timeout=120)
-        return seconds, ready, status["VmRSS"], status["VmHWM"]
+        return seconds, cpu, ready, status["VmRSS"], status["VmHWM"]
     finally:
         await daemon.close()
         broker.close()
@@ -71,20 +73,23 @@ def main() -> int:
         workdir = Path(tempfile.mkdtemp(prefix="iotflow-scale-"))
         load = os.getloadavg()[0]
         try:
-            seconds, ready, after, peak = asyncio.run(one(args.connections, args.devices, workdir))
+            seconds, cpu, ready, after, peak = asyncio.run(
+                one(args.connections, args.devices, workdir)
+            )
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        results.append((seconds, ready, after, peak))
+        results.append((seconds, cpu, ready, after, peak))
         print(
-            f"run {k + 1}: start {seconds:.2f} s, RSS {mib(ready)} ready, {mib(after)} 2 s"
-            f" later, peak {mib(peak)} (load average {load:.1f})",
+            f"run {k + 1}: start {seconds:.2f} s (CPU {cpu:.2f} s), RSS {mib(ready)} ready,"
+            f" {mib(after)} 2 s later, peak {mib(peak)} (load average {load:.1f})",
             flush=True,
         )
     print(
         f"{args.connections} connections x {args.devices} devices"
         f" ({args.connections * args.devices:,} bindings), medians of {args.runs}:"
-        f" start {median([r[0] for r in results]):.2f} s,"
-        f" peak RSS {mib(int(median([r[3] for r in results])))}"
+        f" start {median([r[0] for r in results]):.2f} s"
+        f" (CPU {median([r[1] for r in results]):.2f} s),"
+        f" peak RSS {mib(int(median([r[4] for r in results])))}"
     )
     return 0
 

@@ -148,6 +148,10 @@ class Deliveries:
             if old is None:
                 worker = self._make(connection, fault=fault)
                 worker.stats.pending = pending.get(connection.id, 0)
+                if not worker.stats.pending:
+                    # Nothing stored: whatever is committed for it from now on is offered
+                    # to it (dispatch), so a first read of the spool would find nothing.
+                    worker.nothing_stored()
                 self.workers[connection.id] = worker
                 transition.started.append(worker)
             elif (

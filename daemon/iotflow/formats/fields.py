@@ -33,6 +33,7 @@ _EUI_SEPARATORS = str.maketrans("", "", "-:")
 DEV_EUI_PATTERN = r"^[-:]*(?:[0-9A-Fa-f][-:]*){16}$"
 _DEV_EUI = re.compile(DEV_EUI_PATTERN)
 NORMAL_DEV_EUI_PATTERN = r"^[0-9A-F]{16}$"  # what it returns
+_NORMAL_DEV_EUI = re.compile(r"[0-9A-F]{16}")
 
 MAX_BYTE = 255  # FPort, spreading factor
 # No LoRaWAN network ran before 2015: an earlier time is a zero value written for "unset"
@@ -48,6 +49,8 @@ def normalize_dev_eui(s: str) -> str:
 
     Raises ValueError when what is left after removing the separators is not 16 hex digits.
     """
+    if _NORMAL_DEV_EUI.fullmatch(s) is not None:
+        return s  # already normal, as most are (100,000 of them in a config file: issue #16)
     if _DEV_EUI.fullmatch(s) is None:
         raise ValueError(f"expected 16 hex digits, got {describe(s)}")
     return s.translate(_EUI_SEPARATORS).upper()

@@ -49,7 +49,11 @@ def _value(value: Any) -> Any:
 
 
 def _args(args: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple(_value(value) for value in args)
+    for value in args:
+        if isinstance(value, datetime):
+            return tuple(_value(value) for value in args)
+    # Most rows hold no time: kept as they are (100,000 bindings written at once, issue #16).
+    return tuple(args)
 
 
 def _locked(exc: BaseException) -> bool:

@@ -207,6 +207,11 @@ class Store(Protocol):
         """Append to a connection's event log, keeping only the newest events."""
         ...
 
+    async def add_events(self, events: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
+        """Append (connection id, kind, data) events in one transaction, as `add_event`
+        does each; all or none: NotFoundError if a connection does not exist."""
+        ...
+
     async def list_events(
         self, connection_id: str, offset: int = 0, limit: int = 100
     ) -> tuple[list[Event], int]:

@@ -81,7 +81,14 @@ class RoutingIndex:
         # Most devices share their connections with many others: one tuple each set, not
         # one a device (100,000 bindings to 1,000 connections: 1,000 tuples, not 100,000).
         shared: dict[tuple[str, ...], tuple[str, ...]] = {}
+        alone = {cid: (cid,) for cid in active}  # the tuple of a device bound to one
         for dev_eui, ids in (bindings or {}).items():
+            if isinstance(ids, (list, tuple)) and len(ids) == 1:
+                # Most devices: no set, no sort, no new tuple (issue #16).
+                one = alone.get(ids[0])
+                if one is not None:
+                    routes[dev_eui] = one
+                continue
             # Sorted and deduplicated: the same registry always gives the same order.
             routed = tuple(sorted({i for i in ids if i in active}))
             if routed:  # devices without an active connection are simply absent
