@@ -464,6 +464,37 @@ async def test_a_broker_that_closes_before_its_connack_fails_the_attempt_at_once
         await sink.close()
 
 
+async def test_close_during_a_connection_attempt_does_not_wait_it_out(
+    sinks: list[MqttClientSink],
+) -> None:
+    """A broker that takes the CONNECT and says nothing: closing the sink (a shutdown, a
+    connection deleted) abandons the attempt rather than waiting for its timeout."""
+    connected = asyncio.Event()
+    closed = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await reader.read(1024):
+            connected.set()
+        while await reader.read(1024):
+            pass
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, HOST, 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        config = MqttConfig(hostName=f"{HOST}:{port}", downlinkEnabled=False)
+        sink = await started(sinks, MqttSink("silent", config, context(timeout=120)))
+        sending = asyncio.create_task(sink.send(delivery()))
+        async with asyncio.timeout(20):
+            await connected.wait()
+            await sink.close()
+            with pytest.raises(RetryableSinkError, match="closing"):
+                await sending
+            # The abandoned attempt's socket is closed too.
+            await closed.wait()
+
+
 async def test_a_restarted_broker_is_reconnected(pki: Pki, sinks: list[MqttClientSink]) -> None:
     with tls_broker(pki) as broker:
         async with subscribe(broker, "#", tls=subscriber_tls(pki)) as subscriber:

@@ -73,6 +73,10 @@ class _SessionLost(RetryableSinkError):
     """A session that was up is gone (as opposed to an attempt that failed)."""
 
 
+class _Stopped(Exception):
+    """close() came during a connection attempt: the attempt is abandoned."""
+
+
 @dataclass(slots=True)
 class _Connected:
     client: aiomqtt.Client
@@ -271,6 +275,8 @@ class MqttSession:
             try:
                 await self._session_once()
                 return  # stopped
+            except _Stopped:
+                return
             except _SessionLost as exc:
                 log.warning(
                     "Cloud broker connection lost", connection=self.connection_id, error=str(exc)
@@ -360,18 +366,24 @@ class MqttSession:
     ) -> None:
         """Connect, or raise the classified reason; a socket error ends the wait at once."""
         enter = asyncio.ensure_future(client.__aenter__())
+        # A broker that says nothing would otherwise hold close() for the whole timeout.
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            waiting: set[asyncio.Future[Any]] = {enter, before_connack}
+            waiting: set[asyncio.Future[Any]] = {enter, before_connack, stopping}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             enter.cancel()
             raise
+        finally:
+            stopping.cancel()
         socket_error = before_connack.result() if before_connack.done() else None
         if not enter.done():
-            # The socket is gone (paho closed it); aiomqtt would wait for its timeout.
+            # The socket is gone (paho closed it; aiomqtt would wait for its timeout), or
+            # the sink is closing.
             enter.cancel()
             await asyncio.gather(enter, return_exceptions=True)
-            assert socket_error is not None
+            if socket_error is None:
+                raise _Stopped
             raise classify_connect_error(socket_error, self.endpoint)
         error = enter.exception() if not enter.cancelled() else None
         if error is not None:
