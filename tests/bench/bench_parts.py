@@ -1,0 +1,166 @@
+"""What each part of an uplink's way through the daemon costs, measured alone, in one process.
+
+    .venv/bin/python tests/bench/bench_parts.py            # every part, medians of 5
+    .venv/bin/python tests/bench/bench_parts.py --repeat 9
+
+`bench_routing.py` says what an uplink costs end to end (µs of daemon CPU per delivery);
+the profile says how that splits. This prints the parts that the profile names, each in
+isolation, so that a change to one can be measured without a broker and a cloud, and so
+that the budget is written down:
+
+- decoding each input format (`iotflow.formats.decode`), and orjson's parse alone;
+- paho decoding one PUBLISH packet as MQTT 3.1.1 and as MQTT 5 (paho builds and parses a
+  `Properties` object for every MQTT 5 PUBLISH, even one without properties);
+- one aiohttp POST to a local aiohttp server (in a process of its own), client CPU only, 32
+  in flight on keep-alive connections, on the daemon's event loop (uvloop when installed;
+  `IOTFLOW_EVENT_LOOP=asyncio` for the standard one): what `HttpSink.send` stands on.
+
+Each figure is the median over `--repeat` rounds of the CPU time per call of this process,
+which other work on the machine changes little. Prints; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import statistics
+import struct
+import sys
+import time
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+from paho.mqtt import _packet
+from paho.mqtt.enums import MQTTProtocolVersion
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for support/
+
+from iotflow.cli import event_loop
+from iotflow.formats.decode import decode
+from support.ports import free_port
+from support.uplinks import uplink
+
+DEV_EUI = "0018B20000000A01"
+
+
+def per_call(fn: Callable[[], object], number: int, repeat: int) -> float:
+    """µs of CPU per call: the median over `repeat` rounds of `number` calls each (CPU
+    time, not wall time: another process on the core does not count)."""
+    rounds = timeit.repeat(fn, number=number, repeat=repeat, timer=time.process_time)
+    return statistics.median(rounds) / number * 1e6
+
+
+def decoding(repeat: int) -> None:
+    print("decoding an uplink (iotflow.formats.decode)")
+    for fmt in ("actility", "chirpstack", "tts"):
+        _, payload = uplink(fmt, DEV_EUI, 7)
+        whole = per_call(lambda: decode(fmt, payload), 20_000, repeat)  # noqa: B023
+        parse = per_call(lambda: orjson.loads(payload), 20_000, repeat)  # noqa: B023
+        print(
+            f"  {fmt:<11} {whole:6.1f} µs  (orjson.loads alone {parse:4.1f} µs, {len(payload)} B)"
+        )
+
+
+def publish_packet(topic: bytes, payload: bytes, *, mqtt5: bool) -> bytes:
+    """The variable header and payload of a QoS 1 PUBLISH (what paho's decoder is given)."""
+    properties = b"\x00" if mqtt5 else b""  # MQTT 5: a properties length of zero
+    return struct.pack("!H", len(topic)) + topic + struct.pack("!H", 7) + properties + payload
+
+
+def mqtt_decoding(repeat: int) -> None:
+    topic, payload = uplink("actility", DEV_EUI, 7)
+    print("paho decoding one QoS 1 PUBLISH of an Actility uplink")
+    for name, mqtt5, version in (
+        ("MQTT 3.1.1", False, MQTTProtocolVersion.MQTTv311),
+        ("MQTT 5", True, MQTTProtocolVersion.MQTTv5),
+    ):
+        packet = publish_packet(topic.encode(), payload, mqtt5=mqtt5)
+        cost = per_call(lambda: _packet.decode_publish(0x32, packet, version), 20_000, repeat)  # noqa: B023
+        print(f"  {name:<11} {cost:6.1f} µs")
+
+
+def serve(port: int, ready: multiprocessing.synchronize.Event) -> None:
+    async def main() -> None:
+        async def hook(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response()
+
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+async def posts(url: str, body: bytes, count: int, in_flight: int) -> float:
+    """Client CPU µs per POST, `in_flight` at once, as HttpSink makes them."""
+    connector = aiohttp.TCPConnector(limit=in_flight, keepalive_timeout=60)
+    async with aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=10),
+        headers={"Content-Type": "application/json"},
+        cookie_jar=aiohttp.DummyCookieJar(),
+    ) as session:
+        left = count
+
+        async def sender() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                async with session.post(url, data=body, allow_redirects=False) as response:
+                    response.raise_for_status()
+
+        await asyncio.gather(*(sender() for _ in range(in_flight)))  # warm: connections open
+        left = count
+        started = time.process_time()
+        await asyncio.gather(*(sender() for _ in range(in_flight)))
+        return (time.process_time() - started) / count * 1e6
+
+
+def http_posts(repeat: int) -> None:
+    port = free_port()
+    ready = multiprocessing.Event()
+    server = multiprocessing.Process(target=serve, args=(port, ready), daemon=True)
+    server.start()
+    try:
+        if not ready.wait(30):
+            raise SystemExit("the local server did not start")
+        _, body = uplink("actility", DEV_EUI, 7)
+        url = f"http://127.0.0.1:{port}/hook"
+        # The daemon's loop: uvloop when installed, unless IOTFLOW_EVENT_LOOP=asyncio.
+        factory = event_loop()
+        costs = []
+        for _ in range(repeat):
+            with asyncio.Runner(loop_factory=factory) as runner:
+                costs.append(runner.run(posts(url, body, 5_000, 32)))
+        loop = "uvloop" if factory is not None else "asyncio"
+        print(f"aiohttp POST to a local server, 32 in flight (client CPU, {loop})")
+        print(f"  per request {statistics.median(costs):6.1f} µs  (rounds: "
+              + ", ".join(f"{c:.0f}" for c in costs) + ")")  # fmt: skip
+    finally:
+        server.kill()
+        server.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=5, help="rounds per figure (median)")
+    args = parser.parse_args()
+    with open("/proc/loadavg") as f:
+        print(f"load average {f.read().split()[0]}; Python {sys.version.split()[0]}")
+    decoding(args.repeat)
+    mqtt_decoding(args.repeat)
+    http_posts(args.repeat)
+
+
+if __name__ == "__main__":
+    main()
