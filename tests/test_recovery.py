@@ -201,6 +201,31 @@ async def test_the_journal_is_pruned_by_retention_and_size_and_off_at_0s(
     assert await world.spool.read("SELECT id FROM journal") == []
 
 
+async def test_retention_takes_the_journal_from_its_oldest_end(world: World) -> None:
+    """The prune walks the journal in arrival order and stops at the first row young
+    enough (`received_at` has no index: a condition on it scanned the whole journal in the
+    spool's writer at every turn). A row received before a clock stepped back stays until
+    the rows before it have gone."""
+    start = world.clock.now
+    for received in (start, start + 7200, start - 60, start + 7200):
+        await world.spool.append(
+            b"{}",
+            dev_eui=DEV,
+            uplink_time=received,
+            received_at=received,
+            connection_ids=[],
+            journal=ROUTE,
+        )
+    ids = [r[0] for r in await world.spool.read("SELECT id FROM journal ORDER BY id")]
+    world.clock.now = start + 3600 + 1
+    world.recovery.journal = JournalSettings(retention=timedelta(hours=1))
+    assert (await world.recovery.prune())["journal"] == 1
+    assert [r[0] for r in await world.spool.read("SELECT id FROM journal ORDER BY id")] == ids[1:]
+    world.clock.now = start + 7200 + 3600 + 1
+    assert (await world.recovery.prune())["journal"] == 3
+    assert await world.spool.read("SELECT id FROM journal") == []
+
+
 async def test_deleting_a_connection_removes_its_letters_and_cancels_its_replays(
     world: World,
 ) -> None:
