@@ -6,6 +6,7 @@ import asyncio
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -13,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from iotflow.config.model import MqttSettings
-from iotflow.sources.ack import ManualAck
+from iotflow.sources.ack import ManualAck, Messages
 from iotflow.sources.mqtt import REMINDER_INTERVAL, Incoming, MqttSource, _ErrorLog
 from iotflow.spool import SpoolFullError
 from iotflow.telemetry.metrics import Metrics
@@ -365,3 +366,43 @@ async def test_a_burst_is_read_in_fewer_system_calls_than_messages(
     assert calls < total
     source.stop()
     await asyncio.wait_for(task, 30)
+
+
+async def test_messages_come_without_a_task_each_and_end_at_the_disconnection() -> None:
+    """The session's iterator over aiomqtt's queue: what was queued before a disconnection
+    comes first, then MqttError as from `client.messages`; no task is made per message."""
+    client = aiomqtt.Client("127.0.0.1")
+    queue: Any = client._queue  # stand-ins for messages: the iterator does not read them
+    lost = client._disconnected
+    messages: Any = Messages(client)
+    for n in range(3):
+        queue.put_nowait(n)
+    tasks = len(asyncio.all_tasks())
+    assert [await anext(messages) for _ in range(3)] == [0, 1, 2]
+    assert len(asyncio.all_tasks()) == tasks
+    waiting = asyncio.ensure_future(anext(messages))
+    await asyncio.sleep(0)
+    queue.put_nowait(3)
+    assert await waiting == 3
+    # Lost while waiting: the wait ends at once.
+    waiting = asyncio.ensure_future(anext(messages))
+    await asyncio.sleep(0)
+    lost.set_exception(aiomqtt.MqttError("connection lost"))
+    with pytest.raises(aiomqtt.MqttError, match="Disconnected") as caught:
+        await waiting
+    assert str(caught.value.__cause__) == "connection lost"
+    with pytest.raises(aiomqtt.MqttError):
+        await anext(messages)
+
+
+async def test_messages_queued_before_a_disconnection_are_not_lost() -> None:
+    client = aiomqtt.Client("127.0.0.1")
+    messages: Any = Messages(client)
+    queue: Any = client._queue
+    queue.put_nowait("a")
+    queue.put_nowait("b")
+    client._disconnected.set_result(None)  # a clean disconnection, with two queued
+    assert await anext(messages) == "a"
+    assert await anext(messages) == "b"
+    with pytest.raises(aiomqtt.MqttError, match="Disconnected"):
+        await anext(messages)

@@ -62,6 +62,46 @@ class ConnectWatch:
         self._paho.on_disconnect = disconnected
 
 
+class Messages:
+    """The session's messages, as `client.messages` gives them, without its task and its
+    `asyncio.wait` per message.
+
+    aiomqtt's iterator makes a task to get each message and waits on it and on the
+    disconnection together: a task, a wait and their extra turns of the event loop for
+    every uplink, even when the queue already holds the next one. Here a message is taken
+    from aiomqtt's queue (`_queue`, private) as it comes; a disconnection with nothing
+    left queued wakes the wait with a marker and ends the iteration as aiomqtt's does
+    (MqttError), after the messages queued before it. Made once connected: aiomqtt
+    replaces its disconnection future at each connect.
+    """
+
+    _LOST: Any = object()
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self._queue: asyncio.Queue[Any] = client._queue
+        self._disconnected: asyncio.Future[None] = client._disconnected
+        self._disconnected.add_done_callback(self._wake)
+
+    def _wake(self, _: asyncio.Future[None]) -> None:
+        if self._queue.empty():
+            self._queue.put_nowait(self._LOST)  # unbounded: aiomqtt's default queue
+
+    def __aiter__(self) -> Messages:
+        return self
+
+    async def __anext__(self) -> aiomqtt.Message:
+        queue = self._queue
+        if queue.empty() and self._disconnected.done():
+            item = self._LOST
+        else:
+            item = queue.get_nowait() if not queue.empty() else await queue.get()
+        if item is self._LOST:
+            cause = self._disconnected.exception() if self._disconnected.done() else None
+            raise aiomqtt.MqttError("Disconnected during message iteration") from cause
+        message: aiomqtt.Message = item
+        return message
+
+
 # Bytes asked of the socket at once: many uplinks (about 0.6 kB each) per system call.
 READ_CHUNK = 64 * 1024
 

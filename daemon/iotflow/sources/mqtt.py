@@ -19,7 +19,7 @@ from paho.mqtt.properties import Properties
 from iotflow.backoff import Backoff, jittered
 from iotflow.config.model import MqttSettings, Subscription
 from iotflow.errors import IotflowError
-from iotflow.sources.ack import ConnectWatch, InflightGate, ManualAck
+from iotflow.sources.ack import ConnectWatch, InflightGate, ManualAck, Messages
 from iotflow.telemetry.logging import get_logger
 from iotflow.telemetry.metrics import Metrics
 
@@ -364,7 +364,7 @@ class MqttSource:
     async def _read(
         self, client: aiomqtt.Client, acks: asyncio.Queue[tuple[int, int, Awaitable[None] | None]]
     ) -> None:
-        async for message in client.messages:
+        async for message in Messages(client):
             payload = message.payload if isinstance(message.payload, bytes) else b""
             incoming = Incoming(message.topic.value, payload, self._match(message.topic))
             pending = self._handler(incoming)
