@@ -8,11 +8,10 @@ import signal
 import sqlite3
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -273,24 +272,20 @@ async def test_drop_connection_does_not_count_completed(spool: Spool) -> None:
 
 
 def failing_once(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
-    """Make the next `executemany` on any aiosqlite connection raise `error`."""
+    """Make the next batch fail with `error` in the writer's thread, after it has written
+    something (which the rollback must take back)."""
     monkeypatch.undo()
-    original = aiosqlite.Connection.executemany
-    failed: list[str] = []
+    original = spool_store._write_rows
+    failed: list[bool] = []
 
-    def executemany(
-        self: aiosqlite.Connection, sql: str, parameters: Iterable[Iterable[Any]]
-    ) -> Any:
+    def write_rows(db: sqlite3.Connection, *args: Any) -> dict[str, int]:
         if failed:
-            return original(self, sql, parameters)
-        failed.append(sql)
+            return original(db, *args)
+        failed.append(True)
+        db.execute("UPDATE meta SET value = value + 1000 WHERE key = 'next_id'")
+        raise error
 
-        async def fail() -> None:
-            raise error
-
-        return fail()
-
-    monkeypatch.setattr(aiosqlite.Connection, "executemany", executemany)
+    monkeypatch.setattr(spool_store, "_write_rows", write_rows)
 
 
 async def test_failed_transaction_fails_its_waiters_and_keeps_completes(

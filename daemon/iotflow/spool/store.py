@@ -906,61 +906,31 @@ class Spool:
             self._wal_dirty = False
 
     async def _transact(self, batch: _Batch) -> int:
+        """One transaction for the batch. Its rows go in one hop to the writer's thread
+        (aiosqlite makes one of every statement: six for a batch of appends and completes,
+        each a wake-up of that thread and then of the event loop); the writes that recovery
+        hands in are coroutines on the connection and run between the rows and the commit.
+        """
         db = self._writer
-        if (
-            not batch.appends
-            and not batch.completes
-            and batch.drop is None
-            and not batch.finals
-            and not batch.writes
-        ):
-            await db.execute(_UPDATE_NEXT_ID, (self._next_id,))  # the probe
-        if batch.appends:
-            # An uplink without deliveries is only journaled: no row that nothing would
-            # ever delete.
-            # A journaled uplink's document is written once, in its journal row.
-            await db.executemany(
-                _INSERT_UPLINK,
-                [
-                    (*a.uplink[:4], _IN_JOURNAL) if a.route else a.uplink
-                    for a in batch.appends
-                    if a.deliveries
-                ],
-            )
-            await db.executemany(
-                _INSERT_DELIVERY,
-                [
-                    (d.id, a.uplink[0], d.connection_id, d.validity, None, None, None)
-                    for a in batch.appends
-                    for d in a.deliveries
-                ],
-            )
-            journal = [(*a.uplink[:4], a.route, a.uplink[4]) for a in batch.appends if a.route]
-            if journal:
-                await db.executemany(_INSERT_JOURNAL, journal)
-            await db.execute(_UPDATE_NEXT_ID, (self._next_id,))
-        # After the inserts, so a complete can never precede its own row; before the drop,
-        # so that the drop counts only live deliveries.
-        if batch.completes:
-            await db.executemany(_DELETE_DELIVERY, [(i,) for i in batch.completes])
-        for final in batch.finals:
-            change = await _write_final(db, final)
-            if change:
-                cid = final.delivery.connection_id
-                batch.letters[cid] = batch.letters.get(cid, 0) + change
+        probe = not (
+            batch.appends
+            or batch.completes
+            or batch.drop is not None
+            or batch.finals
+            or batch.writes
+        )
+        last = not batch.writes and batch.drop is None
+        letters = await _in_writer_thread(db, _write_rows, batch, self._next_id, probe, last)
+        for cid, change in letters.items():
+            batch.letters[cid] = batch.letters.get(cid, 0) + change
+        if last:
+            return 0
         for write in batch.writes:
             write.result = await write.action(db)
-        if batch.writes:
-            # A write may have used ids reserved by `allocate`.
-            await db.execute(_UPDATE_NEXT_ID, (self._next_id,))
-        dropped = 0
-        if batch.drop is not None:
-            connection_id = batch.drop.connection_id
-            cursor = await db.execute(_DROP_CONNECTION, (connection_id,))
-            dropped = cursor.rowcount
-            await db.execute(_DROP_LETTERS, (connection_id,))
-            await db.execute(_CANCEL_REPLAYS, (time.time(), connection_id))
-        await db.commit()
+        drop = batch.drop.connection_id if batch.drop is not None else None
+        dropped: int = await _in_writer_thread(
+            db, _write_end, self._next_id if batch.writes else None, drop, time.time()
+        )
         return dropped
 
     async def _rollback(self) -> None:
@@ -984,12 +954,81 @@ class Spool:
 _COUNTERS = {"delivered": "delivered", "filtered": "delivered", "expired": "expired"}
 
 
-async def _write_final(db: aiosqlite.Connection, final: _Final) -> int:
+def _in_writer_thread(db: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(connection, *args)` in aiosqlite's thread, with its sqlite3 connection: one hop
+    for many statements. aiosqlite has no public call for this (`_execute`, `_conn`)."""
+    connection = db._conn
+    return db._execute(fn, connection, *args)  # type: ignore[no-untyped-call]
+
+
+def _write_rows(
+    db: sqlite3.Connection, batch: _Batch, next_id: int, probe: bool, commit: bool
+) -> dict[str, int]:
+    """The batch's appends, completes and ends (in the writer's thread); committed when
+    nothing else is to be written in the transaction. Returns the change in each
+    connection's number of dead letters."""
+    if probe:
+        db.execute(_UPDATE_NEXT_ID, (next_id,))
+    if batch.appends:
+        # An uplink without deliveries is only journaled: no row that nothing would
+        # ever delete.
+        # A journaled uplink's document is written once, in its journal row.
+        db.executemany(
+            _INSERT_UPLINK,
+            [
+                (*a.uplink[:4], _IN_JOURNAL) if a.route else a.uplink
+                for a in batch.appends
+                if a.deliveries
+            ],
+        )
+        db.executemany(
+            _INSERT_DELIVERY,
+            [
+                (d.id, a.uplink[0], d.connection_id, d.validity, None, None, None)
+                for a in batch.appends
+                for d in a.deliveries
+            ],
+        )
+        journal = [(*a.uplink[:4], a.route, a.uplink[4]) for a in batch.appends if a.route]
+        if journal:
+            db.executemany(_INSERT_JOURNAL, journal)
+        db.execute(_UPDATE_NEXT_ID, (next_id,))
+    # After the inserts, so a complete can never precede its own row; before the drop,
+    # so that the drop counts only live deliveries.
+    if batch.completes:
+        db.executemany(_DELETE_DELIVERY, [(i,) for i in batch.completes])
+    letters: dict[str, int] = {}
+    for final in batch.finals:
+        change = _write_final(db, final)
+        if change:
+            cid = final.delivery.connection_id
+            letters[cid] = letters.get(cid, 0) + change
+    if commit:
+        db.commit()
+    return letters
+
+
+def _write_end(db: sqlite3.Connection, next_id: int | None, drop: str | None, now: float) -> int:
+    """After recovery's writes: the id counter they may have used, a connection's drop,
+    and the commit (in the writer's thread). Returns the deliveries dropped."""
+    if next_id is not None:
+        # A write may have used ids reserved by `allocate`.
+        db.execute(_UPDATE_NEXT_ID, (next_id,))
+    dropped = 0
+    if drop is not None:
+        dropped = db.execute(_DROP_CONNECTION, (drop,)).rowcount
+        db.execute(_DROP_LETTERS, (drop,))
+        db.execute(_CANCEL_REPLAYS, (now, drop))
+    db.commit()
+    return dropped
+
+
+def _write_final(db: sqlite3.Connection, final: _Final) -> int:
     """Delete a delivery, and write what its end means: its dead letter (new, or the one
     it re-sent, again), or the letter it re-sent gone; its replay's count. Returns the
     change in the connection's number of dead letters."""
     d = final.delivery
-    cursor = await db.execute(_DELETE_DELIVERY, (d.id,))
+    cursor = db.execute(_DELETE_DELIVERY, (d.id,))
     if cursor.rowcount == 0:
         return 0  # dropped with its connection meanwhile: it ends nowhere
     letter = final.letter
@@ -997,14 +1036,14 @@ async def _write_final(db: aiosqlite.Connection, final: _Final) -> int:
     if final.outcome == "dropped":
         # Never sent (its connection has no worker): the letter may be re-sent again.
         if d.letter is not None:
-            await db.execute(_RELEASE_LETTER, (d.letter,))
+            db.execute(_RELEASE_LETTER, (d.letter,))
     elif d.letter is not None and letter is None:
-        cursor = await db.execute(_DELETE_LETTER, (d.letter,))
+        cursor = db.execute(_DELETE_LETTER, (d.letter,))
         change = -cursor.rowcount
     elif letter is not None:
         updated = 0
         if d.letter is not None:
-            cursor = await db.execute(
+            cursor = db.execute(
                 _UPDATE_LETTER,
                 (
                     letter.outcome,
@@ -1020,7 +1059,7 @@ async def _write_final(db: aiosqlite.Connection, final: _Final) -> int:
             updated = cursor.rowcount
         if not updated:  # a first failure, or its letter was purged while it was re-sent
             change = 1
-            await db.execute(
+            db.execute(
                 _INSERT_LETTER,
                 (
                     d.connection_id,
@@ -1042,7 +1081,7 @@ async def _write_final(db: aiosqlite.Connection, final: _Final) -> int:
             )
     if d.replay is not None:
         column = _COUNTERS.get(final.outcome, "failed")
-        await db.execute(f"UPDATE replays SET {column} = {column} + 1 WHERE id = ?", (d.replay,))
+        db.execute(f"UPDATE replays SET {column} = {column} + 1 WHERE id = ?", (d.replay,))
     return change
 
 
