@@ -237,6 +237,7 @@ class Row:
     live_per_second: float
     live_p50: float
     live_p99: float
+    live_lag: int  # published and not yet at the live cloud (mostly in the broker)
     backlog: float  # the dead connection's pending deliveries (/metrics)
     dead_per_second: float
     rss_kib: int
@@ -291,7 +292,7 @@ def say(args: argparse.Namespace, message: str) -> None:
 
 
 HEADER = (
-    "   t (s)  phase     published  live/s  live p50 ms  p99 ms   backlog  dead/s"
+    "   t (s)  phase     published  live/s  live p50 ms  p99 ms  live lag   backlog  dead/s"
     "      RSS  CPU %  CPU µs/dlv     spool  load"
 )
 
@@ -299,7 +300,8 @@ HEADER = (
 def row_text(r: Row) -> str:
     return (
         f"{r.at:8.0f}  {r.phase:<7} {r.published:11,} {r.live_per_second:7,.0f}"
-        f"  {r.live_p50:11,.1f} {r.live_p99:7,.1f} {r.backlog:9,.0f} {r.dead_per_second:7,.0f}"
+        f"  {r.live_p50:11,.1f} {r.live_p99:7,.1f} {r.live_lag:9,}"
+        f" {r.backlog:9,.0f} {r.dead_per_second:7,.0f}"
         f"  {r.rss_kib / 1024:7,.1f}M {r.cpu_percent:5.0f} {r.cpu_us_per_delivery:11,.0f}"
         f"  {r.spool_bytes / 2**20:7,.0f}M  {r.load:4.1f}"
     )
@@ -389,6 +391,7 @@ class Windows:
             live_per_second=fresh / span,
             live_p50=percentile(latencies, 50),
             live_p99=percentile(latencies, 99),
+            live_lag=len(self.times) - self.live_distinct,
             backlog=backlog,
             dead_per_second=dead_fresh / span,
             rss_kib=proc_status(self.pid)["VmRSS"],
@@ -436,13 +439,14 @@ async def run(args: argparse.Namespace, workdir: Path, result: Run) -> None:
                 },
             },
         ]
-        # [delivery] and [journal] at their defaults (memory_queue 10,000; the journal kept
-        # 24 h, at most 1 GiB), as an operator would run it.
+        # [delivery] (but max_in_flight) and [journal] at their defaults (memory_queue
+        # 10,000; the journal kept 24 h, at most 1 GiB), as an operator would run it.
         daemon = BenchDaemon(
             workdir / "daemon",
             broker_url=broker.url,
             client_id="iotflow-bench-backlog",
             connections=connections,
+            delivery={"max_in_flight": args.in_flight},
         )
         await daemon.start()
         assert daemon.process is not None
@@ -663,14 +667,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=3600.0,
         help="seconds the drain may take after recovery (default 3600)",
     )
+    parser.add_argument(
+        "--in-flight", type=int, default=32, help="delivery.max_in_flight (default 32)"
+    )
     parser.add_argument("--dir", help="where the daemon's spool goes (default: $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.minutes <= 0 or args.window <= 0 or args.drain_deadline <= 0:
         parser.error("--rate, --minutes, --window and --drain-deadline must be positive")
-    if args.devices < 1:
-        parser.error("--devices must be at least 1")
+    if args.devices < 1 or args.in_flight < 1:
+        parser.error("--devices and --in-flight must be at least 1")
     return args
 
 
@@ -692,7 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     expected = args.rate * args.minutes * 60
     print(
         f"backlog: {args.rate:g} uplinks/s for {args.minutes:g} min ({expected:,.0f} uplinks),"
-        f" {args.devices} devices each bound to a live and a dead connection;"
+        f" {args.devices} devices each bound to a live and a dead connection,"
+        f" max_in_flight {args.in_flight};"
         f" drain deadline {args.drain_deadline:g} s\n"
         f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f};"
         f" Python {platform.python_version()}; spool on {filesystem_of(workdir)}"
