@@ -2,15 +2,15 @@
 
     .venv/bin/python tests/bench/bench_backlog.py                  # 60 min at 1000/s, 500 devices
     .venv/bin/python tests/bench/bench_backlog.py --minutes 2      # a short run
-    .venv/bin/python tests/bench/bench_backlog.py --minutes 30 --window 120 --drain-deadline 3600
+    .venv/bin/python tests/bench/bench_backlog.py --minutes 45 --drain-deadline 2100 --in-flight 8
 
 A real Mosquitto, `iotflow run` (bench_routing's daemon, at log level info), and two webhook
 clouds, each a process of its own: the live cloud answers 200; the dead one answers 503 to
 everything during the backlog phase, then 200 from the moment of recovery. Every device is
 bound to both connections. A publisher sends uplinks at a steady `--rate` (QoS 1) for
 `--minutes` (the backlog phase), then the dead cloud comes back while the same traffic goes
-on (the drain), until the dead cloud holds every uplink published before its recovery, or
-`--drain-deadline` passes.
+on (the drain), until the dead connection has caught up (its pending deliveries down to two
+seconds of traffic), or `--drain-deadline` passes; then one more window.
 
 Why 503 rather than a port nothing listens on: the dead cloud's port stays ours for the
 whole hour (on a shared machine, a port freed for an hour can be taken by another program,
@@ -19,11 +19,12 @@ open are counted. For the daemon both are the same case: a retryable failure tha
 the circuit and keeps the deliveries in the spool.
 
 Every `--window` seconds a row: uplinks published, live deliveries per second and their
-latency (publish → live cloud), the dead connection's backlog (`iotflow_spool_pending`
-from the daemon's /metrics) and its deliveries per second, the daemon's RSS and CPU, the
-spool's size on disk (database, WAL and shared memory). Then a summary: RSS over the
-backlog phase (is memory flat?), live latency in the first and last backlog windows and
-during the drain, the drain's rate and duration.
+latency (publish → live cloud), the live lag (published, not yet at the live cloud), the
+dead connection's backlog (`iotflow_spool_pending` from the daemon's /metrics) and its
+deliveries per second, the daemon's RSS and CPU, the spool's size on disk (database, WAL
+and shared memory). Then a summary: RSS over the backlog phase (is memory flat?), live
+latency in the first and last backlog windows and during the drain, how long the daemon
+took to try the recovered cloud again, the drain's rate and duration.
 
 Nothing is held per uplink beyond two numbers: the publisher makes each uplink as it sends
 it, the clouds keep arrival times and frame counters in arrays and a bitmap of which
