@@ -257,7 +257,9 @@ class Daemon:
                 effect="every management API call is refused (401)",
                 fix='set [api] tokens, e.g. tokens = ["${IOTFLOW_API_TOKEN}"]',
             )
-        self.source = MqttSource(config.mqtt, self.handle, self.metrics)
+        self.source = MqttSource(
+            config.mqtt, self.handle, self.metrics, pressure=self.deliveries.pressure
+        )
         source = self._background(self.source.run(), "source", cancel=False)
         self._closing("source", lambda: self._stop_source(source))
         self._background(self._announce_ready(), "systemd-ready")

@@ -13,6 +13,7 @@ from iotflow.config.model import DeliverySettings
 from iotflow.config.types import format_duration
 from iotflow.connectors.common import CommonConfig
 from iotflow.connectors.connection import Connection
+from iotflow.delivery.pressure import IngestPressure
 from iotflow.delivery.worker import ConnectionWorker, EventRecorder, Replayed
 from iotflow.downlinks import DownlinkHandler
 from iotflow.errors import PermanentSinkError
@@ -88,8 +89,11 @@ class Deliveries:
         settings: DeliverySettings,
         record: EventRecorder,
         sink_factory: SinkFactory | None = None,
+        pressure: IngestPressure | None = None,
     ) -> None:
         self._spool = spool
+        # Shared by every worker: the source's, so that a backlog gives way to ingest.
+        self.pressure = pressure if pressure is not None else IngestPressure()
         self._metrics = metrics
         self._settings = settings
         self._record = record
@@ -236,6 +240,7 @@ class Deliveries:
             record=self._record,
             stats=old.stats if old is not None else None,
             replayed=self._on_replayed,
+            pressure=self.pressure,
         )
 
     def _on_replayed(self, replay_id: str, connection_id: str, outcome: str) -> None:

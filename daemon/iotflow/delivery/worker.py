@@ -20,6 +20,7 @@ from iotflow.config.model import DeliverySettings
 from iotflow.connectors.common import PROBE_BACKOFF_CAP_SECONDS
 from iotflow.connectors.connection import Connection
 from iotflow.delivery.circuit import Circuit, Expired
+from iotflow.delivery.pressure import IngestPressure
 from iotflow.errors import (
     AuthenticationSinkError,
     PermanentSinkError,
@@ -256,9 +257,12 @@ class ConnectionWorker:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         replayed: Replayed | None = None,
+        pressure: IngestPressure | None = None,
     ) -> None:
         self.connection = connection
         self._replayed = replayed
+        # A backlog read back from the spool gives way to ingest (delivery/pressure.py).
+        self._pressure = pressure if pressure is not None else IngestPressure()
         self.id = connection.id
         self._sink = sink
         self._spool = spool
@@ -442,6 +446,8 @@ class ConnectionWorker:
             assert task is not None
             self._sending.add(task)
             try:
+                if self._refill[lane].spilled and self._pressure.high:
+                    await self._pressure.give_way()
                 await self._deliver(delivery)
             except Exception as exc:
                 # _deliver ends every delivery itself; this is the last guard of the worker

@@ -16,6 +16,8 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 
+from iotflow.delivery.pressure import IngestPressure
+
 
 class ManualAck:
     """Turns paho's automatic acknowledgement off for one aiomqtt client (before connecting)."""
@@ -125,8 +127,14 @@ class InflightGate:
     the broker redelivers first from our session.
     """
 
-    def __init__(self, client: aiomqtt.Client, limit: int) -> None:
+    def __init__(
+        self, client: aiomqtt.Client, limit: int, pressure: IngestPressure | None = None
+    ) -> None:
         self._aiomqtt = client
+        # Half the bound taken: ingest falls behind (delivery/pressure.py); a quarter: again
+        # keeping up (apart, so that it does not flap at one count).
+        self._pressure = pressure
+        self._high, self._low = max(1, limit // 2), limit // 4
         self._paho: paho.Client = client._client
         self._loop = asyncio.get_running_loop()
         self._limit = limit
@@ -156,6 +164,8 @@ class InflightGate:
             if on_message is not None:
                 on_message(*args)
             self.taken += 1
+            if self._pressure is not None and self.taken >= self._high:
+                self._pressure.set(True)
             if self._armed and self.taken >= self._limit:
                 self._pause()
 
@@ -183,6 +193,8 @@ class InflightGate:
     def release(self) -> None:
         """One message is done with (acknowledged, or committed at QoS 0)."""
         self.taken -= 1
+        if self._pressure is not None and self.taken <= self._low:
+            self._pressure.set(False)
         if self._paused_fd is not None and self.taken < self._limit:
             self._resume()
 

@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 
 from iotflow.backoff import Backoff, jittered
 from iotflow.config.model import MqttSettings, Subscription
+from iotflow.delivery.pressure import IngestPressure
 from iotflow.errors import IotflowError
 from iotflow.sources.ack import ConnectWatch, InflightGate, ManualAck, Messages
 from iotflow.telemetry.logging import get_logger
@@ -89,8 +90,15 @@ class _ErrorLog:
 
 
 class MqttSource:
-    def __init__(self, settings: MqttSettings, handler: Handler, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        handler: Handler,
+        metrics: Metrics,
+        pressure: IngestPressure | None = None,
+    ) -> None:
         self.settings = settings
+        self.pressure = pressure if pressure is not None else IngestPressure()
         self._handler = handler
         self._metrics = metrics
         self.connected = asyncio.Event()
@@ -275,7 +283,7 @@ class MqttSource:
     async def _session(self) -> None:
         client = self._make_client()
         acker = ManualAck(client)
-        gate = InflightGate(client, self.settings.receive_maximum)
+        gate = InflightGate(client, self.settings.receive_maximum, self.pressure)
         # Acknowledgements leave in arrival order (MQTT 5 section 4.6, 3.1.1 section 4.6),
         # each once its uplink is committed; a queue per session, so nothing is acked on a
         # later connection. What is taken in is bounded by `receive_maximum` (the gate):
@@ -322,6 +330,7 @@ class MqttSource:
                     marker.cancel()
                 ack_task.cancel()
                 self._client, self._gate = None, None
+                self.pressure.set(False)  # nothing is taken in without a session
 
     def _check_granted(
         self, topic: str, subscription: Subscription, granted: Sequence[object]
