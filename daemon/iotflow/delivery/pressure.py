@@ -7,9 +7,10 @@ uplinks waited minutes unacknowledged at the broker (past a broker's own queue l
 would be lost), and the other connections' latency went with them (issue #16,
 `tests/bench/bench_backlog.py`). What is in the spool is safe; what is at the broker is not
 yet. So a worker catching up on a backlog read back from the spool holds each send while
-the source has half of its in-flight bound taken and not acknowledged, for at most
-`HOLD_SECONDS`: the drain slows to a trickle, never stops (a spool that cannot commit keeps
-the source's count high, and a drain is what frees its disk).
+the source has 50 uplinks (or half its in-flight bound) taken and not acknowledged, for at
+most `HOLD_SECONDS`: the drain slows to a trickle, never stops (a spool that cannot commit
+keeps the source's count high, and a drain is what frees its disk). Only a backlog larger
+than the worker's memory is held (its lane "spilled"); live deliveries never are.
 """
 
 from __future__ import annotations

@@ -104,6 +104,8 @@ class Messages:
         return message
 
 
+PRESSURE_TAKEN = 50  # see InflightGate.__init__
+
 # Bytes asked of the socket at once: many uplinks (about 0.6 kB each) per system call.
 READ_CHUNK = 64 * 1024
 
@@ -131,10 +133,12 @@ class InflightGate:
         self, client: aiomqtt.Client, limit: int, pressure: IngestPressure | None = None
     ) -> None:
         self._aiomqtt = client
-        # Half the bound taken: ingest falls behind (delivery/pressure.py); a quarter: again
-        # keeping up (apart, so that it does not flap at one count).
+        # This many uplinks taken and not acknowledged: ingest falls behind (a commit and
+        # its PUBACK keep a handful in flight; 50 is 50 ms of waiting at 1,000/s; half the
+        # bound if that is less); half as many: keeping up again (apart, not to flap).
         self._pressure = pressure
-        self._high, self._low = max(1, limit // 2), limit // 4
+        self._high = max(1, min(limit // 2, PRESSURE_TAKEN))
+        self._low = self._high // 2
         self._paho: paho.Client = client._client
         self._loop = asyncio.get_running_loop()
         self._limit = limit
