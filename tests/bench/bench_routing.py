@@ -987,6 +987,23 @@ async def bounded(
         raise TimeoutError(f"the run passed its deadline ({args.deadline:g}s): {exc}") from None
 
 
+def index_connections(count: int) -> list[Any]:
+    """`count` HTTP connections `c0`, `c1`...: what the routing index figures route to."""
+    from iotflow.connectors.connection import parse_connection
+
+    return [
+        parse_connection(
+            {
+                "id": f"c{k}",
+                "name": "x",
+                "connectorId": "actility-http-iot",
+                "configuration": {"destinationURL": "http://127.0.0.1:9/"},
+            }
+        )
+        for k in range(count)
+    ]
+
+
 def flows_figure(counts: Sequence[int], lookups: int = 200_000) -> str:
     """Per-uplink cost of `RoutingIndex.targets` with N flows, against the same lookups.
 
@@ -997,21 +1014,10 @@ def flows_figure(counts: Sequence[int], lookups: int = 200_000) -> str:
     """
     import random
 
-    from iotflow.connectors.connection import parse_connection
     from iotflow.flows import parse_flow
     from iotflow.routing import RoutingIndex
 
-    connections = [
-        parse_connection(
-            {
-                "id": f"c{k}",
-                "name": "x",
-                "connectorId": "actility-http-iot",
-                "configuration": {"destinationURL": "http://127.0.0.1:9/"},
-            }
-        )
-        for k in range(10)
-    ]
+    connections = index_connections(10)
     lines = ["routing cost by flows (RoutingIndex.targets, one thread, in process):"]
     for n in counts:
         flows = []
@@ -1063,20 +1069,9 @@ def bindings_figure(counts: Sequence[int], lookups: int = 200_000) -> str:
     or not (half each), drawn with a fixed seed."""
     import random
 
-    from iotflow.connectors.connection import parse_connection
     from iotflow.routing import RoutingIndex
 
-    connections = [
-        parse_connection(
-            {
-                "id": f"c{k}",
-                "name": "x",
-                "connectorId": "actility-http-iot",
-                "configuration": {"destinationURL": "http://127.0.0.1:9/"},
-            }
-        )
-        for k in range(1000)
-    ]
+    connections = index_connections(1000)
     lines = ["routing cost by bindings (RoutingIndex.targets, one thread, in process):"]
     for n in counts:
         bindings = {f"{0x0018B20000000000 + i:016X}": [f"c{i % 1000}"] for i in range(n)}
