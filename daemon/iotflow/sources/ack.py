@@ -16,7 +16,11 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 
+from iotflow import mqtt_properties
 from iotflow.delivery.pressure import IngestPressure
+
+# Every uplink's PUBLISH is decoded by paho: without its tables rebuilt each time.
+mqtt_properties.install()
 
 
 class ManualAck:

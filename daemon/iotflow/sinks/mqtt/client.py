@@ -15,8 +15,12 @@ from typing import Any
 
 import aiomqtt
 
+from iotflow import mqtt_properties
 from iotflow.sinks.mqtt.endpoint import Endpoint
 from iotflow.telemetry.logging import get_logger
+
+# Each PUBACK of an MQTT 5 cloud is decoded by paho: without its tables rebuilt each time.
+mqtt_properties.install()
 
 log = get_logger("iotflow.sinks")
 
