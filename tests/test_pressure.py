@@ -1,5 +1,6 @@
-"""Ingest first (delivery/pressure.py): a backlog read back from the spool gives way while
-the source falls behind; live deliveries never wait for it, and a drain never stops."""
+"""Live first (delivery/pressure.py): a backlog read back from the spool gives way while
+the source falls behind or the loop runs late; live deliveries never wait for it, and a
+drain never stops."""
 
 from __future__ import annotations
 
@@ -117,3 +118,47 @@ async def test_the_gate_says_when_ingest_falls_behind_and_when_it_keeps_up_again
     assert pressure.high  # not yet down to a quarter
     gate.release()
     assert not pressure.high
+
+
+async def test_a_drain_gives_way_while_the_loop_runs_late() -> None:
+    pressure = IngestPressure()
+    await pressure.give_way()  # a drain's send: starts the watch, nothing holds it yet
+    assert pressure.watching
+    assert not pressure.high
+    # The loop busy for 50 ms (what a drain with a fast cloud does to it): the watch's
+    # timer runs late.
+    time.sleep(0.05)  # noqa: ASYNC251 (the point: the loop blocked)
+    await turns()
+    assert pressure.high
+    # On time again, the next sample relieves it: a held send goes before its hold ends.
+    started = asyncio.get_running_loop().time()
+    async with asyncio.timeout(5):
+        await pressure.give_way(within=3600.0)
+    assert not pressure.high
+    assert asyncio.get_running_loop().time() - started < 1.0
+    pressure.close()
+    assert not pressure.watching
+
+
+async def test_the_watch_stops_when_no_drain_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An idle daemon on a gateway is not woken a hundred times a second.
+    monkeypatch.setattr(pressure_module, "IDLE_SECONDS", 0.05)
+    pressure = IngestPressure()
+    await pressure.give_way()
+    assert pressure.watching
+    async with asyncio.timeout(5):
+        while pressure.watching:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # the watch's own timer ends it
+    assert not pressure.high
+
+
+async def test_the_source_and_the_loop_each_hold_a_drain() -> None:
+    pressure = IngestPressure()
+    pressure.set(True)
+    await pressure.give_way(within=0)  # the source behind: held (for no time at all here)
+    assert pressure.high
+    time.sleep(0.05)  # noqa: ASYNC251 (the loop blocked)
+    await turns()
+    pressure.set(False)  # the source keeps up again, the loop is still late
+    assert pressure.high
+    pressure.close()

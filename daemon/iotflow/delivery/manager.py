@@ -307,3 +307,4 @@ class Deliveries:
                     timeout=format_duration(timedelta(seconds=drain)),
                 )
             await asyncio.gather(*(self._stop(w, deadline) for w in self.workers.values()))
+            self.pressure.close()

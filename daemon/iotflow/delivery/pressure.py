@@ -1,16 +1,26 @@
-"""Ingest first: whether taking uplinks in is falling behind, for the workers to give way.
+"""Live first: a backlog read back from the spool gives way while live uplinks would wait.
 
 A connection whose cloud was down for an hour has millions of deliveries in the spool. When
 the cloud is back, its worker sends them as fast as the cloud answers, and with a local
-cloud that is as fast as the event loop goes: the source then got what was left, new
-uplinks waited minutes unacknowledged at the broker (past a broker's own queue limit they
-would be lost), and the other connections' latency went with them (issue #16,
-`tests/bench/bench_backlog.py`). What is in the spool is safe; what is at the broker is not
-yet. So a worker catching up on a backlog read back from the spool holds each send while
-the source has 50 uplinks (or half its in-flight bound) taken and not acknowledged, for at
-most `HOLD_SECONDS`: the drain slows to a trickle, never stops (a spool that cannot commit
-keeps the source's count high, and a drain is what frees its disk). Only a backlog larger
-than the worker's memory is held (its lane "spilled"); live deliveries never are.
+cloud that is as fast as the event loop goes. Two things then wait behind the drain (issue
+#16, `tests/bench/bench_backlog.py`):
+
+- **ingest**: new uplinks waited minutes unacknowledged at the broker (past a broker's own
+  queue limit they would be lost). What is in the spool is safe; what is at the broker is
+  not yet. The source says when it falls behind: 50 uplinks (or half its in-flight bound)
+  taken and not acknowledged.
+- **the other connections' deliveries**: each live uplink takes a handful of turns of the
+  event loop (read, commit, acknowledge, send, answer), and a loop kept busy by a drain
+  makes each turn late: live latency went from 5 to 50 ms at its median. So the loop's
+  lateness is watched while a drain runs: a timer due every `TICK` seconds that runs more
+  than `LAG_LIMIT` late says the loop is saturated.
+
+While either holds, a worker catching up on a backlog holds each send, for at most
+`HOLD_SECONDS`: the drain slows down to what leaves the loop on time, and never stops (a
+spool that cannot commit keeps the source's count high, and a drain is what frees its
+disk). Only a backlog larger than the worker's memory is held (its lane "spilled"); live
+deliveries never are. The timer runs only while a drain asks, so an idle daemon on a
+gateway is not woken by it.
 """
 
 from __future__ import annotations
@@ -18,32 +28,69 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-__all__ = ["HOLD_SECONDS", "IngestPressure"]
+__all__ = ["HOLD_SECONDS", "LAG_LIMIT", "TICK", "IngestPressure"]
 
 HOLD_SECONDS = 1.0  # a held send waits at most this long, then goes
+TICK = 0.01  # the loop's lateness is sampled this often while a drain runs
+LAG_LIMIT = 0.004  # a tick this late: the loop is saturated, a drain gives way
+IDLE_SECONDS = 1.0  # no drain asked for this long: the watch stops
 
 
 class IngestPressure:
-    """Set by the source (`high` while it falls behind), read by the workers."""
+    """Set by the source (`high` while it falls behind) and by the loop watch; read by the
+    workers draining a backlog."""
 
     def __init__(self) -> None:
         self._relieved = asyncio.Event()
         self._relieved.set()
+        self._ingest_behind = False
+        self._loop_late = False
+        self._tick: asyncio.TimerHandle | None = None
+        self._asked = 0.0  # loop time a drain last asked
 
     @property
     def high(self) -> bool:
         return not self._relieved.is_set()
 
+    @property
+    def watching(self) -> bool:
+        return self._tick is not None
+
     def set(self, high: bool) -> None:
-        if high:
+        """The source: taking uplinks in falls behind (True), or keeps up again."""
+        self._ingest_behind = high
+        self._update()
+
+    def _update(self) -> None:
+        if self._ingest_behind or self._loop_late:
             self._relieved.clear()
         else:
             self._relieved.set()
 
     async def give_way(self, within: float | None = None) -> None:
-        """Wait while the pressure is high, for at most `within` (HOLD_SECONDS) seconds."""
+        """For a send of a drain: wait while the pressure is high, for at most `within`
+        (HOLD_SECONDS) seconds."""
+        loop = asyncio.get_running_loop()
+        self._asked = now = loop.time()
+        if self._tick is None:
+            self._tick = loop.call_at(now + TICK, self._sample, loop, now + TICK)
         if self._relieved.is_set():
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(HOLD_SECONDS if within is None else within):
                 await self._relieved.wait()
+
+    def _sample(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        now = loop.time()
+        if now - self._asked > IDLE_SECONDS:
+            self._tick, self._loop_late = None, False
+        else:
+            self._loop_late = now - due > LAG_LIMIT
+            self._tick = loop.call_at(now + TICK, self._sample, loop, now + TICK)
+        self._update()
+
+    def close(self) -> None:
+        """Stop the watch (the daemon stops)."""
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
