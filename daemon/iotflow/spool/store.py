@@ -581,9 +581,7 @@ class Spool:
         # until it is committed a crash only sends that delivery again (at least once).
         self._completes.append(delivery_id)
         if self._linger is None and self._fault is None:
-            self._linger = self._loop.call_later(
-                _COMPLETE_LINGER, self._completes_waited
-            )
+            self._linger = self._loop.call_later(_COMPLETE_LINGER, self._completes_waited)
 
     def _completes_waited(self) -> None:
         self._linger = None
