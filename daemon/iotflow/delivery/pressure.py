@@ -13,7 +13,9 @@ cloud that is as fast as the event loop goes. Two things then wait behind the dr
   event loop (read, commit, acknowledge, send, answer), and a loop kept busy by a drain
   makes each turn late: live latency went from 5 to 50 ms at its median. So the loop's
   lateness is watched while a drain runs: a timer due every `TICK` seconds that runs more
-  than `LAG_LIMIT` late says the loop is saturated.
+  than `LAG_LIMIT` late, while the loop's thread was on the CPU for at least `BUSY_SHARE`
+  of the time, says the loop is saturated by our own work. (Late while off the CPU is a
+  machine short of cores: holding the drain would not give the loop its turns back.)
 
 While either holds, a worker catching up on a backlog holds each send, for at most
 `HOLD_SECONDS`: the drain slows down to what leaves the loop on time, and never stops (a
@@ -27,12 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
-__all__ = ["HOLD_SECONDS", "LAG_LIMIT", "TICK", "IngestPressure"]
+__all__ = ["BUSY_SHARE", "HOLD_SECONDS", "LAG_LIMIT", "TICK", "IngestPressure"]
 
 HOLD_SECONDS = 1.0  # a held send waits at most this long, then goes
 TICK = 0.01  # the loop's lateness is sampled this often while a drain runs
 LAG_LIMIT = 0.004  # a tick this late: the loop is saturated, a drain gives way
+BUSY_SHARE = 0.5  # ... if the loop's thread ran at least this share of the time
 IDLE_SECONDS = 1.0  # no drain asked for this long: the watch stops
 
 
@@ -47,6 +51,8 @@ class IngestPressure:
         self._loop_late = False
         self._tick: asyncio.TimerHandle | None = None
         self._asked = 0.0  # loop time a drain last asked
+        self._sampled = 0.0  # loop time and the loop thread's CPU time at the last sample
+        self._cpu = 0.0
 
     @property
     def high(self) -> bool:
@@ -73,6 +79,7 @@ class IngestPressure:
         loop = asyncio.get_running_loop()
         self._asked = now = loop.time()
         if self._tick is None:
+            self._sampled, self._cpu = now, time.thread_time()
             self._tick = loop.call_at(now + TICK, self._sample, loop, now + TICK)
         if self._relieved.is_set():
             return
@@ -81,11 +88,13 @@ class IngestPressure:
                 await self._relieved.wait()
 
     def _sample(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
-        now = loop.time()
+        now, cpu = loop.time(), time.thread_time()
+        busy = cpu - self._cpu >= BUSY_SHARE * (now - self._sampled)
+        self._sampled, self._cpu = now, cpu
         if now - self._asked > IDLE_SECONDS:
             self._tick, self._loop_late = None, False
         else:
-            self._loop_late = now - due > LAG_LIMIT
+            self._loop_late = busy and now - due > LAG_LIMIT
             self._tick = loop.call_at(now + TICK, self._sample, loop, now + TICK)
         self._update()
 
