@@ -295,10 +295,8 @@ class AmqpSink:
         if self._broken is not None:
             raise type(self._broken)(str(self._broken))
         routing_key, body = self._render(delivery)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
         closing = asyncio.ensure_future(self._closing.wait())
-        publishing = asyncio.ensure_future(self._publish(routing_key, body, deadline))
+        publishing = asyncio.ensure_future(self._publish(routing_key, body))
         try:
             done, _ = await asyncio.wait(
                 {publishing, closing}, timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED
@@ -344,17 +342,17 @@ class AmqpSink:
             body = delivery.document
         return key, body
 
-    async def _publish(self, routing_key: str, body: bytes, deadline: float) -> None:
+    async def _publish(self, routing_key: str, body: bytes) -> None:
         exchange = await self._ensure()
-        remaining = deadline - asyncio.get_running_loop().time()
         message = aio_pika.Message(
             body,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        await exchange.publish(
-            message, routing_key=routing_key, mandatory=True, timeout=max(remaining, 0.001)
-        )
+        # The confirm is waited for by `send`'s own timeout alone: a second timer for the
+        # same deadline here raced it, and a loaded machine then said "no answer" for what
+        # is a missing confirm.
+        await exchange.publish(message, routing_key=routing_key, mandatory=True)
 
     # -- the connection --------------------------------------------------------------------
 
