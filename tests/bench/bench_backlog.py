@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import orjson
@@ -177,7 +178,6 @@ async def _publish(
     window = 100
     times = array.array("d")
     taken = 0
-    slots = asyncio.Semaphore(window)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -197,31 +197,48 @@ async def _publish(
     async with aiomqtt.Client(
         HOST, port, identifier="iotflow-bench-backlog-publisher", max_inflight_messages=window
     ) as client:
-        client.pending_calls_threshold = window
+        # paho's publish called from the loop, a PUBACK counted in paho's callback: no task
+        # or future per uplink (as bench_routing.py's publisher; it shares the 2 cores).
+        paho_client = client._client
+        aiomqtt_on_publish = paho_client.on_publish
+        free = window
+        slot = asyncio.Event()
 
-        async def send(topic: str, payload: bytes) -> None:
-            try:
-                await client.publish(topic, payload, qos=1, timeout=120)
-            finally:
-                slots.release()
+        def on_publish(*args: Any) -> None:
+            nonlocal free
+            if aiomqtt_on_publish is not None:
+                aiomqtt_on_publish(*args)  # nothing of ours is pending there: a no-op
+            free += 1
+            slot.set()
 
+        paho_client.on_publish = on_publish
         conn.send(("ready", None))
         await asyncio.to_thread(conn.recv)  # "go"
         loop.add_reader(conn.fileno(), command)
         start = time.monotonic()
         seq = 0
         try:
-            async with asyncio.TaskGroup() as group:
-                while not stopping.is_set():
-                    due = start + seq / rate
-                    now = time.monotonic()
-                    if due > now:
-                        await asyncio.sleep(due - now)
-                    topic, payload = uplink("actility", devices[seq % len(devices)], seq)
-                    await slots.acquire()
-                    times.append(time.monotonic())
-                    group.create_task(send(topic, payload))
-                    seq += 1
+            while not stopping.is_set():
+                due = start + seq / rate
+                now = time.monotonic()
+                if due > now:
+                    await asyncio.sleep(due - now)
+                    continue
+                if free == 0:
+                    slot.clear()
+                    await slot.wait()
+                    continue
+                topic, payload = uplink("actility", devices[seq % len(devices)], seq)
+                times.append(time.monotonic())
+                info = paho_client.publish(topic, payload, qos=1)
+                if info.rc != 0:
+                    raise aiomqtt.MqttCodeError(info.rc, "Could not publish the uplink")
+                free -= 1
+                seq += 1
+            async with asyncio.timeout(120):  # the last PUBACKs
+                while free < window:
+                    slot.clear()
+                    await slot.wait()
         finally:
             loop.remove_reader(conn.fileno())
     return taken, times[taken:].tobytes()
