@@ -321,11 +321,26 @@ async def test_a_certificate_of_another_ca_is_an_authentication_failure(
     config = mqtt_config(cloud, pki, identity=pki.rogue)
     sink = await started(sinks, MqttSink("rogue", config, context(timeout=10)))
     began = time.monotonic()
-    with pytest.raises(AuthenticationSinkError, match="our certificate") as caught:
-        await sink.send(delivery())
+    # TLS 1.3 refuses a client certificate after the handshake: the broker sends its alert
+    # and closes. A client slow enough (a loaded machine) writes its CONNECT after that
+    # close, the broker's reset then discards the unread alert, and the attempt reads
+    # only an EOF: retried, as any hang-up is. The next attempt reads the alert.
+    caught: AuthenticationSinkError | None = None
+    lost: list[str] = []
+    for _ in range(5):
+        try:
+            await sink.send(delivery())
+        except AuthenticationSinkError as exc:  # a RetryableSinkError too: caught first
+            caught = exc
+            break
+        except RetryableSinkError as exc:
+            lost.append(str(exc))
+    assert caught is not None, lost
+    assert all("EOF occurred in violation of protocol" in error for error in lost), lost
+    assert "our certificate" in str(caught)
     # Not a timed benchmark: the refusal is read from the TLS alert, not from a timeout.
     assert time.monotonic() - began < 10
-    assert "PRIVATE KEY" not in str(caught.value)
+    assert "PRIVATE KEY" not in str(caught)
     assert not await sink.healthcheck()
 
 
