@@ -1,6 +1,5 @@
-"""Live first (delivery/pressure.py): a backlog read back from the spool gives way while
-the source falls behind or the loop runs late; live deliveries never wait for it, and a
-drain never stops."""
+"""Ingest first (delivery/pressure.py): a backlog read back from the spool gives way while
+the source falls behind; live deliveries never wait for it, and a drain never stops."""
 
 from __future__ import annotations
 
@@ -118,68 +117,3 @@ async def test_the_gate_says_when_ingest_falls_behind_and_when_it_keeps_up_again
     assert pressure.high  # not yet down to a quarter
     gate.release()
     assert not pressure.high
-
-
-def busy(seconds: float) -> None:
-    """The loop's thread on the CPU for `seconds` of CPU time (what a drain does to it)."""
-    end = time.thread_time() + seconds
-    while time.thread_time() < end:
-        pass
-
-
-async def test_a_drain_gives_way_while_the_loop_runs_late(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # However few cores a loaded test machine gives the thread, the 50 ms count as busy.
-    monkeypatch.setattr(pressure_module, "BUSY_SHARE", 0.0)
-    pressure = IngestPressure()
-    await pressure.give_way()  # a drain's send: starts the watch, nothing holds it yet
-    assert pressure.watching
-    assert not pressure.high
-    busy(0.05)  # the watch's timer runs late
-    await turns()
-    assert pressure.high
-    # On time again, the next sample relieves it: a held send goes before its hold ends.
-    started = asyncio.get_running_loop().time()
-    async with asyncio.timeout(5):
-        await pressure.give_way(within=3600.0)
-    assert not pressure.high
-    assert asyncio.get_running_loop().time() - started < 1.0
-    pressure.close()
-    assert not pressure.watching
-
-
-async def test_the_watch_stops_when_no_drain_asks(monkeypatch: pytest.MonkeyPatch) -> None:
-    # An idle daemon on a gateway is not woken a hundred times a second.
-    monkeypatch.setattr(pressure_module, "IDLE_SECONDS", 0.05)
-    pressure = IngestPressure()
-    await pressure.give_way()
-    assert pressure.watching
-    async with asyncio.timeout(5):
-        while pressure.watching:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)  # the watch's own timer ends it
-    assert not pressure.high
-
-
-async def test_a_loop_late_while_off_the_cpu_does_not_hold_a_drain() -> None:
-    # A machine short of cores makes every timer late; holding the drain would not give
-    # the loop its turns back.
-    pressure = IngestPressure()
-    await pressure.give_way()
-    time.sleep(0.05)  # noqa: ASYNC251 (the loop's thread waiting, off the CPU)
-    await turns()
-    assert not pressure.high
-    pressure.close()
-
-
-async def test_the_source_and_the_loop_each_hold_a_drain(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pressure_module, "BUSY_SHARE", 0.0)
-    pressure = IngestPressure()
-    pressure.set(True)
-    await pressure.give_way(within=0)  # the source behind: held (for no time at all here)
-    assert pressure.high
-    busy(0.05)
-    await turns()
-    pressure.set(False)  # the source keeps up again, the loop is still late
-    assert pressure.high
-    pressure.close()

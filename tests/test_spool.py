@@ -127,33 +127,6 @@ async def test_uncommitted_completes_are_not_pending(spool: Spool) -> None:
     assert await spool.pending_counts() == {"a": 2, "b": 3}
 
 
-async def test_a_complete_rides_with_the_next_appends_transaction(
-    spool: Spool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # At a steady rate each uplink's append and its complete took a transaction each.
-    monkeypatch.setattr(spool_store, "_COMPLETE_LINGER", 3600.0)  # only an append takes it
-    first = await add(spool, 1, "a")
-    before = spool.stats.transactions
-    spool.complete(first[0].id)
-    await add(spool, 2, "a")
-    assert spool.stats.transactions == before + 1
-    assert spool.stats.completed == 1
-    assert count_rows(spool.path) == (1, 1)  # uplink 1 is gone with its delivery
-
-
-async def test_a_complete_alone_is_written_once_it_has_waited(
-    spool: Spool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(spool_store, "_COMPLETE_LINGER", 0.01)
-    first = await add(spool, 1, "a")
-    spool.complete(first[0].id)
-    assert spool.stats.completed == 0  # waiting for appends to share a transaction
-    async with asyncio.timeout(5):
-        while spool.stats.completed == 0:  # noqa: ASYNC110
-            await asyncio.sleep(0.005)  # the spool's own timer writes it
-    assert count_rows(spool.path) == (0, 0)
-
-
 async def test_reopen_resumes_everything_and_ids_keep_increasing(tmp_path: Path) -> None:
     path = tmp_path / "state" / "spool.db"  # the directory does not exist yet
     spool = await Spool.open(path)

@@ -307,4 +307,3 @@ class Deliveries:
                     timeout=format_duration(timedelta(seconds=drain)),
                 )
             await asyncio.gather(*(self._stop(w, deadline) for w in self.workers.values()))
-            self.pressure.close()

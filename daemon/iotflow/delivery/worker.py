@@ -446,7 +446,7 @@ class ConnectionWorker:
             assert task is not None
             self._sending.add(task)
             try:
-                if self._refill[lane].spilled:
+                if self._refill[lane].spilled and self._pressure.high:
                     await self._pressure.give_way()
                 await self._deliver(delivery)
             except Exception as exc:

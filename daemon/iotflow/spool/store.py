@@ -18,8 +18,7 @@ Writes: one writer task owns the write connection. `append`, `complete` and
 (`executemany` inserts, then deletes of completed deliveries, then at most one drop),
 commits, and resolves the waiting futures in FIFO order. Ids are allocated in memory
 (the writer is the only writer), so a batch needs no read-back: its statements and its
-commit go to the aiosqlite thread in one hop, whatever its size. A complete alone waits
-up to `_COMPLETE_LINGER` for appends to share their transaction.
+commit go to the aiosqlite thread in one hop, whatever its size.
 
 An uplink that is journaled too (issue #14) keeps its document once, in its journal row
 (same id), and its uplinks row holds an empty one: the document was written twice in every
@@ -102,8 +101,6 @@ SCHEMA_VERSION = 4
 SYNCHRONOUS = "FULL"
 
 _IDLE_CHECKPOINT = 1.0  # seconds between checkpoints of an idle writer, at least
-# Completes alone wait this long for appends to share their transaction (see `complete`).
-_COMPLETE_LINGER = 0.02
 _REMINDER = 60.0  # seconds between log lines of one unavailability episode, at least
 
 # Version 2 to 3: the journal, dead letters and replays (issue #14), one transaction too.
@@ -409,9 +406,6 @@ class Spool:
         self._max_batch = max_batch
         self._ops: deque[_Op] = deque()
         self._completes: list[int] = []  # queued for the next batch
-        self._completes_due = False  # they waited `_COMPLETE_LINGER`: written alone if need be
-        self._linger: asyncio.TimerHandle | None = None
-        self._loop = asyncio.get_running_loop()  # opened on the loop that uses it
         self._finals: list[_Final] = []  # completes that also write a dead letter or a count
         self._completing: set[int] = set()  # queued or in a batch not yet committed
         self._wakeup = asyncio.Event()
@@ -572,21 +566,10 @@ class Spool:
         self._completing.add(delivery_id)
         if final is not None:
             self._finals.append(_Final(final, outcome, letter))
-            if self._fault is None:  # else they wait for the writer's next retry
-                self._wakeup.set()
-            return
-        # A plain complete rides with the next batch of appends, or goes alone after
-        # `_COMPLETE_LINGER`: at a steady rate each uplink's append and its complete took
-        # a transaction (a thread hop, a commit and its fsync) each. Nobody waits for it;
-        # until it is committed a crash only sends that delivery again (at least once).
-        self._completes.append(delivery_id)
-        if self._linger is None and self._fault is None:
-            self._linger = self._loop.call_later(_COMPLETE_LINGER, self._completes_waited)
-
-    def _completes_waited(self) -> None:
-        self._linger = None
-        self._completes_due = True
-        self._wakeup.set()
+        else:
+            self._completes.append(delivery_id)
+        if self._fault is None:  # else they wait for the writer's next retry
+            self._wakeup.set()
 
     async def flush(self) -> None:
         """Wait until everything queued so far (appends and completes) is committed.
@@ -754,7 +737,7 @@ class Spool:
                 self._wakeup.clear()
                 if self._fault is not None and (self._stopping or self._now() >= self._retry_at):
                     await self._retry()
-                while self._ops or (self._owed() and self._fault is None):
+                while self._ops or ((self._completes or self._finals) and self._fault is None):
                     await self._write_batch()
                 if self._fault is None:
                     await self._checkpoint_if_due(idle=True)
@@ -772,20 +755,10 @@ class Spool:
                     op.future.set_exception(error)
             self._ops.clear()
 
-    def _owed(self) -> bool:
-        """Completes to write without appends: finals at once, plain ones once due."""
-        if self._finals:
-            return True
-        return bool(self._completes) and (self._completes_due or self._stopping)
-
     def _take_batch(self) -> _Batch:
         batch = _Batch(completes=self._completes, finals=self._finals)
         self._completes = []
         self._finals = []
-        self._completes_due = False
-        if self._linger is not None:
-            self._linger.cancel()
-            self._linger = None
         while self._ops and len(batch.appends) < self._max_batch:
             op = self._ops.popleft()
             batch.ops.append(op)
@@ -825,7 +798,6 @@ class Spool:
                 await self._rollback()
                 # Completes are still owed: first in line for the next batch.
                 self._completes = batch.completes + self._completes
-                self._completes_due = bool(self._completes)
                 self._finals = batch.finals + self._finals
                 self.stats.failed_transactions += 1
                 self._failed(exc, batch)
@@ -885,7 +857,6 @@ class Spool:
         self._fault = None
         self._writable.set()
         self._recovered_at = self._now()
-        self._completes_due = bool(self._completes)  # they waited long enough
         self._wakeup.set()  # completes that waited go in the next batch
 
     async def _retry(self) -> None:
