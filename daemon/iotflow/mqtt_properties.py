@@ -2,8 +2,8 @@
 
 paho-mqtt 2.x decodes every MQTT 5 packet it receives (each uplink's PUBLISH, each PUBACK of
 an MQTT sink) into a new `Properties`, whose `__init__` builds two dictionaries describing
-all 27 MQTT 5 properties, and whose `unpack` first walks those 27 names to clear them: 14 of
-the 18 µs paho takes to decode a PUBLISH (issue #16, `tests/bench/bench_parts.py`). The
+all 27 MQTT 5 properties, and whose `unpack` first walks those 27 names to clear them: 16 of
+the 20 µs paho takes to decode a PUBLISH (issue #16, `tests/bench/bench_parts.py`). The
 tables never change once built, so one copy serves every packet; a packet that carries no
 properties (a length byte of 0, the common case) is not parsed at all. What a property
 decodes to is paho's own code, unchanged (`tests/test_mqtt_properties.py` compares the two).
