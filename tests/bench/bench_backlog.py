@@ -63,12 +63,14 @@ from bench.bench_routing import (  # noqa: E402
     HOST,
     BenchDaemon,
     Child,
+    PublishWindow,
     _child_main,
     cpu_seconds,
     device_euis,
     filesystem_of,
     percentile,
     proc_status,
+    serve_cloud,
 )
 from support.mosquitto import Mosquitto  # noqa: E402
 from support.uplinks import uplink  # noqa: E402
@@ -120,24 +122,8 @@ async def _cloud(conn: Connection, status: int) -> None:
                 below += 1
         return web.Response(body=b'{"ok":true}', content_type="application/json")
 
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, HOST, 0, backlog=1024)
-    await site.start()
-    conn.send(("port", int(runner.addresses[0][1])))
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def command() -> None:
+    def command(name: str, rest: list[Any]) -> None:
         nonlocal status, threshold, below
-        try:
-            name, *rest = conn.recv()
-        except EOFError:
-            stop.set()
-            return
         if name == "count":
             conn.send(("count", (distinct, below, refused, malformed)))
         elif name == "take":
@@ -150,15 +136,8 @@ async def _cloud(conn: Connection, status: int) -> None:
             status, threshold = 200, int(rest[0])
             below = sum(seen[:threshold])
             conn.send(("up", None))
-        elif name == "stop":
-            stop.set()
 
-    loop.add_reader(conn.fileno(), command)
-    try:
-        await stop.wait()
-    finally:
-        loop.remove_reader(conn.fileno())
-        await runner.cleanup()
+    await serve_cloud(conn, handle, command)
 
 
 # -- the publisher ------------------------------------------------------------------------------
@@ -197,21 +176,7 @@ async def _publish(
     async with aiomqtt.Client(
         HOST, port, identifier="iotflow-bench-backlog-publisher", max_inflight_messages=window
     ) as client:
-        # paho's publish called from the loop, a PUBACK counted in paho's callback: no task
-        # or future per uplink (as bench_routing.py's publisher; it shares the 2 cores).
-        paho_client = client._client
-        aiomqtt_on_publish = paho_client.on_publish
-        free = window
-        slot = asyncio.Event()
-
-        def on_publish(*args: Any) -> None:
-            nonlocal free
-            if aiomqtt_on_publish is not None:
-                aiomqtt_on_publish(*args)  # nothing of ours is pending there: a no-op
-            free += 1
-            slot.set()
-
-        paho_client.on_publish = on_publish
+        publisher = PublishWindow(client, window)
         conn.send(("ready", None))
         await asyncio.to_thread(conn.recv)  # "go"
         loop.add_reader(conn.fileno(), command)
@@ -223,22 +188,14 @@ async def _publish(
                 now = time.monotonic()
                 if due > now:
                     await asyncio.sleep(due - now)
-                    continue
-                if free == 0:
-                    slot.clear()
-                    await slot.wait()
-                    continue
+                    continue  # a "stop" may have come meanwhile
+                await publisher.room()
                 topic, payload = uplink("actility", devices[seq % len(devices)], seq)
                 times.append(time.monotonic())
-                info = paho_client.publish(topic, payload, qos=1)
-                if info.rc != 0:
-                    raise aiomqtt.MqttCodeError(info.rc, "Could not publish the uplink")
-                free -= 1
+                publisher.publish(topic, payload)
                 seq += 1
             async with asyncio.timeout(120):  # the last PUBACKs
-                while free < window:
-                    slot.clear()
-                    await slot.wait()
+                await publisher.drained()
         finally:
             loop.remove_reader(conn.fileno())
     return taken, times[taken:].tobytes()
