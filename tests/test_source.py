@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import textwrap
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiomqtt
@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from iotflow.config.model import MqttSettings
-from iotflow.sources.ack import ManualAck, Messages
+from iotflow.sources.ack import ManualAck
 from iotflow.sources.mqtt import REMINDER_INTERVAL, Incoming, MqttSource, _ErrorLog
 from iotflow.spool import SpoolFullError
 from iotflow.telemetry.metrics import Metrics
@@ -65,12 +65,27 @@ async def run_consumer(
         "1" if commit else "0",
         stdout=asyncio.subprocess.PIPE,
     )
-    assert await next_line(process) == "consuming"
+    # What the broker kept for the session may arrive before the subscription is answered:
+    # it is handled at once, and its lines come before "consuming".
+    early: list[str] = []
+    while (line := await _own_line(process)) != "consuming":
+        early.append(line)
+    _early[process] = early
     return process
 
 
+_early: dict[asyncio.subprocess.Process, list[str]] = {}
+
+
 async def next_line(process: asyncio.subprocess.Process) -> str:
-    """The consumer's next own line (its log lines are skipped)."""
+    """The consumer's next "received" line (its log lines are skipped)."""
+    early = _early.get(process)
+    if early:
+        return early.pop(0)
+    return await _own_line(process)
+
+
+async def _own_line(process: asyncio.subprocess.Process) -> str:
     assert process.stdout is not None
     while True:
         raw = await asyncio.wait_for(process.stdout.readline(), 30)
@@ -81,6 +96,7 @@ async def next_line(process: asyncio.subprocess.Process) -> str:
 
 
 async def kill(process: asyncio.subprocess.Process) -> None:
+    _early.pop(process, None)
     process.kill()
     await process.wait()
 
@@ -127,10 +143,10 @@ async def test_acknowledgements_leave_in_arrival_order(
     acked: list[int] = []
     original = ManualAck.ack
 
-    def record(self: ManualAck, mid: int, qos: int) -> bool:
-        acked.append(mid)
+    def record(self: ManualAck, mids: Sequence[int]) -> bool:
+        acked.extend(mids)
         asyncio.get_running_loop().create_task(notify())
-        return original(self, mid, qos)
+        return original(self, mids)
 
     monkeypatch.setattr(ManualAck, "ack", record)
     commits: list[asyncio.Future[None]] = []
@@ -368,41 +384,103 @@ async def test_a_burst_is_read_in_fewer_system_calls_than_messages(
     await asyncio.wait_for(task, 30)
 
 
-async def test_messages_come_without_a_task_each_and_end_at_the_disconnection() -> None:
-    """The session's iterator over aiomqtt's queue: what was queued before a disconnection
-    comes first, then MqttError as from `client.messages`; no task is made per message."""
-    client = aiomqtt.Client("127.0.0.1")
-    queue: Any = client._queue  # stand-ins for messages: the iterator does not read them
-    lost = client._disconnected
-    messages: Any = Messages(client)
-    for n in range(3):
-        queue.put_nowait(n)
-    tasks = len(asyncio.all_tasks())
-    assert [await anext(messages) for _ in range(3)] == [0, 1, 2]
-    assert len(asyncio.all_tasks()) == tasks
-    waiting = asyncio.ensure_future(anext(messages))
-    await asyncio.sleep(0)
-    queue.put_nowait(3)
-    assert await waiting == 3
-    # Lost while waiting: the wait ends at once.
-    waiting = asyncio.ensure_future(anext(messages))
-    await asyncio.sleep(0)
-    lost.set_exception(aiomqtt.MqttError("connection lost"))
-    with pytest.raises(aiomqtt.MqttError, match="Disconnected") as caught:
-        await waiting
-    assert str(caught.value.__cause__) == "connection lost"
-    with pytest.raises(aiomqtt.MqttError):
-        await anext(messages)
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_the_pubacks_of_a_group_commit_leave_in_one_send(
+    fresh_mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch, protocol: str
+) -> None:
+    # paho's own ack writes one packet per call, each with its own send (issue #16). The
+    # broker allows one window of unacknowledged messages: receiving the next window
+    # proves it took every PUBACK of the one send.
+    window = 20
+    writes: list[bytes] = []
+    original = paho.Client._sock_send
+
+    def recorded(self: paho.Client, buf: bytes | bytearray) -> int:
+        writes.append(bytes(buf))
+        return original(self, buf)
+
+    monkeypatch.setattr(paho.Client, "_sock_send", recorded)
+    commits: list[asyncio.Future[None]] = []
+    changed = asyncio.Condition()
+
+    async def notify() -> None:
+        async with changed:
+            changed.notify_all()
+
+    def handle(incoming: Incoming) -> Awaitable[None] | None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        commits.append(future)
+        asyncio.get_running_loop().create_task(notify())
+        return future
+
+    settings = MqttSettings.model_validate(
+        {
+            "url": fresh_mosquitto.url,
+            "client_id": f"one-send-{protocol}",
+            "protocol": protocol,
+            "receive_maximum": window,
+            "subscriptions": [{"topic": "one-send/#", "format": "actility"}],
+        }
+    )
+    source = MqttSource(settings, handle, Metrics())
+    task = asyncio.create_task(source.run())
+    await asyncio.wait_for(source.consuming.wait(), 30)
+    async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as publisher:
+        for n in range(2 * window):
+            await publisher.publish(f"one-send/{n}", b"x", qos=1)
+    async with asyncio.timeout(30), changed:
+        await changed.wait_for(lambda: len(commits) == window)
+    writes.clear()
+    for future in commits:  # a group commit: its futures end together, in arrival order
+        future.set_result(None)
+    async with asyncio.timeout(30), changed:
+        await changed.wait_for(lambda: len(commits) == 2 * window)
+    pubacks = [w for w in writes if w[0] == paho.PUBACK]
+    assert len(pubacks) == 1 and len(pubacks[0]) == 4 * window
+    # Each is the PUBACK paho would have sent, in arrival order.
+    mids = [int.from_bytes(pubacks[0][i + 2 : i + 4], "big") for i in range(0, 4 * window, 4)]
+    assert all(pubacks[0][i : i + 2] == bytes([paho.PUBACK, 2]) for i in range(0, 4 * window, 4))
+    assert len(set(mids)) == window
+    for future in commits[window:]:
+        future.set_result(None)
+    source.stop()
+    await asyncio.wait_for(task, 30)
 
 
-async def test_messages_queued_before_a_disconnection_are_not_lost() -> None:
-    client = aiomqtt.Client("127.0.0.1")
-    messages: Any = Messages(client)
-    queue: Any = client._queue
-    queue.put_nowait("a")
-    queue.put_nowait("b")
-    client._disconnected.set_result(None)  # a clean disconnection, with two queued
-    assert await anext(messages) == "a"
-    assert await anext(messages) == "b"
-    with pytest.raises(aiomqtt.MqttError, match="Disconnected"):
-        await anext(messages)
+async def test_a_handler_bug_acknowledges_that_message_and_the_next_ones_go_on(
+    mosquitto: Mosquitto,
+) -> None:
+    received: list[bytes] = []
+    arrived = asyncio.Event()
+
+    def handle(incoming: Incoming) -> Awaitable[None] | None:
+        received.append(incoming.payload)
+        if incoming.payload == b"bad":
+            raise RuntimeError("a bug")
+        arrived.set()
+        return None
+
+    settings = MqttSettings.model_validate(
+        {
+            "url": mosquitto.url,
+            "client_id": "handler-bug",
+            "subscriptions": [{"topic": "handler-bug/#", "format": "actility"}],
+        }
+    )
+    with capture_logs() as logs:
+        source = MqttSource(settings, handle, Metrics())
+        task = asyncio.create_task(source.run())
+        await asyncio.wait_for(source.consuming.wait(), 30)
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as publisher:
+            await publisher.publish("handler-bug/1", b"bad", qos=1)
+            await publisher.publish("handler-bug/2", b"good", qos=1)
+            await asyncio.wait_for(arrived.wait(), 30)
+        source.stop()
+        await asyncio.wait_for(task, 30)
+    # Once each: the bad one was acknowledged, not redelivered by a new session.
+    assert received == [b"bad", b"good"]
+    assert source.connected.is_set() is False
+    (error,) = [e for e in logs if e["log_level"] == "error"]
+    assert error["event"] == "Uplink not handled; acknowledged without a commit"
+    assert error["error"] == "RuntimeError: a bug"
+    assert not [e for e in logs if e["event"] == "Broker connection lost"]

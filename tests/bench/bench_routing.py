@@ -645,6 +645,19 @@ def connections_for(
     ]
 
 
+async def taken_in(daemons: Sequence[DaemonProcess | NodeRed]) -> str:
+    """What the daemons have taken in and delivered so far, by their own counters: whether
+    uplinks wait at the broker or in the daemon (ingest comes first, `delivery/pressure.py`)."""
+    sums: dict[str, float] = {}
+    for daemon in daemons:
+        if isinstance(daemon, NodeRed):
+            return ""
+        for key, value in metric_sums(await daemon.metrics()).items():
+            sums[key] = sums.get(key, 0.0) + value
+    received = sums.get("uplinks_received", 0.0)
+    return f" (taken in {received:.0f}, sent {sums.get('deliveries_delivered', 0.0):.0f})"
+
+
 async def wait_delivered(
     args: argparse.Namespace,
     cloud: Child,
@@ -672,9 +685,9 @@ async def wait_delivered(
                 f"{distinct} of {expected} deliveries (+{total - distinct} repeated) reached"
                 f" the cloud before the deadline; daemon log:\n{daemons[0].tail(20)}"
             )
-        if now - last_report > 5:
+        if now - last_report > args.progress:
             last_report = now
-            say(args, f"  {distinct}/{expected} delivered")
+            say(args, f"  {distinct}/{expected} delivered{await taken_in(daemons)}")
         await asyncio.sleep(0.02)
 
 
@@ -939,6 +952,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument(
+        "--progress",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="a progress line every S seconds (default 5): delivered, taken in, sent",
+    )
     parser.add_argument(
         "--flows",
         help="comma-separated flow counts: print the routing index's per-uplink cost with"

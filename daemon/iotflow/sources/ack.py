@@ -11,6 +11,8 @@ a crash.
 from __future__ import annotations
 
 import asyncio
+import struct
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiomqtt
@@ -22,19 +24,57 @@ from iotflow.delivery.pressure import IngestPressure
 # Every uplink's PUBLISH is decoded by paho: without its tables rebuilt each time.
 mqtt_properties.install()
 
+# A PUBACK: its type, a remaining length of 2, the packet identifier (paho's `_send_puback`).
+_PUBACK = struct.Struct("!BBH")
+
+
+def disconnection(client: aiomqtt.Client) -> asyncio.Future[None]:
+    """aiomqtt's future of the client's disconnection; replaced at each connect, so taken once
+    connected."""
+    future: asyncio.Future[None] = client._disconnected
+    return future
+
 
 class ManualAck:
-    """Turns paho's automatic acknowledgement off for one aiomqtt client (before connecting)."""
+    """Turns paho's automatic acknowledgement off for one aiomqtt client (before connecting),
+    and writes the PUBACKs of many messages at once.
+
+    paho's `ack` queues each PUBACK as a packet of its own: a write to its wake-up socket
+    pair, a writer registered with the event loop (through `call_soon_threadsafe`), then a
+    `send` and the writer removed, for every uplink. The PUBACKs that a group commit frees
+    together go here in one `send` instead (issue #16). Each is the 4 bytes paho's own
+    `_send_puback` builds, for MQTT 5 and 3.1.1 alike (a PUBACK of reason Success without
+    properties may leave both out: MQTT 5 section 3.4.2.1). When paho has packets of its
+    own still to write, ours are queued behind them, in paho's queue, to keep the order.
+    """
 
     def __init__(self, client: aiomqtt.Client) -> None:
         self._paho: paho.Client = client._client
         self._paho.manual_ack_set(True)
 
-    def ack(self, mid: int, qos: int) -> bool:
-        """Send the PUBACK of message `mid`; False when the client could not (disconnected)."""
-        if qos == 0:
+    def ack(self, mids: Sequence[int]) -> bool:
+        """PUBACK the QoS 1 messages `mids`, in this order; False when the client could not
+        (disconnected)."""
+        if not mids:
             return True
-        return self._paho.ack(mid, qos) == paho.MQTT_ERR_SUCCESS
+        client = self._paho
+        if client.socket() is None:
+            return False
+        data = b"".join([_PUBACK.pack(paho.PUBACK, 2, mid) for mid in mids])
+        sent = 0
+        if not client._out_packet:
+            try:
+                sent = client._sock_send(data)
+            except BlockingIOError:
+                sent = 0  # paho has registered its writer: the queue below goes out with it
+            except OSError:
+                return False  # the connection is lost; aiomqtt's reader reports it
+        if sent < len(data):
+            queued = client._packet_queue(paho.PUBACK, data[sent:], 0, 0)
+            return queued == paho.MQTT_ERR_SUCCESS
+        with client._msgtime_mutex:  # what paho's own writes record, for its keep-alive
+            client._last_msg_out = paho.time_func()
+        return True
 
 
 class ConnectWatch:
@@ -68,46 +108,6 @@ class ConnectWatch:
         self._paho.on_disconnect = disconnected
 
 
-class Messages:
-    """The session's messages, as `client.messages` gives them, without its task and its
-    `asyncio.wait` per message.
-
-    aiomqtt's iterator makes a task to get each message and waits on it and on the
-    disconnection together: a task, a wait and their extra turns of the event loop for
-    every uplink, even when the queue already holds the next one. Here a message is taken
-    from aiomqtt's queue (`_queue`, private) as it comes; a disconnection with nothing
-    left queued wakes the wait with a marker and ends the iteration as aiomqtt's does
-    (MqttError), after the messages queued before it. Made once connected: aiomqtt
-    replaces its disconnection future at each connect.
-    """
-
-    _LOST: Any = object()
-
-    def __init__(self, client: aiomqtt.Client) -> None:
-        self._queue: asyncio.Queue[Any] = client._queue
-        self._disconnected: asyncio.Future[None] = client._disconnected
-        self._disconnected.add_done_callback(self._wake)
-
-    def _wake(self, _: asyncio.Future[None]) -> None:
-        if self._queue.empty():
-            self._queue.put_nowait(self._LOST)  # unbounded: aiomqtt's default queue
-
-    def __aiter__(self) -> Messages:
-        return self
-
-    async def __anext__(self) -> aiomqtt.Message:
-        queue = self._queue
-        if queue.empty() and self._disconnected.done():
-            item = self._LOST
-        else:
-            item = queue.get_nowait() if not queue.empty() else await queue.get()
-        if item is self._LOST:
-            cause = self._disconnected.exception() if self._disconnected.done() else None
-            raise aiomqtt.MqttError("Disconnected during message iteration") from cause
-        message: aiomqtt.Message = item
-        return message
-
-
 PRESSURE_TAKEN = 50  # see InflightGate.__init__
 
 # Bytes asked of the socket at once: many uplinks (about 0.6 kB each) per system call.
@@ -134,7 +134,11 @@ class InflightGate:
     """
 
     def __init__(
-        self, client: aiomqtt.Client, limit: int, pressure: IngestPressure | None = None
+        self,
+        client: aiomqtt.Client,
+        limit: int,
+        pressure: IngestPressure | None = None,
+        on_message: Callable[[paho.MQTTMessage], None] | None = None,
     ) -> None:
         self._aiomqtt = client
         # This many uplinks taken and not acknowledged: ingest falls behind (a commit and
@@ -148,11 +152,12 @@ class InflightGate:
         self._limit = limit
         self._paused_fd: int | None = None
         self._armed = False
+        self._stopped = False
         self.taken = 0
         self._buffer = b""
         self._offset = 0
         paho_recv = self._paho._sock_recv
-        on_message = self._paho.on_message
+        aiomqtt_on_message = self._paho.on_message
         on_socket_open = self._paho.on_socket_open
 
         def recv(size: int) -> bytes:
@@ -168,10 +173,14 @@ class InflightGate:
             self._offset = end
             return buffer[offset:end]
 
-        def arrived(*args: Any) -> None:
-            if on_message is not None:
-                on_message(*args)
+        def arrived(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
             self.taken += 1
+            if on_message is not None:
+                # Handled here, as paho decodes it: not through aiomqtt's queue of Message
+                # objects, a task's wait on it, and a queue of acknowledgements (issue #16).
+                on_message(message)
+            elif aiomqtt_on_message is not None:
+                aiomqtt_on_message(client, userdata, message)
             if self._pressure is not None and self.taken >= self._high:
                 self._pressure.set(True)
             if self._armed and self.taken >= self._limit:
@@ -198,17 +207,25 @@ class InflightGate:
         if self.taken >= self._limit:
             self._pause()
 
-    def release(self) -> None:
-        """One message is done with (acknowledged, or committed at QoS 0)."""
-        self.taken -= 1
+    def release(self, count: int = 1) -> None:
+        """`count` messages are done with (acknowledged, or committed at QoS 0)."""
+        self.taken -= count
         if self._pressure is not None and self.taken <= self._low:
             self._pressure.set(False)
         if self._paused_fd is not None and self.taken < self._limit:
             self._resume()
 
+    def stop_reading(self) -> None:
+        """Read no more (a stop): what the broker sends from now on stays unacknowledged, and
+        it redelivers it to the next session."""
+        self._stopped = True
+        sock = self._paho.socket()
+        if self._paused_fd is None and sock is not None:
+            self._loop.remove_reader(sock.fileno())
+
     def _take_over(self, fd: int) -> None:
         sock = self._paho.socket()
-        if sock is None or sock.fileno() != fd:
+        if sock is None or sock.fileno() != fd or self._stopped:
             return  # closed before this ran
         if self._paused_fd is None:
             self._loop.add_reader(fd, self._read)
@@ -225,8 +242,8 @@ class InflightGate:
     def _resume(self) -> None:
         fd, self._paused_fd = self._paused_fd, None
         sock = self._paho.socket()
-        if fd is None or sock is None or sock.fileno() != fd:
-            return  # the connection is gone; aiomqtt has seen it close
+        if fd is None or sock is None or sock.fileno() != fd or self._stopped:
+            return  # the connection is gone (aiomqtt has seen it close), or we stop
         # aiomqtt's own reader callback is a closure we cannot get back; this one does
         # what it does. Bytes that arrived meanwhile, or wait in the buffer, are read at once.
         self._loop.add_reader(fd, self._read)
@@ -234,7 +251,7 @@ class InflightGate:
 
     def _read(self) -> None:
         try:
-            while self._paused_fd is None:
+            while self._paused_fd is None and not self._stopped:
                 self._paho.loop_read()
                 if self.buffered > 0 and self._paho.socket() is not None:
                     continue  # more packets in the buffer: no readable event will say so
