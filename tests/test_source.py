@@ -6,7 +6,6 @@ import asyncio
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -436,11 +435,13 @@ async def test_the_pubacks_of_a_group_commit_leave_in_one_send(
     async with asyncio.timeout(30), changed:
         await changed.wait_for(lambda: len(commits) == 2 * window)
     pubacks = [w for w in writes if w[0] == paho.PUBACK]
-    assert len(pubacks) == 1 and len(pubacks[0]) == 4 * window
-    # Each is the PUBACK paho would have sent, in arrival order.
+    assert len(pubacks) == 1
+    assert len(pubacks[0]) == 4 * window
+    # Each is the PUBACK paho would have sent, in arrival order (Mosquitto numbers them so).
     mids = [int.from_bytes(pubacks[0][i + 2 : i + 4], "big") for i in range(0, 4 * window, 4)]
     assert all(pubacks[0][i : i + 2] == bytes([paho.PUBACK, 2]) for i in range(0, 4 * window, 4))
-    assert len(set(mids)) == window
+    assert mids == sorted(set(mids))
+    assert len(mids) == window
     for future in commits[window:]:
         future.set_result(None)
     source.stop()
