@@ -140,14 +140,14 @@ async def test_acknowledgements_leave_in_arrival_order(
     mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch, protocol: str
 ) -> None:
     acked: list[int] = []
-    original = ManualAck.ack
+    original = ManualAck.ack_many
 
     def record(self: ManualAck, mids: Sequence[int]) -> bool:
         acked.extend(mids)
         asyncio.get_running_loop().create_task(notify())
         return original(self, mids)
 
-    monkeypatch.setattr(ManualAck, "ack", record)
+    monkeypatch.setattr(ManualAck, "ack_many", record)
     commits: list[asyncio.Future[None]] = []
     changed = asyncio.Condition()
 

@@ -52,7 +52,14 @@ class ManualAck:
         self._paho: paho.Client = client._client
         self._paho.manual_ack_set(True)
 
-    def ack(self, mids: Sequence[int]) -> bool:
+    def ack(self, mid: int, qos: int) -> bool:
+        """Acknowledge one message (paho's own way: QoS 2 too); False when the client could
+        not (disconnected)."""
+        if qos == 0:
+            return True
+        return self._paho.ack(mid, qos) == paho.MQTT_ERR_SUCCESS
+
+    def ack_many(self, mids: Sequence[int]) -> bool:
         """PUBACK the QoS 1 messages `mids`, in this order; False when the client could not
         (disconnected)."""
         if not mids:

@@ -130,7 +130,7 @@ class _Acks:
             if qos == 1:
                 mids.append(mid)
         if mids:
-            self._acker.ack(mids)
+            self._acker.ack_many(mids)
         if done and self._gate is not None:
             self._gate.release(done)
         if not waiting:
