@@ -3,9 +3,10 @@
 aiomqtt 2.x acknowledges a QoS 1 message as soon as it is queued for us; iotflow must
 acknowledge only once the uplink's deliveries are committed to the spool. paho-mqtt 2.x,
 which aiomqtt drives, has `manual_ack_set` and `ack` (for MQTT 5 and 3.1.1 alike); aiomqtt
-keeps its paho client in `_client`. Everything that depends on that private attribute is in
-this module, and `tests/test_source.py` proves an unacknowledged uplink is redelivered after
-a crash.
+keeps its paho client in `_client`. Everything that depends on that private attribute, or
+on paho's own (its socket reads, its queue of packets to write), is in this module;
+`tests/test_source.py` proves an unacknowledged uplink is redelivered after a crash, and
+that the PUBACKs of a group commit leave in one write that the broker takes.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class InflightGate:
     buffer belongs to one socket: a session makes a new client, and so a new gate.
 
     The bound: MQTT 3.1.1 has no Receive Maximum, and some MQTT 5 brokers exceed ours;
-    without it aiomqtt's queue would grow without end while the spool is slower than the
+    without it what is taken in would grow without end while the spool is slower than the
     broker. While paused the socket is not read, so TCP pushes back on the broker; a pause
     longer than the keep-alive ends the connection, and the broker redelivers what we did
     not ack. It is armed once subscribed: until then the SUBACKs must be read, whatever
