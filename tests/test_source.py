@@ -100,6 +100,25 @@ async def kill(process: asyncio.subprocess.Process) -> None:
     await process.wait()
 
 
+class HeldCommits:
+    """A handler whose commits end only when the test ends them, and a condition that is
+    notified at each message handled (and whenever the test calls `notify`)."""
+
+    def __init__(self) -> None:
+        self.futures: list[asyncio.Future[None]] = []
+        self.changed = asyncio.Condition()
+
+    async def notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    def handle(self, incoming: Incoming) -> Awaitable[None] | None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.futures.append(future)
+        asyncio.get_running_loop().create_task(self.notify())
+        return future
+
+
 async def test_an_uncommitted_uplink_is_redelivered_after_a_crash(
     fresh_mosquitto: Mosquitto,
 ) -> None:
@@ -148,18 +167,8 @@ async def test_acknowledgements_leave_in_arrival_order(
         return original(self, mids)
 
     monkeypatch.setattr(ManualAck, "ack_many", record)
-    commits: list[asyncio.Future[None]] = []
-    changed = asyncio.Condition()
-
-    async def notify() -> None:
-        async with changed:
-            changed.notify_all()
-
-    def handle(incoming: Incoming) -> Awaitable[None] | None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        commits.append(future)
-        asyncio.get_running_loop().create_task(notify())
-        return future
+    held = HeldCommits()
+    commits, changed, notify, handle = held.futures, held.changed, held.notify, held.handle
 
     settings = MqttSettings.model_validate(
         {
@@ -236,18 +245,8 @@ async def test_what_is_taken_in_is_bounded_by_iotflow(
     # MQTT 3.1.1 has no Receive Maximum: Mosquitto (max_inflight_messages 1000 here) sends
     # as much as it may. iotflow stops reading at `receive_maximum` uncommitted uplinks.
     limit, total = 5, 40
-    commits: list[asyncio.Future[None]] = []
-    changed = asyncio.Condition()
-
-    async def notify() -> None:
-        async with changed:
-            changed.notify_all()
-
-    def handle(incoming: Incoming) -> Awaitable[None] | None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        commits.append(future)
-        asyncio.get_running_loop().create_task(notify())
-        return future
+    held = HeldCommits()
+    commits, changed, handle = held.futures, held.changed, held.handle
 
     def more_than(seen: int) -> Callable[[], bool]:
         return lambda: len(commits) > seen
@@ -399,18 +398,8 @@ async def test_the_pubacks_of_a_group_commit_leave_in_one_send(
         return original(self, buf)
 
     monkeypatch.setattr(paho.Client, "_sock_send", recorded)
-    commits: list[asyncio.Future[None]] = []
-    changed = asyncio.Condition()
-
-    async def notify() -> None:
-        async with changed:
-            changed.notify_all()
-
-    def handle(incoming: Incoming) -> Awaitable[None] | None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        commits.append(future)
-        asyncio.get_running_loop().create_task(notify())
-        return future
+    held = HeldCommits()
+    commits, changed, handle = held.futures, held.changed, held.handle
 
     settings = MqttSettings.model_validate(
         {
