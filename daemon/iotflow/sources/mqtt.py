@@ -129,6 +129,10 @@ class _Acks:
             done += 1
             if qos == 1:
                 mids.append(mid)
+            elif qos == 2:  # never subscribed to (0 or 1); should a broker send it: paho's way
+                self._acker.ack_many(mids)
+                mids = []
+                self._acker.ack(mid, qos)
         if mids:
             self._acker.ack_many(mids)
         if done and self._gate is not None:
@@ -145,7 +149,8 @@ class _Acks:
             log.warning(
                 "Uplink not committed; reconnecting for redelivery",
                 error=str(error),
-                exc_info=not isinstance(error, IotflowError),  # a bug: its traceback
+                # A bug: its traceback (the exception's own: none is being handled here).
+                exc_info=False if isinstance(error, IotflowError) else error,
             )
         self.error = _Reconnect(str(error))
         self.error.__cause__ = error
