@@ -13,7 +13,9 @@ that the budget is written down:
   `Properties` object for every MQTT 5 PUBLISH, even one without properties);
 - one aiohttp POST to a local aiohttp server (in a process of its own), client CPU only, 32
   in flight on keep-alive connections, on the daemon's event loop (uvloop when installed;
-  `IOTFLOW_EVENT_LOOP=asyncio` for the standard one): what `HttpSink.send` stands on.
+  `IOTFLOW_EVENT_LOOP=asyncio` for the standard one): what `HttpSink.send` stands on;
+- a connection's delivery worker around a sink that answers at once, with the spool's
+  completes (their deletes, committed): what a delivery costs besides the sink's request.
 
 Each figure is the median over `--repeat` rounds of the CPU time per call of this process,
 which other work on the machine changes little. Prints; asserts nothing.
@@ -27,6 +29,7 @@ import multiprocessing
 import statistics
 import struct
 import sys
+import tempfile
 import time
 import timeit
 from collections.abc import Callable
@@ -43,8 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for supp
 
 from iotflow import mqtt_properties
 from iotflow.cli import event_loop
+from iotflow.config.model import DeliverySettings
+from iotflow.connectors.connection import parse_connection
+from iotflow.delivery.worker import ConnectionWorker
 from iotflow.formats.decode import decode
 from iotflow.mqtt_properties import SharedTableProperties
+from iotflow.spool import Delivery, Spool
+from iotflow.telemetry import logging as logs
+from iotflow.telemetry.metrics import Metrics
 from support.ports import free_port
 from support.uplinks import uplink
 
@@ -158,15 +167,99 @@ def http_posts(repeat: int) -> None:
         server.join()
 
 
+class _AtOnce:
+    """A sink that answers every delivery at once: the worker's own cost is what is left."""
+
+    def __init__(self, expected: int) -> None:
+        self.sent = 0
+        self.expected = expected
+        self.all_sent = asyncio.Event()
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, delivery: Delivery) -> None:
+        self.sent += 1
+        if self.sent == self.expected:
+            self.all_sent.set()
+
+    async def healthcheck(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+async def worker_deliveries(count: int) -> float:
+    """CPU µs per delivery of a ConnectionWorker (32 in flight, 500 devices) and the spool's
+    completes, from the offer of committed deliveries to their deletes committed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spool = await Spool.open(Path(tmp) / "spool.db")
+        _, document = uplink("actility", DEV_EUI, 7)
+        now = time.time()
+        appended = [
+            spool.submit(
+                document,
+                dev_eui=f"{n % 500:016X}",
+                uplink_time=now,
+                received_at=now,
+                connection_ids=("bench",),
+            )
+            for n in range(count)
+        ]
+        deliveries = [d for batch in await asyncio.gather(*appended) for d in batch]
+        connection = parse_connection(
+            {
+                "id": "bench",
+                "name": "bench",
+                "connectorId": "actility-http-iot",
+                "configuration": {"destinationURL": "http://127.0.0.1:9/"},
+            }
+        )
+        sink = _AtOnce(count)
+        worker = ConnectionWorker(
+            connection,
+            sink,
+            spool=spool,
+            metrics=Metrics(),
+            settings=DeliverySettings(max_in_flight=32, memory_queue=2 * count),
+            record=lambda *_: None,
+        )
+        worker.nothing_stored()
+        await worker.start()
+        started = time.process_time()
+        for delivery in deliveries:
+            worker.offer(delivery)
+        await sink.all_sent.wait()
+        await spool.flush()  # the last completes committed
+        cost = (time.process_time() - started) / count * 1e6
+        await worker.stop(time.monotonic() + 1)
+        await spool.close()
+        return cost
+
+
+def delivery_worker(repeat: int) -> None:
+    factory = event_loop()
+    costs = []
+    for _ in range(repeat):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            costs.append(runner.run(worker_deliveries(20_000)))
+    print("a delivery worker around a sink that answers at once, with the spool's completes")
+    print(f"  per delivery {statistics.median(costs):6.1f} µs  (rounds: "
+          + ", ".join(f"{c:.0f}" for c in costs) + ")")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5, help="rounds per figure (median)")
     args = parser.parse_args()
+    logs.configure("warning", "console")  # the worker's state changes are not figures
     with open("/proc/loadavg") as f:
         print(f"load average {f.read().split()[0]}; Python {sys.version.split()[0]}")
     decoding(args.repeat)
     mqtt_decoding(args.repeat)
     http_posts(args.repeat)
+    delivery_worker(args.repeat)
 
 
 if __name__ == "__main__":
