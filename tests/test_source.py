@@ -474,3 +474,49 @@ async def test_a_handler_bug_acknowledges_that_message_and_the_next_ones_go_on(
     assert error["event"] == "Uplink not handled; acknowledged without a commit"
     assert error["error"] == "RuntimeError: a bug"
     assert not [e for e in logs if e["event"] == "Broker connection lost"]
+
+
+async def test_a_stop_acknowledges_the_commits_under_way_before_it_leaves(
+    fresh_mosquitto: Mosquitto,
+) -> None:
+    held = HeldCommits()
+    settings = MqttSettings.model_validate(
+        {
+            "url": fresh_mosquitto.url,
+            "client_id": "stop-acks",
+            "subscriptions": [{"topic": "stop-acks/#", "format": "actility"}],
+        }
+    )
+    source = MqttSource(settings, held.handle, Metrics())
+    task = asyncio.create_task(source.run())
+    await asyncio.wait_for(source.consuming.wait(), 30)
+    async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as publisher:
+        for n in range(3):
+            await publisher.publish(f"stop-acks/{n}", b"before", qos=1)
+        async with asyncio.timeout(30), held.changed:
+            await held.changed.wait_for(lambda: len(held.futures) == 3)
+        source.stop()
+        # The stop waits for the commits under way (up to 10 s): they end, then it leaves.
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        assert not done
+        for future in held.futures:
+            future.set_result(None)
+        await asyncio.wait_for(task, 30)
+        # The same session again: what was acknowledged is not redelivered.
+        received: list[bytes] = []
+        after = asyncio.Event()
+
+        def handle(incoming: Incoming) -> Awaitable[None] | None:
+            received.append(incoming.payload)
+            if incoming.payload == b"after":
+                after.set()
+            return None
+
+        again = MqttSource(settings, handle, Metrics())
+        second = asyncio.create_task(again.run())
+        await asyncio.wait_for(again.consuming.wait(), 30)
+        await publisher.publish("stop-acks/3", b"after", qos=1)
+        await asyncio.wait_for(after.wait(), 30)
+    assert received == [b"after"]
+    again.stop()
+    await asyncio.wait_for(second, 30)
