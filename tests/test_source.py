@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from iotflow.config.model import MqttSettings
 from iotflow.sources.ack import ManualAck
-from iotflow.sources.mqtt import REMINDER_INTERVAL, Incoming, MqttSource, _ErrorLog
+from iotflow.sources.mqtt import REMINDER_INTERVAL, Handler, Incoming, MqttSource, _ErrorLog
 from iotflow.spool import SpoolFullError
 from iotflow.telemetry.metrics import Metrics
 from support.mosquitto import Mosquitto
@@ -100,6 +100,16 @@ async def kill(process: asyncio.subprocess.Process) -> None:
     await process.wait()
 
 
+async def consuming(
+    settings: MqttSettings, handle: Handler
+) -> tuple[MqttSource, asyncio.Task[None]]:
+    """A source that has subscribed, and the task that runs it."""
+    source = MqttSource(settings, handle, Metrics())
+    task = asyncio.create_task(source.run())
+    await asyncio.wait_for(source.consuming.wait(), 30)
+    return source, task
+
+
 class HeldCommits:
     """A handler whose commits end only when the test ends them, and a condition that is
     notified at each message handled (and whenever the test calls `notify`)."""
@@ -178,9 +188,7 @@ async def test_acknowledgements_leave_in_arrival_order(
             "subscriptions": [{"topic": f"ack-order-{protocol}/#", "format": "actility"}],
         }
     )
-    source = MqttSource(settings, handle, Metrics())
-    task = asyncio.create_task(source.run())
-    await asyncio.wait_for(source.consuming.wait(), 30)
+    source, task = await consuming(settings, handle)
     async with aiomqtt.Client(mosquitto.host, mosquitto.port) as publisher:
         for n in range(5):
             await publisher.publish(f"ack-order-{protocol}/{n}", b"x", qos=1)
@@ -221,10 +229,8 @@ async def test_failing_commits_are_logged_once_and_their_end_too(mosquitto: Mosq
             "subscriptions": [{"topic": "commit-episode/#", "format": "actility"}],
         }
     )
-    source = MqttSource(settings, handle, Metrics())
     with capture_logs() as logs:
-        task = asyncio.create_task(source.run())
-        await asyncio.wait_for(source.consuming.wait(), 30)
+        source, task = await consuming(settings, handle)
         async with aiomqtt.Client(mosquitto.host, mosquitto.port) as publisher:
             await publisher.publish("commit-episode/1", b"x", qos=1)
         await asyncio.wait_for(recovered.wait(), 30)
@@ -260,9 +266,7 @@ async def test_what_is_taken_in_is_bounded_by_iotflow(
             "subscriptions": [{"topic": "bounded/#", "format": "actility"}],
         }
     )
-    source = MqttSource(settings, handle, Metrics())
-    task = asyncio.create_task(source.run())
-    await asyncio.wait_for(source.consuming.wait(), 30)
+    source, task = await consuming(settings, handle)
     async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as publisher:
         for n in range(total):
             await publisher.publish(f"bounded/{n}", b"x", qos=1)
@@ -316,9 +320,7 @@ async def test_a_broker_granting_qos_0_is_said_to_be_at_most_once() -> None:
             }
         )
         with capture_logs() as logs:
-            source = MqttSource(settings, lambda incoming: None, Metrics())
-            task = asyncio.create_task(source.run())
-            await asyncio.wait_for(source.consuming.wait(), 30)
+            source, task = await consuming(settings, lambda incoming: None)
             source.stop()
             await asyncio.wait_for(task, 30)
     (warning,) = [e for e in logs if e["event"].startswith("The broker granted a lower QoS")]
@@ -363,9 +365,7 @@ async def test_a_burst_is_read_in_fewer_system_calls_than_messages(
             "subscriptions": [{"topic": "burst/#", "format": "actility"}],
         }
     )
-    source = MqttSource(settings, handle, Metrics())
-    task = asyncio.create_task(source.run())
-    await asyncio.wait_for(source.consuming.wait(), 30)
+    source, task = await consuming(settings, handle)
     source.stop()
     await asyncio.wait_for(task, 30)
     async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as publisher:
@@ -410,9 +410,7 @@ async def test_the_pubacks_of_a_group_commit_leave_in_one_send(
             "subscriptions": [{"topic": "one-send/#", "format": "actility"}],
         }
     )
-    source = MqttSource(settings, handle, Metrics())
-    task = asyncio.create_task(source.run())
-    await asyncio.wait_for(source.consuming.wait(), 30)
+    source, task = await consuming(settings, handle)
     async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as publisher:
         for n in range(2 * window):
             await publisher.publish(f"one-send/{n}", b"x", qos=1)
@@ -458,9 +456,7 @@ async def test_a_handler_bug_acknowledges_that_message_and_the_next_ones_go_on(
         }
     )
     with capture_logs() as logs:
-        source = MqttSource(settings, handle, Metrics())
-        task = asyncio.create_task(source.run())
-        await asyncio.wait_for(source.consuming.wait(), 30)
+        source, task = await consuming(settings, handle)
         async with aiomqtt.Client(mosquitto.host, mosquitto.port) as publisher:
             await publisher.publish("handler-bug/1", b"bad", qos=1)
             await publisher.publish("handler-bug/2", b"good", qos=1)
@@ -487,9 +483,7 @@ async def test_a_stop_acknowledges_the_commits_under_way_before_it_leaves(
             "subscriptions": [{"topic": "stop-acks/#", "format": "actility"}],
         }
     )
-    source = MqttSource(settings, held.handle, Metrics())
-    task = asyncio.create_task(source.run())
-    await asyncio.wait_for(source.consuming.wait(), 30)
+    source, task = await consuming(settings, held.handle)
     async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as publisher:
         for n in range(3):
             await publisher.publish(f"stop-acks/{n}", b"before", qos=1)
@@ -512,9 +506,7 @@ async def test_a_stop_acknowledges_the_commits_under_way_before_it_leaves(
                 after.set()
             return None
 
-        again = MqttSource(settings, handle, Metrics())
-        second = asyncio.create_task(again.run())
-        await asyncio.wait_for(again.consuming.wait(), 30)
+        again, second = await consuming(settings, handle)
         await publisher.publish("stop-acks/3", b"after", qos=1)
         await asyncio.wait_for(after.wait(), 30)
     assert received == [b"after"]
