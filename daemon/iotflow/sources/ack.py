@@ -184,8 +184,8 @@ class InflightGate:
         def arrived(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
             self.taken += 1
             if on_message is not None:
-                # Handled here, as paho decodes it: not through aiomqtt's queue of Message
-                # objects, a task's wait on it, and a queue of acknowledgements (issue #16).
+                # Given to the source as paho decodes it, not through aiomqtt's queue of
+                # Message objects and a task's wait on it (issue #16).
                 on_message(message)
             elif aiomqtt_on_message is not None:
                 aiomqtt_on_message(client, userdata, message)
@@ -269,6 +269,6 @@ class InflightGate:
                     continue
                 break
         except Exception as exc:  # as aiomqtt's callback: a broken socket ends the session
-            disconnected: asyncio.Future[None] = self._aiomqtt._disconnected
+            disconnected = disconnection(self._aiomqtt)
             if not disconnected.done():
                 disconnected.set_exception(exc)
