@@ -645,15 +645,21 @@ def connections_for(
     ]
 
 
+async def daemon_sums(daemons: Sequence[DaemonProcess | NodeRed]) -> dict[str, float]:
+    """`metric_sums` of every daemon, added up."""
+    sums: dict[str, float] = {}
+    for daemon in daemons:
+        for key, value in metric_sums(await daemon.metrics()).items():
+            sums[key] = sums.get(key, 0.0) + value
+    return sums
+
+
 async def taken_in(daemons: Sequence[DaemonProcess | NodeRed]) -> str:
     """What the daemons have taken in and delivered so far, by their own counters: whether
     uplinks wait at the broker or in the daemon (ingest comes first, `delivery/pressure.py`)."""
-    sums: dict[str, float] = {}
-    for daemon in daemons:
-        if isinstance(daemon, NodeRed):
-            return ""
-        for key, value in metric_sums(await daemon.metrics()).items():
-            sums[key] = sums.get(key, 0.0) + value
+    if any(isinstance(daemon, NodeRed) for daemon in daemons):
+        return ""  # no such counters
+    sums = await daemon_sums(daemons)
     received = sums.get("uplinks_received", 0.0)
     return f" (taken in {received:.0f}, sent {sums.get('deliveries_delivered', 0.0):.0f})"
 
@@ -788,11 +794,7 @@ async def run(
         statuses = [proc_status(pid) for pid in pids]
         figures.rss_peak_kib = sum(status["VmHWM"] for status in statuses)
         figures.rss_end_kib = sum(status["VmRSS"] for status in statuses)
-        sums: dict[str, float] = {}
-        for daemon in daemons:
-            for key, value in metric_sums(await daemon.metrics()).items():
-                sums[key] = sums.get(key, 0.0) + value
-        figures.daemon_metrics = sums
+        figures.daemon_metrics = await daemon_sums(daemons)
         codes = await asyncio.gather(
             *(daemon.stop(timeout=max(5.0, until - time.monotonic())) for daemon in daemons)
         )
