@@ -32,8 +32,9 @@ import sys
 import tempfile
 import time
 import timeit
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -142,6 +143,18 @@ async def posts(url: str, body: bytes, count: int, in_flight: int) -> float:
         return (time.process_time() - started) / count * 1e6
 
 
+def rounds(what: str, repeat: int, measure: Callable[[], Coroutine[Any, Any, float]]) -> None:
+    """Print the median of `repeat` rounds of `measure`, each on a fresh event loop of the
+    daemon's kind (uvloop when installed, unless IOTFLOW_EVENT_LOOP=asyncio)."""
+    factory = event_loop()
+    costs = []
+    for _ in range(repeat):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            costs.append(runner.run(measure()))
+    print(f"  {what} {statistics.median(costs):6.1f} µs  (rounds: "
+          + ", ".join(f"{c:.0f}" for c in costs) + ")")  # fmt: skip
+
+
 def http_posts(repeat: int) -> None:
     port = free_port()
     ready = multiprocessing.Event()
@@ -152,16 +165,9 @@ def http_posts(repeat: int) -> None:
             raise SystemExit("the local server did not start")
         _, body = uplink("actility", DEV_EUI, 7)
         url = f"http://127.0.0.1:{port}/hook"
-        # The daemon's loop: uvloop when installed, unless IOTFLOW_EVENT_LOOP=asyncio.
-        factory = event_loop()
-        costs = []
-        for _ in range(repeat):
-            with asyncio.Runner(loop_factory=factory) as runner:
-                costs.append(runner.run(posts(url, body, 5_000, 32)))
-        loop = "uvloop" if factory is not None else "asyncio"
+        loop = "uvloop" if event_loop() is not None else "asyncio"
         print(f"aiohttp POST to a local server, 32 in flight (client CPU, {loop})")
-        print(f"  per request {statistics.median(costs):6.1f} µs  (rounds: "
-              + ", ".join(f"{c:.0f}" for c in costs) + ")")  # fmt: skip
+        rounds("per request", repeat, lambda: posts(url, body, 5_000, 32))
     finally:
         server.kill()
         server.join()
@@ -239,14 +245,8 @@ async def worker_deliveries(count: int) -> float:
 
 
 def delivery_worker(repeat: int) -> None:
-    factory = event_loop()
-    costs = []
-    for _ in range(repeat):
-        with asyncio.Runner(loop_factory=factory) as runner:
-            costs.append(runner.run(worker_deliveries(20_000)))
     print("a delivery worker around a sink that answers at once, with the spool's completes")
-    print(f"  per delivery {statistics.median(costs):6.1f} µs  (rounds: "
-          + ", ".join(f"{c:.0f}" for c in costs) + ")")  # fmt: skip
+    rounds("per delivery", repeat, lambda: worker_deliveries(20_000))
 
 
 def main() -> None:
