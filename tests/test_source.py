@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from iotflow.config.model import MqttSettings
-from iotflow.sources.ack import ManualAck
+from iotflow.sources.ack import InflightGate, ManualAck
 from iotflow.sources.mqtt import REMINDER_INTERVAL, Handler, Incoming, MqttSource, _ErrorLog
 from iotflow.spool import SpoolFullError
 from iotflow.telemetry.metrics import Metrics
@@ -325,6 +325,56 @@ async def test_a_broker_granting_qos_0_is_said_to_be_at_most_once() -> None:
             await asyncio.wait_for(task, 30)
     (warning,) = [e for e in logs if e["event"].startswith("The broker granted a lower QoS")]
     assert (warning["topic"], warning["qos"], warning["granted"]) == ("granted/#", 1, 0)
+
+
+def _packet(header: int, body: bytes) -> bytes:
+    """An MQTT packet: its first byte, the Remaining Length (MQTT 5 section 1.5.5), the body."""
+    length, encoded = len(body), bytearray()
+    while True:
+        length, digit = divmod(length, 128)
+        encoded.append(digit | (0x80 if length else 0))
+        if not length:
+            return bytes([header, *encoded]) + body
+
+
+def _publish(topic: bytes, payload: bytes, *, qos: int, mid: int = 0) -> bytes:
+    """An MQTT 5 PUBLISH without properties."""
+    identifier = mid.to_bytes(2, "big") if qos else b""
+    body = len(topic).to_bytes(2, "big") + topic + identifier + b"\x00" + payload
+    return _packet(0x30 | qos << 1, body)
+
+
+async def test_whole_publish_packets_are_cut_from_the_buffer_and_the_rest_left_to_paho() -> None:
+    # The gate takes the QoS 0 and 1 PUBLISH packets that are whole in what it has read,
+    # without paho's per-packet machinery (issue #16); it stops, leaving the bytes where
+    # they are for paho's own read, at anything else.
+    client = aiomqtt.Client("127.0.0.1", protocol=aiomqtt.ProtocolVersion.V5)
+    taken: list[tuple[bytes, bytes, int, int]] = []
+    gate = InflightGate(client, 100, on_message=lambda *message: taken.append(message))
+    big = b"x" * 300  # a Remaining Length of two bytes
+    first = _publish(b"up/a", b"one", qos=1, mid=7) + _publish(b"up/b", big, qos=0)
+    puback = bytes([0x40, 2, 0, 9])
+    gate._buffer = first + puback + _publish(b"up/c", b"three", qos=1, mid=8)
+
+    assert gate._publishes() == 2
+    assert taken == [(b"up/a", b"one", 7, 1), (b"up/b", big, 0, 0)]
+    assert (gate._offset, gate.taken) == (len(first), 2)
+    assert gate._publishes() == 0  # a PUBACK: paho's
+    gate._offset += len(puback)  # as paho's read of it leaves it
+    assert gate._publishes() == 1
+    assert taken[-1] == (b"up/c", b"three", 8, 1)
+
+    refused = [
+        _publish(b"up/d", b"four", qos=1, mid=9)[:-1],  # not whole yet
+        _publish(b"up/e", b"five", qos=2, mid=10),  # QoS 2: paho's, with its PUBREC
+        bytes([0x32, 0x80, 0x80, 0x80, 0x80, 0x01]),  # a fifth length byte
+        _packet(0x32, b"\x00\x09up/f"),  # the topic runs past the packet: paho refuses it
+    ]
+    for packet in refused:
+        gate._buffer, gate._offset = packet, 0
+        assert gate._publishes() == 0, packet
+        assert gate._offset == 0
+    assert len(taken) == 3
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

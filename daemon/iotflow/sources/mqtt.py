@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
-import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -80,7 +79,7 @@ class _Acks:
         self.drained = asyncio.Event()
         self.drained.set()
         self.closed = False
-        self.arrived: list[paho.MQTTMessage] = []  # read, not handled yet
+        self.arrived: list[tuple[bytes, bytes, int, int]] = []  # read, not handled yet
 
     def bind(self, gate: InflightGate) -> None:
         self._gate = gate
@@ -212,7 +211,8 @@ class MqttSource:
         self._errors = _ErrorLog()
         self._closed_at_connect = 0  # consecutive sessions closed before their CONNACK
         self._was_connected = False  # the last session got its CONNACK
-        self._matches: dict[str, Subscription | None] = {}  # topic -> subscription (_match)
+        # A topic as read -> its name and subscription (_incoming).
+        self._matches: dict[bytes, tuple[str, Subscription | None]] = {}
 
     @property
     def taken_in(self) -> int:
@@ -227,26 +227,14 @@ class MqttSource:
         ]
 
     def _match(self, name: str) -> Subscription | None:
-        # A device publishes on the same topic every time: its match is remembered
-        # (aiomqtt parses the filter again at every `matches`). Bounded: forgotten whole
-        # past MATCH_CACHE topics, and remade by the next uplinks.
-        try:
-            return self._matches[name]
-        except KeyError:
-            pass
-        found = None
         try:
             topic = aiomqtt.Topic(name)
         except ValueError:  # not a topic a broker should send (empty, wildcards): no match
             return None
         for subscription in self.settings.subscriptions:
             if topic.matches(subscription.topic):
-                found = subscription
-                break
-        if len(self._matches) >= MATCH_CACHE:
-            self._matches.clear()
-        self._matches[name] = found
-        return found
+                return subscription
+        return None
 
     def _make_client(self) -> aiomqtt.Client:
         s = self.settings
@@ -432,34 +420,26 @@ class MqttSource:
                 self._client, self._gate = None, None
                 self.pressure.set(False)  # nothing is taken in without a session
 
-    def _arrived(self, acks: _Acks, message: paho.MQTTMessage) -> None:
-        """One message, as paho decodes it: handled once the read that brought it is done.
+    def _arrived(self, acks: _Acks, topic: bytes, payload: bytes, mid: int, qos: int) -> None:
+        """One message, as it is read: handled once the read that brought it is done.
 
         Handled inside paho's read, in the reader's callback, the live uplinks' latency
         at 3,500/s went from about 8 to 12 ms at the median; handled in one callback after
         it, 6 ms (`bench_routing.py --rate 3500`, docs/performance.md, "Round 5")."""
         if not acks.arrived:
             asyncio.get_running_loop().call_soon(self._handle_arrived, acks)
-        acks.arrived.append(message)
+        acks.arrived.append((topic, payload, mid, qos))
 
     def _handle_arrived(self, acks: _Acks) -> None:
         arrived, acks.arrived = acks.arrived, []
         if acks.closed:
             return  # the session ended: the broker redelivers them, unacknowledged
-        for message in arrived:
-            self._handle(acks, message)
+        for topic, payload, mid, qos in arrived:
+            self._handle(acks, topic, payload, mid, qos)
 
-    def _handle(self, acks: _Acks, message: paho.MQTTMessage) -> None:
+    def _handle(self, acks: _Acks, topic: bytes, payload: bytes, mid: int, qos: int) -> None:
         """One message: handed to the daemon, then waits for its commit to be acknowledged."""
-        payload = message.payload
-        if not isinstance(payload, bytes):
-            payload = bytes(payload)
-        try:
-            topic = message.topic
-        except UnicodeDecodeError as exc:  # MQTT requires UTF-8; a broker may not check
-            incoming = Incoming(exc.object.decode("utf-8", "replace"), payload, None)
-        else:
-            incoming = Incoming(topic, payload, self._match(topic))
+        incoming = self._incoming(topic, payload)
         try:
             pending = self._handler(incoming)
         except Exception as exc:
@@ -472,7 +452,24 @@ class MqttSource:
                 exc_info=True,
             )
             pending = None
-        acks.add(message.mid, message.qos, pending)
+        acks.add(mid, qos, pending)
+
+    def _incoming(self, topic: bytes, payload: bytes) -> Incoming:
+        try:
+            name, subscription = self._matches[topic]
+        except KeyError:
+            try:
+                name = topic.decode()
+            except UnicodeDecodeError:  # MQTT requires UTF-8; a broker may not check
+                return Incoming(topic.decode("utf-8", "replace"), payload, None)
+            subscription = self._match(name)
+            # A device publishes on the same topic every time: its match is remembered
+            # (aiomqtt parses the filter again at every `matches`). Bounded: forgotten
+            # whole past MATCH_CACHE topics, and remade by the next uplinks.
+            if len(self._matches) >= MATCH_CACHE:
+                self._matches.clear()
+            self._matches[topic] = (name, subscription)
+        return Incoming(name, payload, subscription)
 
     def _check_granted(
         self, topic: str, subscription: Subscription, granted: Sequence[object]
