@@ -55,33 +55,36 @@ def _tags(customer: Fields | None) -> frozenset[str]:
     raw = customer.data.get("tags") if customer is not None else None
     if not isinstance(raw, list):
         return frozenset()
-    return frozenset(fold(t) for t in raw if isinstance(t, str) and t.strip())
+    return frozenset([fold(t) for t in raw if isinstance(t, str) and t.strip()])
 
 
 def _radio(up: Fields) -> Radio:
     rssi = up.opt_float("LrrRSSI")
     snr = up.opt_float("LrrSNR")
     lrrs = up.opt_obj("Lrrs")
-    gateways = []
-    for lrr in lrrs.objects("Lrr") if lrrs is not None else []:
-        lrr_id = lrr.opt_str("Lrrid")
-        if lrr_id is not None:  # an entry without an id says nothing usable
-            gateways.append(
-                Gateway(id=lrr_id, rssi=lrr.opt_float("LrrRSSI"), snr=lrr.opt_float("LrrSNR"))
-            )
+    # ThingPark names the best Lrr and gives its position at the top level only: that
+    # gateway goes first, with its position, as in the other formats.
     best_id = up.opt_str("Lrrid")
+    listed: tuple[float | None, float | None] | None = None  # the best one's, in `Lrrs`
+    gateways = []
+    for lrr in lrrs.objects("Lrr") if lrrs is not None else ():
+        lrr_id = lrr.opt_str("Lrrid")
+        if lrr_id is None:
+            continue  # an entry without an id says nothing usable
+        lrr_rssi, lrr_snr = lrr.opt_float("LrrRSSI"), lrr.opt_float("LrrSNR")
+        if lrr_id != best_id:
+            gateways.append(Gateway(id=lrr_id, rssi=lrr_rssi, snr=lrr_snr))
+        elif listed is None:
+            listed = (lrr_rssi, lrr_snr)
     if best_id is not None:
-        # ThingPark names the best Lrr and gives its position at the top level only:
-        # that gateway goes first, with its position, as in the other formats.
-        listed = next((g for g in gateways if g.id == best_id), None)
         best = Gateway(
             id=best_id,
-            rssi=listed.rssi if listed is not None and listed.rssi is not None else rssi,
-            snr=listed.snr if listed is not None and listed.snr is not None else snr,
+            rssi=listed[0] if listed is not None and listed[0] is not None else rssi,
+            snr=listed[1] if listed is not None and listed[1] is not None else snr,
             latitude=up.opt_float("LrrLAT"),
             longitude=up.opt_float("LrrLON"),
         )
-        gateways = [best, *(g for g in gateways if g.id != best_id)]
+        gateways.insert(0, best)
     dev_addr = up.opt_str("DevAddr")
     return Radio(
         rssi=rssi,

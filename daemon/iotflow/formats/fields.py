@@ -11,6 +11,7 @@ import base64
 import math
 import re
 from datetime import UTC, datetime
+from math import isfinite
 from typing import Any
 
 import orjson
@@ -25,8 +26,6 @@ _INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
 _DECIMAL = re.compile(
     r"[+-]?(?:[0-9]{1,40}(?:\.[0-9]{0,40})?|\.[0-9]{1,40})(?:[eE][+-]?[0-9]{1,4})?"
 )
-# TTS writes nanoseconds; datetime holds microseconds.
-_EXCESS_FRACTION = re.compile(r"(\.[0-9]{6})[0-9]+")
 _EUI_SEPARATORS = str.maketrans("", "", "-:")
 # What `normalize_dev_eui` accepts (the API documents it as is): 16 hex digits once the
 # separators are removed.
@@ -78,8 +77,10 @@ def describe(value: Any) -> str:
 
 
 def parse_time(text: str) -> datetime | None:
-    """An ISO 8601 time with a UTC offset, or None (naive times would be guessed, not read)."""
-    text = _EXCESS_FRACTION.sub(r"\1", text, count=1)
+    """An ISO 8601 time with a UTC offset, or None (naive times would be guessed, not read).
+
+    Digits of a fraction past the microseconds (TTS writes nanoseconds) are dropped: Python
+    3.11's `fromisoformat` reads them so."""
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
@@ -122,6 +123,8 @@ def radio(
 
 
 def _as_int(value: Any) -> int | None:
+    if type(value) is int:  # the common case first (a bool is an int, but not of this type)
+        return value
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -134,26 +137,37 @@ def _as_int(value: Any) -> int | None:
 
 
 def _as_float(value: Any) -> float | None:
+    if type(value) is float:  # the common case first: a JSON number with a fraction
+        return value if isfinite(value) else None
     if isinstance(value, str):
         if _DECIMAL.fullmatch(value) is None:
             return None
     elif isinstance(value, bool) or not isinstance(value, int | float):
         return None
     number = float(value)
-    return number if math.isfinite(number) else None
+    return number if isfinite(number) else None
 
 
 class Fields:
-    """One JSON object and its key path. A null value reads as absent."""
+    """One JSON object and its key path. A null value reads as absent.
 
-    __slots__ = ("data", "path")
+    The path is made only for an error message: an object keeps its parent and its key."""
 
-    def __init__(self, data: dict[str, Any], path: str = "") -> None:
+    __slots__ = ("_key", "_parent", "data")
+
+    def __init__(self, data: dict[str, Any], path: str = "", parent: Fields | None = None) -> None:
         self.data = data
-        self.path = path
+        self._key = path
+        self._parent = parent
+
+    @property
+    def path(self) -> str:
+        parent = self._parent
+        return self._key if parent is None else parent.where(self._key)
 
     def where(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
+        path = self.path
+        return f"{path}.{key}" if path else key
 
     def missing(self, key: str, why: str = "") -> Rejection:
         return Rejection("wrong_shape", f"{self.where(key)}: missing{why}")
@@ -178,7 +192,7 @@ class Fields:
             return None
         if not isinstance(value, dict):
             raise self.wrong(key, "an object", value)
-        return Fields(value, self.where(key))
+        return Fields(value, key, self)
 
     def objects(self, key: str) -> list[Fields]:
         """An array of objects; absent reads as empty."""
@@ -191,7 +205,7 @@ class Fields:
         for i, item in enumerate(value):
             if not isinstance(item, dict):
                 raise self.wrong(f"{key}[{i}]", "an object", item)
-            found.append(Fields(item, self.where(f"{key}[{i}]")))
+            found.append(Fields(item, f"{key}[{i}]", self))
         return found
 
     def opt_str(self, key: str) -> str | None:
