@@ -20,7 +20,7 @@ from iotflow.connectors.http import HEADER_CONTROL, HttpConfig
 from iotflow.errors import PermanentSinkError, RetryableSinkError
 from iotflow.formats import Template, render_body
 from iotflow.sinks.base import classify_http, parse_retry_after
-from iotflow.sinks.webapi import error_text, transport_error
+from iotflow.sinks.webapi import Deadlines, error_text, transport_error
 from iotflow.spool import Delivery
 
 
@@ -44,12 +44,13 @@ class HttpSink:
         # The stored document goes out as it is unless the configuration reshapes it.
         self._reshape = config.sendMetadata or config.sendRawDecodedFormat
         self._session: aiohttp.ClientSession | None = None
+        self._deadlines = Deadlines(timeout)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=60)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            timeout=aiohttp.ClientTimeout(),  # each send is under `Deadlines` instead
             headers=self._static,
             # Cookies from one delivery must not leak into the next.
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -92,12 +93,17 @@ class HttpSink:
             raise RetryableSinkError("the sink is not open")
         url, body, headers = self._request(delivery)
         try:
-            async with session.post(
-                url, data=body, headers=headers, allow_redirects=False
-            ) as response:
-                status = response.status
-                text = "" if 200 <= status < 300 else await error_text(response)
-                retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+            with self._deadlines:
+                async with session.post(
+                    url, data=body, headers=headers, allow_redirects=False
+                ) as response:
+                    status = response.status
+                    text = "" if 200 <= status < 300 else await error_text(response)
+                    retry_after = (
+                        None
+                        if 200 <= status < 300
+                        else parse_retry_after(response.headers.get("Retry-After"), time.time())
+                    )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise transport_error(exc, self._timeout) from None
         classify_http(status, text, retry_after)
@@ -109,6 +115,7 @@ class HttpSink:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        self._deadlines.close()
 
 
 def _url_value(value: str) -> str:

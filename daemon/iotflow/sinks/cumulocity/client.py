@@ -16,7 +16,7 @@ from iotflow import __version__
 from iotflow.connectors.cumulocity import CumulocityConfig
 from iotflow.errors import PermanentSinkError, RetryableSinkError, SinkError
 from iotflow.sinks.base import MAX_ERROR_BODY, classify_http, parse_retry_after
-from iotflow.sinks.webapi import client_session, error_text, transport_error
+from iotflow.sinks.webapi import Deadlines, client_session, error_text, transport_error
 
 _MEDIA = "application/vnd.com.nsn.cumulocity.{}+json"
 _ERROR_MEDIA = _MEDIA.format("error")
@@ -37,6 +37,7 @@ class CumulocityClient:
         self._timeout = timeout
         self._limit = limit
         self._session: aiohttp.ClientSession | None = None
+        self._deadlines = Deadlines(timeout)
 
     @property
     def open(self) -> bool:
@@ -44,7 +45,6 @@ class CumulocityClient:
 
     def start(self) -> None:
         self._session = client_session(
-            timeout=self._timeout,
             # One more than the workers, so that polling never waits behind deliveries.
             limit=self._limit + 1,
             # No X-Cumulocity-Application-Key: requests without it count as the device's
@@ -64,6 +64,7 @@ class CumulocityClient:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+        self._deadlines.close()
 
     async def call(
         self,
@@ -92,19 +93,22 @@ class CumulocityClient:
             data = orjson.dumps(body)
             headers["Content-Type"] = media_type
         try:
-            async with session.request(
-                method,
-                self._base + path,
-                params=params,
-                data=data,
-                headers=headers,
-                allow_redirects=False,
-            ) as response:
-                status = response.status
-                if 200 <= status < 300:
-                    return Response(status, _json(await response.read()))
-                text = await error_text(response)
-                retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+            with self._deadlines:
+                async with session.request(
+                    method,
+                    self._base + path,
+                    params=params,
+                    data=data,
+                    headers=headers,
+                    allow_redirects=False,
+                ) as response:
+                    status = response.status
+                    if 200 <= status < 300:
+                        return Response(status, _json(await response.read()))
+                    text = await error_text(response)
+                    retry_after = parse_retry_after(
+                        response.headers.get("Retry-After"), time.time()
+                    )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise transport_error(exc, self._timeout, f"{method} {path}") from None
         if status == 404 and missing_ok:
