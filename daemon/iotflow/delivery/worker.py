@@ -308,7 +308,8 @@ class ConnectionWorker:
         # None keeps the path without processors free of any parse.
         self._pipeline = Pipeline(connection.upOperations) if connection.upOperations else None
         self._latency = metrics.latency.labels(self.id)
-        self._pending_gauge = metrics.spool_pending.labels(self.id)
+        # Read at each scrape: no gauge update (a lock each) per offer and per delivery.
+        metrics.spool_pending.labels(self.id).set_function(lambda: self.stats.pending)
         # The deliveries counter's child per outcome, looked up once: `labels` takes a lock
         # and builds a key at every call, once per delivery (issue #16).
         self._outcomes: dict[Outcome, Counter] = {}
@@ -317,7 +318,6 @@ class ConnectionWorker:
 
     async def start(self) -> None:
         """Start sending what the spool holds for this connection and what is offered."""
-        self._pending_gauge.set(self.stats.pending)
         self.startup_time = self._clock()
         self._set_state(self.state)
         if not self.connection.active:
@@ -366,7 +366,6 @@ class ConnectionWorker:
         """A delivery just committed to the spool for this connection."""
         self.stats.received += 1
         self.stats.pending += 1
-        self._pending_gauge.inc()
         if not self.connection.active or self._stopping:
             return
         lane = _background(delivery)
@@ -619,7 +618,6 @@ class ConnectionWorker:
             else:  # the letter it re-sent leaves, its replay counts it: with the delete
                 self._spool.complete(delivery.id, final=delivery, outcome=outcome)
         self.stats.pending -= 1
-        self._pending_gauge.dec()
         counter = self._outcomes.get(outcome)
         if counter is None:
             counter = self._outcomes[outcome] = self._metrics.deliveries.labels(self.id, outcome)
@@ -711,7 +709,6 @@ class ConnectionWorker:
             ConnectionState.CLOSED if self.connection.active else ConnectionState.DEACTIVATED
         )
         self._metrics.set_state(self.id, self.state)
-        self._pending_gauge.set(self.stats.pending)
         return reason
 
     def _set_state(self, state: ConnectionState) -> None:
