@@ -337,10 +337,14 @@ def _packet(header: int, body: bytes) -> bytes:
             return bytes([header, *encoded]) + body
 
 
-def _publish(topic: bytes, payload: bytes, *, qos: int, mid: int = 0) -> bytes:
-    """An MQTT 5 PUBLISH without properties."""
+def _publish(
+    topic: bytes, payload: bytes, *, qos: int, mid: int = 0, properties: bytes | None = b""
+) -> bytes:
+    """A PUBLISH: MQTT 5 with these properties (each short: one length byte), or MQTT
+    3.1.1 (`properties=None`)."""
     identifier = mid.to_bytes(2, "big") if qos else b""
-    body = len(topic).to_bytes(2, "big") + topic + identifier + b"\x00" + payload
+    listed = b"" if properties is None else bytes([len(properties)]) + properties
+    body = len(topic).to_bytes(2, "big") + topic + identifier + listed + payload
     return _packet(0x30 | qos << 1, body)
 
 
@@ -352,29 +356,49 @@ async def test_whole_publish_packets_are_cut_from_the_buffer_and_the_rest_left_t
     taken: list[tuple[bytes, bytes, int, int]] = []
     gate = InflightGate(client, 100, on_message=lambda *message: taken.append(message))
     big = b"x" * 300  # a Remaining Length of two bytes
-    first = _publish(b"up/a", b"one", qos=1, mid=7) + _publish(b"up/b", big, qos=0)
+    expiry = b"\x02\x00\x00\x00\x3c"  # Message Expiry Interval 60: paho decodes this one
+    first = (
+        _publish(b"up/a", b"one", qos=1, mid=7)
+        + _publish(b"up/b", big, qos=0)
+        + _publish(b"up/p", b"{}", qos=1, mid=8, properties=expiry)
+    )
     puback = bytes([0x40, 2, 0, 9])
-    gate._buffer = first + puback + _publish(b"up/c", b"three", qos=1, mid=8)
+    gate._buffer = first + puback + _publish(b"up/c", b"three", qos=1, mid=10)
 
-    assert gate._publishes() == 2
-    assert taken == [(b"up/a", b"one", 7, 1), (b"up/b", big, 0, 0)]
-    assert (gate._offset, gate.taken) == (len(first), 2)
+    assert gate._publishes() == 3
+    assert taken == [(b"up/a", b"one", 7, 1), (b"up/b", big, 0, 0), (b"up/p", b"{}", 8, 1)]
+    assert (gate._offset, gate.taken) == (len(first), 3)
     assert gate._publishes() == 0  # a PUBACK: paho's
     gate._offset += len(puback)  # as paho's read of it leaves it
     assert gate._publishes() == 1
-    assert taken[-1] == (b"up/c", b"three", 8, 1)
+    assert taken[-1] == (b"up/c", b"three", 10, 1)
 
     refused = [
-        _publish(b"up/d", b"four", qos=1, mid=9)[:-1],  # not whole yet
-        _publish(b"up/e", b"five", qos=2, mid=10),  # QoS 2: paho's, with its PUBREC
+        _publish(b"up/d", b"four", qos=1, mid=11)[:-1],  # not whole yet
+        _publish(b"up/e", b"five", qos=2, mid=12),  # QoS 2: paho's, with its PUBREC
         bytes([0x32, 0x80, 0x80, 0x80, 0x80, 0x01]),  # a fifth length byte
-        _packet(0x32, b"\x00\x09up/f"),  # the topic runs past the packet: paho refuses it
+        _packet(0x32, b"\x00\x09up/f"),  # the topic runs past the packet
+        _packet(0x30, b"\x00\x04up/g"),  # no property length
+        _publish(b"up/h", b"", qos=1, mid=13, properties=b"\x02"),  # a property cut short
     ]
     for packet in refused:
         gate._buffer, gate._offset = packet, 0
         assert gate._publishes() == 0, packet
         assert gate._offset == 0
-    assert len(taken) == 3
+    assert len(taken) == 4
+
+
+async def test_mqtt_3_publish_packets_are_cut_from_the_buffer_too() -> None:
+    client = aiomqtt.Client("127.0.0.1", protocol=aiomqtt.ProtocolVersion.V311)
+    taken: list[tuple[bytes, bytes, int, int]] = []
+    gate = InflightGate(client, 100, on_message=lambda *message: taken.append(message))
+    gate._buffer = _publish(b"up/a", b"\x00one", qos=1, mid=7, properties=None) + _publish(
+        b"up/b", b"", qos=0, properties=None
+    )
+    assert gate._publishes() == 2
+    assert taken == [(b"up/a", b"\x00one", 7, 1), (b"up/b", b"", 0, 0)]
+    gate._buffer, gate._offset = _publish(b"", b"x", qos=1, mid=8, properties=None), 0
+    assert gate._publishes() == 0  # an empty topic: malformed in 3.1.1, paho's to refuse
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

@@ -302,41 +302,82 @@ class InflightGate:
         paho reads a packet through three or four of our `recv` calls, adds its body to a
         bytearray, and makes an `MQTTMessage` (with a `threading.Condition`), a log record's
         arguments and a fresh packet state for each: about a fifth of what taking an uplink
-        in costs (issue #16). These are cut out of the buffer here and decoded by paho's own
-        `decode_publish`. Anything else (another packet type, QoS 2, a packet not wholly in
-        the buffer, one `decode_publish` refuses) is left where it is, for paho to read its
-        own way, errors included.
+        in costs (issue #16). These are cut out of the buffer here. A PUBLISH without
+        properties (MQTT 5: a property length of 0; 3.1.1 has none) is read in place
+        (`_plain_publish`); one with properties is decoded by paho's own `decode_publish`,
+        which checks them (the source uses none). Anything else (another packet type, QoS
+        2, a packet not wholly in the buffer, one that is malformed) is left where it is,
+        for paho to read its own way, errors included.
         """
         buffer, offset = self._buffer, self._offset
         end = len(buffer)
         protocol = self._paho._protocol
+        mqtt5 = protocol == paho.MQTTv5
         took = 0
         while offset < end and self._paused_fd is None and not self._stopped:
             header = buffer[offset]
             if header & 0xF0 != paho.PUBLISH or header & 0x06 > 0x02:
                 break
-            length, multiplier, pos = 0, 1, offset + 1
-            for _ in range(4):  # the Remaining Length: 1 to 4 bytes
-                if pos >= end:
-                    return took
-                byte = buffer[pos]
-                pos += 1
-                length += (byte & 0x7F) * multiplier
-                multiplier <<= 7
-                if byte < 0x80:
+            body = _body(buffer, offset, end)
+            if body is None:
+                break
+            start, stop = body
+            qos = (header >> 1) & 0x03
+            message = _plain_publish(buffer, start, stop, qos, mqtt5)
+            if message is None:
+                try:
+                    packet = _packet.decode_publish(header, buffer[start:stop], protocol)
+                except Exception:  # paho reads it again, and reports it its own way
                     break
-            else:
-                break  # a fifth length byte: malformed, paho says so
-            if pos + length > end:
-                break
-            try:
-                packet = _packet.decode_publish(header, buffer[pos : pos + length], protocol)
-            except Exception:  # paho reads it again, and reports it its own way
-                break
-            offset = self._offset = pos + length
+                message = (packet.topic, bytes(packet.payload), packet.mid)
+            offset = self._offset = stop
             took += 1
-            self._took(packet.topic, bytes(packet.payload), packet.mid, packet.qos)
+            self._took(*message, qos)
         if took:
             with self._paho._msgtime_mutex:  # what paho's reads record, for its keep-alive
                 self._paho._last_bytes_received = paho.time_func()
         return took
+
+
+def _body(buffer: bytes, offset: int, end: int) -> tuple[int, int] | None:
+    """Where the body of the packet at `offset` starts and stops, when it is whole before
+    `end` and its Remaining Length is well formed (1 to 4 bytes: MQTT 5 section 1.5.5)."""
+    length, multiplier, pos = 0, 1, offset + 1
+    for _ in range(4):
+        if pos >= end:
+            return None
+        byte = buffer[pos]
+        pos += 1
+        length += (byte & 0x7F) * multiplier
+        multiplier <<= 7
+        if byte < 0x80:
+            return (pos, pos + length) if pos + length <= end else None
+    return None
+
+
+def _plain_publish(
+    buffer: bytes, start: int, stop: int, qos: int, mqtt5: bool
+) -> tuple[bytes, bytes, int] | None:
+    """Topic, payload and packet identifier of a PUBLISH body without properties (MQTT 5
+    section 3.3.2, 3.1.1 section 3.3.2); None for one with properties, or one too short
+    for its own lengths (malformed: paho's to refuse)."""
+    at = start + 2
+    if at > stop:
+        return None
+    topic_end = at + int.from_bytes(buffer[start:at])
+    mid = 0
+    at = topic_end
+    if qos:
+        at += 2
+        if at > stop:
+            return None
+        mid = int.from_bytes(buffer[topic_end:at])
+    if mqtt5:
+        if at >= stop or buffer[at] != 0:
+            return None  # properties, or none where their length must be
+        at += 1
+    elif topic_end == start + 2:
+        return None  # an empty topic: not allowed in 3.1.1
+    if at > stop:
+        return None
+    return buffer[start + 2 : topic_end], buffer[at:stop], mid
