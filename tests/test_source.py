@@ -388,6 +388,25 @@ async def test_whole_publish_packets_are_cut_from_the_buffer_and_the_rest_left_t
     assert len(taken) == 4
 
 
+async def test_a_read_that_brings_one_message_hands_it_on_without_paho() -> None:
+    # At a paced rate each readable event brings a message or two: the gate reads the socket
+    # itself, so they too are cut from its buffer rather than read by paho packet by packet.
+    client = aiomqtt.Client("127.0.0.1", protocol=aiomqtt.ProtocolVersion.V5)
+    taken: list[tuple[bytes, bytes, int, int]] = []
+    gate = InflightGate(client, 100, on_message=lambda *message: taken.append(message))
+    reads = [_publish(b"up/a", b"one", qos=1, mid=7)]
+
+    def recv(bufsize: int) -> bytes:
+        if reads:
+            return reads.pop()
+        raise BlockingIOError
+
+    gate._sock_recv = recv
+    gate._read()
+    assert taken == [(b"up/a", b"one", 7, 1)]
+    assert gate.buffered == 0
+
+
 async def test_mqtt_3_publish_packets_are_cut_from_the_buffer_too() -> None:
     client = aiomqtt.Client("127.0.0.1", protocol=aiomqtt.ProtocolVersion.V311)
     taken: list[tuple[bytes, bytes, int, int]] = []

@@ -170,7 +170,7 @@ class InflightGate:
         self.taken = 0
         self._buffer = b""
         self._offset = 0
-        paho_recv = self._paho._sock_recv
+        paho_recv = self._sock_recv = self._paho._sock_recv
         aiomqtt_on_message = self._paho.on_message
         on_socket_open = self._paho.on_socket_open
 
@@ -278,11 +278,13 @@ class InflightGate:
         client = self._paho
         try:
             while self._paused_fd is None and not self._stopped:
-                if (
-                    self._on_message is None
-                    or client._in_packet["command"]  # paho is in the middle of a packet
-                    or not self._publishes()
-                ):
+                took = 0
+                # Unless paho is in the middle of a packet: what is whole is taken here.
+                if self._on_message is not None and not client._in_packet["command"]:
+                    if self.buffered == 0:
+                        self._fill()
+                    took = self._publishes()
+                if not took:
                     client.loop_read()
                 if self.buffered > 0 and self._paho.socket() is not None:
                     continue  # more packets in the buffer: no readable event will say so
@@ -295,6 +297,16 @@ class InflightGate:
             disconnected = disconnection(self._aiomqtt)
             if not disconnected.done():
                 disconnected.set_exception(exc)
+
+    def _fill(self) -> None:
+        """Read what the socket holds into the empty buffer. Nothing yet, the end of the
+        stream or an error leave it empty: paho's own read then meets them, and says so."""
+        try:
+            data = self._sock_recv(READ_CHUNK)
+        except OSError:  # BlockingIOError (SSL's want-read too) included
+            return
+        if data:
+            self._buffer, self._offset = data, 0
 
     def _publishes(self) -> int:
         """Take the QoS 0 and 1 PUBLISH packets whole at the head of the buffer; how many.
