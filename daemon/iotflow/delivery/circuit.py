@@ -61,8 +61,13 @@ class Circuit:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=max(0.0, until - now))
 
+    @property
+    def quiet(self) -> bool:
+        """Healthy, with no failure counted: a success that is not a probe changes nothing."""
+        return self.healthy and self._failures == 0
+
     async def success(self, probe: bool) -> None:
-        if self.healthy and not probe and self._failures == 0:
+        if not probe and self.quiet:
             return  # nothing changes, and nobody waits on a healthy circuit
         async with self._changed:
             self._failures = 0

@@ -44,6 +44,7 @@ Dispatch = Callable[[Sequence[Delivery]], None]
 Render = Callable[[bytes, str | None], Awaitable[bytes]]
 
 
+@functools.lru_cache(maxsize=4096)  # once per uplink: a fleet has few distinct routes
 def route_of(tags: frozenset[str], application: str | None, application_name: str | None) -> str:
     """What the journal keeps of an uplink to route it again at a replay, as JSON."""
     return orjson.dumps([sorted(tags), application, application_name]).decode()

@@ -535,7 +535,9 @@ class ConnectionWorker:
             self._finish(delivery, Outcome.DELIVERED)
 
     async def _attempt(self, delivery: Delivery, deadline: float) -> None:
-        probe = await self._circuit.acquire(deadline)
+        circuit = self._circuit
+        # A healthy circuit is asked nothing: no coroutine before or after the send.
+        probe = False if circuit.healthy else await circuit.acquire(deadline)
         delivery.attempts += 1
         delivery.last_attempt = self._clock()
         if delivery.first_attempt is None:
@@ -562,7 +564,8 @@ class ConnectionWorker:
             # its health, but the probe's slot is freed so that another may go.
             await self._circuit.release(probe)
             raise
-        await self._circuit.success(probe)
+        if probe or not circuit.quiet:
+            await circuit.success(probe)
         if self._auth_failed or self.state == ConnectionState.OPENING:
             self._auth_failed = False
             self._set_state(ConnectionState.OPENED)

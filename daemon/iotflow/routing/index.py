@@ -9,6 +9,7 @@ costs O(r log r) plus the overlap: each segment holds the flows covering it).
 
 from __future__ import annotations
 
+import functools
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -177,7 +178,7 @@ class RoutingIndex:
                 matched.extend(self._range_sets[i])
         bound = self._routes.get(dev_eui, ())
         if not matched:
-            return tuple(Target(cid) for cid in bound)
+            return _bound(bound)
         chosen: dict[str, Target] = {}
         for _, routes in sorted(matched, key=lambda e: e[0]):
             for target in routes:
@@ -240,3 +241,10 @@ def _segments(ranges: list[tuple[int, int, _Entry]]) -> tuple[list[int], list[tu
         starts.append(bound)
         sets.append(tuple(entries[key] for key in live))
     return starts, sets
+
+
+@functools.lru_cache(maxsize=4096)
+def _bound(connection_ids: tuple[str, ...]) -> tuple[Target, ...]:
+    """The targets of a device's bindings alone. Devices share their tuple of connections
+    (`RoutingIndex.__init__`): these are made once per tuple, not once per uplink."""
+    return tuple(Target(cid) for cid in connection_ids)
