@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, dataclass_transform
+
+_T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def _record(cls: type[_T]) -> type[_T]:
+    """A slots dataclass that the type checker holds frozen (mypy refuses any assignment to
+    a field), but that is not frozen at run time: a frozen dataclass's `__init__` sets each
+    field through `object.__setattr__`, which was 3.3 of the 18.6 µs of decoding an uplink
+    (issue #16). Equality and hashing are a frozen dataclass's."""
+    return dataclass(slots=True, unsafe_hash=True)(cls)
+
+
+@_record
 class Gateway:
     """One base station that heard the uplink."""
 
@@ -18,7 +29,7 @@ class Gateway:
     longitude: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@_record
 class Radio:
     """Radio metadata, normalised across network servers."""
 
@@ -30,7 +41,7 @@ class Radio:
     gateways: tuple[Gateway, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@_record
 class Uplink:
     """One device uplink, whatever network server published it.
 
