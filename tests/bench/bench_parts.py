@@ -10,10 +10,12 @@ that the budget is written down:
 
 - decoding each input format (`iotflow.formats.decode`), and orjson's parse alone;
 - paho decoding one PUBLISH packet as MQTT 3.1.1 and as MQTT 5 (paho builds and parses a
-  `Properties` object for every MQTT 5 PUBLISH, even one without properties);
+  `Properties` object for every MQTT 5 PUBLISH, even one without properties), and the
+  source's gate taking it from its read buffer, as the daemon does since round 6;
 - one aiohttp POST to a local aiohttp server (in a process of its own), client CPU only, 32
   in flight on keep-alive connections, on the daemon's event loop (uvloop when installed;
-  `IOTFLOW_EVENT_LOOP=asyncio` for the standard one): what `HttpSink.send` stands on;
+  `IOTFLOW_EVENT_LOOP=asyncio` for the standard one): what `HttpSink.send` stands on, with
+  aiohttp's own total timeout (before round 6) and under the sinks' `Deadlines`;
 - a connection's delivery worker around a sink that answers at once, with the spool's
   completes (their deletes, committed): what a delivery costs besides the sink's request.
 
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiomqtt
 import orjson
 from aiohttp import web
 from paho.mqtt import _packet
@@ -52,6 +55,8 @@ from iotflow.connectors.connection import parse_connection
 from iotflow.delivery.worker import ConnectionWorker
 from iotflow.formats.decode import decode
 from iotflow.mqtt_properties import SharedTableProperties
+from iotflow.sinks.webapi import Deadlines
+from iotflow.sources.ack import InflightGate
 from iotflow.spool import Delivery, Spool
 from iotflow.telemetry import logging as logs
 from iotflow.telemetry.metrics import Metrics
@@ -99,6 +104,26 @@ def mqtt_decoding(repeat: int) -> None:
         cost = per_call(lambda: _packet.decode_publish(0x32, packet, version), 20_000, repeat)  # noqa: B023
         print(f"  {name:<26} {cost:6.1f} µs")
     mqtt_properties.install()
+    packet = publish_packet(topic.encode(), payload, mqtt5=True)
+    whole = bytes([0x32, 0x80 | len(packet) & 0x7F, len(packet) >> 7]) + packet  # <16 KiB
+    costs = [asyncio.run(gate_taking(whole, 10_000)) for _ in range(repeat)]
+    print(f"  {'MQTT 5, the gate (round 6)':<26} {statistics.median(costs):6.1f} µs")
+
+
+async def gate_taking(packet: bytes, count: int) -> float:
+    """CPU µs per message of the source's gate cutting `count` QoS 1 PUBLISH packets from
+    its read buffer and handing each on (to a callback that does nothing)."""
+    gate = InflightGate(
+        aiomqtt.Client("127.0.0.1", protocol=aiomqtt.ProtocolVersion.V5),
+        count,
+        on_message=lambda *_: None,
+    )
+    gate._buffer = packet * count
+    started = time.process_time()
+    taken = gate._publishes()
+    cost = (time.process_time() - started) / count * 1e6
+    assert taken == count
+    return cost
 
 
 def serve(port: int, ready: multiprocessing.synchronize.Event) -> None:
@@ -118,28 +143,38 @@ def serve(port: int, ready: multiprocessing.synchronize.Event) -> None:
     asyncio.run(main())
 
 
-async def posts(url: str, body: bytes, count: int, in_flight: int) -> float:
-    """Client CPU µs per POST, `in_flight` at once, as HttpSink makes them."""
+async def posts(url: str, body: bytes, count: int, in_flight: int, deadlines: bool) -> float:
+    """Client CPU µs per POST, `in_flight` at once, as HttpSink makes them: under the sinks'
+    `Deadlines` (one timer for all), or with aiohttp's total timeout (a timer per request)."""
     connector = aiohttp.TCPConnector(limit=in_flight, keepalive_timeout=60)
+    timer = Deadlines(10)
     async with aiohttp.ClientSession(
         connector=connector,
-        timeout=aiohttp.ClientTimeout(total=10),
+        timeout=aiohttp.ClientTimeout() if deadlines else aiohttp.ClientTimeout(total=10),
         headers={"Content-Type": "application/json"},
         cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         left = count
 
+        async def post() -> None:
+            async with session.post(url, data=body, allow_redirects=False) as response:
+                response.raise_for_status()
+
         async def sender() -> None:
             nonlocal left
             while left > 0:
                 left -= 1
-                async with session.post(url, data=body, allow_redirects=False) as response:
-                    response.raise_for_status()
+                if deadlines:
+                    with timer:
+                        await post()
+                else:
+                    await post()
 
         await asyncio.gather(*(sender() for _ in range(in_flight)))  # warm: connections open
         left = count
         started = time.process_time()
         await asyncio.gather(*(sender() for _ in range(in_flight)))
+        timer.close()
         return (time.process_time() - started) / count * 1e6
 
 
@@ -167,7 +202,16 @@ def http_posts(repeat: int) -> None:
         url = f"http://127.0.0.1:{port}/hook"
         loop = "uvloop" if event_loop() is not None else "asyncio"
         print(f"aiohttp POST to a local server, 32 in flight (client CPU, {loop})")
-        rounds("per request", repeat, lambda: posts(url, body, 5_000, 32))
+        rounds(
+            "per request, aiohttp's total timeout  ",
+            repeat,
+            lambda: posts(url, body, 5_000, 32, False),
+        )
+        rounds(
+            "per request, under the sinks' Deadlines",
+            repeat,
+            lambda: posts(url, body, 5_000, 32, True),
+        )
     finally:
         server.kill()
         server.join()

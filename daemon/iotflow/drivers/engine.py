@@ -16,11 +16,21 @@ from typing import Any
 
 import orjson
 from py_mini_racer import (
+    DEFAULT_V8_FLAGS,
     JSEvalException,
     JSOOMException,
     JSTimeoutException,
     MiniRacer,
+    init_mini_racer,
 )
+
+# V8 guards its code with the CPU's memory protection keys where the CPU has them (x86
+# PKU), and then only threads made after V8 started may run JavaScript safely. Here V8
+# starts in the executor thread that loads the first driver, after the event loop's and
+# the spool's threads: on a PKU machine, a codec stopped at its time limit later crashed
+# the process (a segmentation fault in mini-racer, reproduced with mini-racer 0.14.1 on
+# an AMD EPYC; tests/test_drivers.py). Without the keys, V8 runs from any thread.
+_V8_FLAGS = (*DEFAULT_V8_FLAGS, "--no-memory-protection-keys")
 
 # Taken away before the codec is loaded: timers would run codec code outside a call's
 # time limit. V8 itself has no file, network or process access (no require, fetch, process).
@@ -97,6 +107,8 @@ class Codec:
         self._ctx = self._load()
 
     def _load(self) -> MiniRacer:
+        # Before the first context; a no-op after it.
+        init_mini_racer(flags=_V8_FLAGS, ignore_duplicate_init=True)
         ctx = MiniRacer()
         try:
             ctx.set_hard_memory_limit(self.limits.memory)
