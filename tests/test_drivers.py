@@ -328,3 +328,43 @@ def test_a_bad_drivers_section_is_a_config_error(tmp_path: Path) -> None:
     config.write_text('[drivers]\npath = "x"\ntimeout = "20ms"\nmemory_limit = "32MiB"\n')
     drivers = load_settings(str(config)).config.drivers
     assert (drivers.timeout.total_seconds(), int(drivers.memory_limit)) == (0.02, 32 << 20)
+
+
+_STOPPED_THEN_MORE = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from iotflow.drivers.engine import Codec, CodecFault, Limits
+
+codecs = Path(sys.argv[1])
+limits = Limits(timeout=0.2, memory=16 * 1024 * 1024)
+pool = ThreadPoolExecutor(2)
+pool.submit(print, "threads first, as in the daemon").result()
+for round in range(4):
+    # V8 starts (round 0) and each codec is loaded in an executor thread, as Drivers does.
+    loops = pool.submit(Codec, codecs / "loops" / "1" / "driver.js", limits).result()
+    good = pool.submit(Codec, codecs / "good" / "1" / "driver.js", limits).result()
+    try:
+        pool.submit(loops.decode, b"\\x00", 1, "2026-12-06T00:00:00Z").result()
+    except CodecFault as fault:
+        assert fault.code == "timeout", fault
+    assert pool.submit(good.decode, b"\\x0a\\x32", 3, "2026-12-06T00:00:00Z").result()
+    loops.close()
+    good.close()
+print("alive")
+"""
+
+
+def test_codecs_stopped_at_their_time_limit_leave_the_process_alive() -> None:
+    # On a CPU with memory protection keys (x86 PKU), V8 started from an executor thread
+    # crashed the process once a codec had been stopped at its time limit (mini-racer
+    # 0.14.1: a segmentation fault at the next context or at exit). drivers/engine.py.
+    done = subprocess.run(
+        [sys.executable, "-c", _STOPPED_THEN_MORE, str(CODECS / "test")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "alive"
