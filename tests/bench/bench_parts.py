@@ -97,7 +97,7 @@ def mqtt_decoding(repeat: int) -> None:
     for name, mqtt5, version, properties in (
         ("MQTT 3.1.1", False, MQTTProtocolVersion.MQTTv311, Properties),
         ("MQTT 5, paho's Properties", True, MQTTProtocolVersion.MQTTv5, Properties),
-        ("MQTT 5, as in the daemon", True, MQTTProtocolVersion.MQTTv5, SharedTableProperties),
+        ("MQTT 5, shared tables", True, MQTTProtocolVersion.MQTTv5, SharedTableProperties),
     ):
         packet = publish_packet(topic.encode(), payload, mqtt5=mqtt5)
         _packet.Properties = properties  # type: ignore[attr-defined]
