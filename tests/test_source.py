@@ -110,6 +110,21 @@ async def consuming(
     return source, task
 
 
+def source_settings(
+    broker: Mosquitto, name: str, protocol: str, receive_maximum: int
+) -> MqttSettings:
+    """A source with this in-flight bound, client id `<name>-<protocol>`, on `<name>/#`."""
+    return MqttSettings.model_validate(
+        {
+            "url": broker.url,
+            "client_id": f"{name}-{protocol}",
+            "protocol": protocol,
+            "receive_maximum": receive_maximum,
+            "subscriptions": [{"topic": f"{name}/#", "format": "actility"}],
+        }
+    )
+
+
 class HeldCommits:
     """A handler whose commits end only when the test ends them, and a condition that is
     notified at each message handled (and whenever the test calls `notify`)."""
@@ -257,15 +272,7 @@ async def test_what_is_taken_in_is_bounded_by_iotflow(
     def more_than(seen: int) -> Callable[[], bool]:
         return lambda: len(commits) > seen
 
-    settings = MqttSettings.model_validate(
-        {
-            "url": fresh_mosquitto.url,
-            "client_id": f"bounded-{protocol}",
-            "protocol": protocol,
-            "receive_maximum": limit,
-            "subscriptions": [{"topic": "bounded/#", "format": "actility"}],
-        }
-    )
+    settings = source_settings(fresh_mosquitto, "bounded", protocol, limit)
     source, task = await consuming(settings, handle)
     async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as publisher:
         for n in range(total):
@@ -449,15 +456,7 @@ async def test_a_burst_is_read_in_fewer_system_calls_than_messages(
         return None
 
     total = 300
-    settings = MqttSettings.model_validate(
-        {
-            "url": fresh_mosquitto.url,
-            "client_id": f"burst-{protocol}",
-            "protocol": protocol,
-            "receive_maximum": 1000,
-            "subscriptions": [{"topic": "burst/#", "format": "actility"}],
-        }
-    )
+    settings = source_settings(fresh_mosquitto, "burst", protocol, 1000)
     source, task = await consuming(settings, handle)
     source.stop()
     await asyncio.wait_for(task, 30)
@@ -494,15 +493,7 @@ async def test_the_pubacks_of_a_group_commit_leave_in_one_send(
     held = HeldCommits()
     commits, changed, handle = held.futures, held.changed, held.handle
 
-    settings = MqttSettings.model_validate(
-        {
-            "url": fresh_mosquitto.url,
-            "client_id": f"one-send-{protocol}",
-            "protocol": protocol,
-            "receive_maximum": window,
-            "subscriptions": [{"topic": "one-send/#", "format": "actility"}],
-        }
-    )
+    settings = source_settings(fresh_mosquitto, "one-send", protocol, window)
     source, task = await consuming(settings, handle)
     async with aiomqtt.Client(fresh_mosquitto.host, fresh_mosquitto.port) as publisher:
         for n in range(2 * window):
