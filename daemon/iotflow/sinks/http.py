@@ -8,7 +8,6 @@ or another control character is not sent (the delivery fails, saying which heade
 
 from __future__ import annotations
 
-import time
 from typing import Any
 from urllib.parse import quote
 
@@ -19,8 +18,8 @@ from iotflow import __version__
 from iotflow.connectors.http import HEADER_CONTROL, HttpConfig
 from iotflow.errors import PermanentSinkError, RetryableSinkError
 from iotflow.formats import Template, render_body
-from iotflow.sinks.base import classify_http, parse_retry_after
-from iotflow.sinks.webapi import Deadlines, error_text, transport_error
+from iotflow.sinks.base import classify_http
+from iotflow.sinks.webapi import Deadlines, refusal, transport_error
 from iotflow.spool import Delivery
 
 
@@ -98,12 +97,7 @@ class HttpSink:
                     url, data=body, headers=headers, allow_redirects=False
                 ) as response:
                     status = response.status
-                    text = "" if 200 <= status < 300 else await error_text(response)
-                    retry_after = (
-                        None
-                        if 200 <= status < 300
-                        else parse_retry_after(response.headers.get("Retry-After"), time.time())
-                    )
+                    text, retry_after = await refusal(response)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise transport_error(exc, self._timeout) from None
         classify_http(status, text, retry_after)

@@ -133,17 +133,10 @@ class WebApi:
                     url, data=body, headers={"Content-Type": content_type}, allow_redirects=False
                 ) as response:
                     status = response.status
-                    text = (
-                        "" if 200 <= status < 300 else (await error_text(response))[:MAX_ERROR_BODY]
-                    )
-                    retry_after = (
-                        None
-                        if 200 <= status < 300
-                        else parse_retry_after(response.headers.get("Retry-After"), time.time())
-                    )
+                    text, retry_after = await refusal(response)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise transport_error(exc, self._timeout) from None
-        return Answer(status, text, retry_after)
+        return Answer(status, text[:MAX_ERROR_BODY], retry_after)
 
 
 def client_session(
@@ -195,6 +188,15 @@ def transport_error(
     if isinstance(exc, TimeoutError):
         return RetryableSinkError(f"{prefix}no answer within {timeout:g}s")
     return RetryableSinkError(f"{prefix}{type(exc).__name__}: {exc}")
+
+
+async def refusal(response: aiohttp.ClientResponse) -> tuple[str, float | None]:
+    """An answer's error text (`error_text`) and Retry-After (seconds); ("", None) for a 2xx,
+    whose body and headers are not read."""
+    if 200 <= response.status < 300:
+        return "", None
+    text = await error_text(response)
+    return text, parse_retry_after(response.headers.get("Retry-After"), time.time())
 
 
 async def error_text(response: aiohttp.ClientResponse) -> str:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,8 +14,8 @@ import orjson
 from iotflow import __version__
 from iotflow.connectors.cumulocity import CumulocityConfig
 from iotflow.errors import PermanentSinkError, RetryableSinkError, SinkError
-from iotflow.sinks.base import MAX_ERROR_BODY, classify_http, parse_retry_after
-from iotflow.sinks.webapi import Deadlines, client_session, error_text, transport_error
+from iotflow.sinks.base import MAX_ERROR_BODY, classify_http
+from iotflow.sinks.webapi import Deadlines, client_session, refusal, transport_error
 
 _MEDIA = "application/vnd.com.nsn.cumulocity.{}+json"
 _ERROR_MEDIA = _MEDIA.format("error")
@@ -105,10 +104,7 @@ class CumulocityClient:
                     status = response.status
                     if 200 <= status < 300:
                         return Response(status, _json(await response.read()))
-                    text = await error_text(response)
-                    retry_after = parse_retry_after(
-                        response.headers.get("Retry-After"), time.time()
-                    )
+                    text, retry_after = await refusal(response)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise transport_error(exc, self._timeout, f"{method} {path}") from None
         if status == 404 and missing_ok:
