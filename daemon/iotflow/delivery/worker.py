@@ -548,21 +548,21 @@ class ConnectionWorker:
             self._note_error(exc)
             self._auth_failed = True
             self._set_state(ConnectionState.AUTHENTICATION_FAILED)
-            await self._circuit.failure(probe)
+            await circuit.failure(probe)
             raise
         except RetryableSinkError as exc:
             self._note_error(exc)
-            await self._circuit.failure(probe)
+            await circuit.failure(probe)
             raise
         except PermanentSinkError as exc:
             # The cloud answered: it is reachable, this one delivery is what it refuses.
             self._note_error(exc)
-            await self._circuit.success(probe)
+            await circuit.success(probe)
             raise
         except BaseException:
             # No answer from the cloud (cancelled, or an error of ours): says nothing about
             # its health, but the probe's slot is freed so that another may go.
-            await self._circuit.release(probe)
+            await circuit.release(probe)
             raise
         if probe or not circuit.quiet:
             await circuit.success(probe)
