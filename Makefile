@@ -41,13 +41,14 @@ pytest: setup
 
 test: lint typecheck pytest
 
-# Three flat-out runs (medians, each against the bare-client ceiling of its own run), then
-# throughput and latency at five offered loads, plotted to docs/images/bench-routing.png.
+# Three flat-out runs of 30,000 uplinks (medians, each against the bare-client ceiling of
+# its own run), then throughput and latency at five offered loads (fractions of the
+# sustained rate), plotted to docs/images/bench-routing.png.
 # `make bench BENCH_ARGS=--node-red` also measures Node-RED (installed from npm into a
 # temporary directory).
 BENCH_ARGS ?=
 bench: setup
-	$(BIN)/python tests/bench/bench_routing.py --devices 500 --runs 3 --sweep \
+	$(BIN)/python tests/bench/bench_routing.py -n 30000 --devices 500 --runs 3 --sweep \
 		--plot docs/images/bench-routing.png $(BENCH_ARGS)
 
 clean:
