@@ -98,6 +98,11 @@ async def test_drivers_api(running: tuple[DaemonProcess, aiohttp.ClientSession])
     status, bad = await _decode(session, daemon.api, "test:good:1", {"payload_hex": "xyz"})
     assert status == 422
     assert bad["code"] == "validation_failed"
+    assert [d["path"] for d in bad["details"]] == ["payload_hex"]
+    assert "xyz" not in str(bad)  # the offending value is not echoed, as on every route
+    # The same words as every other route's body (`problems_of`): a misspelt key is named.
+    status, bad = await _decode(session, daemon.api, "test:good:1", {"payload_hex": "", "fport": 1})
+    assert (status, bad["details"]) == (422, [{"path": "fport", "message": "unknown field"}])
     async with aiohttp.ClientSession() as anonymous:
         status, _ = await _get(anonymous, f"{daemon.api}{BASE}/drivers")
     assert status == 401

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from iotflow.api.errors import ApiError
+from iotflow.api.errors import ApiError, invalid
 from iotflow.api.table import Param
+from iotflow.connectors.connection import problems_of
 from iotflow.errors import Problem
 from iotflow.formats import normalize_dev_eui
 from iotflow.formats.fields import DEV_EUI_PATTERN
+
+M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_PER_PAGE = 20
 MAX_PER_PAGE = 100
@@ -67,6 +70,14 @@ PAGE_HEADERS = (
     ("X-Total-Pages", "number of pages"),
     ("X-Page", "this page"),
 )
+
+
+def validated(model: type[M], body: dict[str, Any]) -> M:
+    """`body` read as `model`, or a 422 naming each field's problem (never its value)."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise invalid(problems_of(exc)) from None
 
 
 def page_params(request: web.Request) -> tuple[int, int]:

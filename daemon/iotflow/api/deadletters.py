@@ -6,14 +6,22 @@ from __future__ import annotations
 import functools
 import re
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
 
 from iotflow.api.auth import principal_of
-from iotflow.api.body import PAGE, PAGE_HEADERS, dump, json, page_params, paginated, read_object
+from iotflow.api.body import (
+    PAGE,
+    PAGE_HEADERS,
+    dump,
+    json,
+    page_params,
+    paginated,
+    read_object,
+    validated,
+)
 from iotflow.api.control import CONTROL, ControlPlane
 from iotflow.api.errors import ApiError, invalid
 from iotflow.api.models import (
@@ -27,7 +35,7 @@ from iotflow.api.models import (
 )
 from iotflow.api.table import BASE, Answer, Handler, Param, RouteTable, errors
 from iotflow.config.model import Role
-from iotflow.connectors.connection import CONNECTION_ID, ID_PATTERN, problems_of
+from iotflow.connectors.connection import CONNECTION_ID, ID_PATTERN
 from iotflow.delivery.recovery import LetterFilter, LetterRow, Recovery, ReplayRow
 from iotflow.delivery.worker import iso
 from iotflow.errors import Problem
@@ -51,7 +59,6 @@ _FILTERS = (
     Param("devEUI", "query", {"type": "string", "pattern": DEV_EUI_PATTERN}),
 )
 _MAX_LETTER_ID = 2**63 - 1  # SQLite's largest integer
-M = TypeVar("M", bound=BaseModel)
 
 
 def _control(request: web.Request) -> ControlPlane:
@@ -152,13 +159,6 @@ def _replay(row: ReplayRow) -> dict[str, Any]:
     )
 
 
-def _validated(model: type[M], body: dict[str, Any]) -> M:
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise invalid(problems_of(exc)) from None
-
-
 # -- dead letters --------------------------------------------------------------------------
 
 
@@ -214,7 +214,7 @@ async def get_dead_letter(request: web.Request) -> web.Response:
 @_spool_errors
 async def resend_dead_letters(request: web.Request) -> web.Response:
     cid = await _connection(request)
-    given = _validated(ResendInput, await read_object(request))
+    given = validated(ResendInput, await read_object(request))
     problems: list[Problem] = []
     if (given.ids is None) == (given.all is not True):
         problems.append(Problem("ids", 'give either "ids" or "all": true'))
@@ -281,7 +281,7 @@ def _instant(text: str, path: str, problems: list[Problem]) -> float:
 @_spool_errors
 async def start_replay(request: web.Request) -> web.Response:
     cid = await _connection(request)
-    given = _validated(ReplayInput, await read_object(request))
+    given = validated(ReplayInput, await read_object(request))
     problems: list[Problem] = []
     start = _instant(given.from_, "from", problems)
     end = _instant(given.to, "to", problems)

@@ -5,16 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from aiohttp import web
-from pydantic import ValidationError
 
-from iotflow.api.body import dump, json, read_object
+from iotflow.api.body import dump, json, read_object, validated
 from iotflow.api.control import CONTROL
-from iotflow.api.errors import ApiError, invalid
+from iotflow.api.errors import ApiError
 from iotflow.api.models import Decoded, DecodedError, DecodeInput, Driver
 from iotflow.api.table import BASE, Answer, Param, RouteTable, errors
 from iotflow.config.model import Role
 from iotflow.drivers import CodecFault, DriverInfo, Drivers
-from iotflow.errors import Problem
 
 driver_routes = RouteTable()
 
@@ -78,13 +76,7 @@ async def get_driver(request: web.Request) -> web.Response:
 )
 async def decode_with_driver(request: web.Request) -> web.Response:
     info = _one(request)
-    body = await read_object(request)
-    try:
-        given = DecodeInput.model_validate(body)
-    except ValidationError as exc:
-        raise invalid(
-            [Problem(".".join(str(p) for p in e["loc"]) or "body", e["msg"]) for e in exc.errors()]
-        ) from None
+    given = validated(DecodeInput, await read_object(request))
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     try:
         data = await _drivers(request).decode_bytes(
