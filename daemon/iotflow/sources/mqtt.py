@@ -57,6 +57,29 @@ class _Reconnect(Exception):
     """A commit failed: reconnect, so that the broker redelivers what we did not ack."""
 
 
+class _Commits:
+    """Whether the spool's commits are failing: an episode is logged at its start and at its
+    end, not at every reconnect it causes."""
+
+    def __init__(self, stopping: asyncio.Event) -> None:
+        self.failing = False
+        self._stopping = stopping
+
+    def failed(self, error: BaseException) -> None:
+        if not self.failing and not self._stopping.is_set():
+            self.failing = True
+            log.warning(
+                "Uplink not committed; reconnecting for redelivery",
+                error=str(error),
+                # A bug: its traceback (the exception's own: none is being handled here).
+                exc_info=False if isinstance(error, IotflowError) else error,
+            )
+
+    def committed(self) -> None:
+        self.failing = False
+        log.info("Uplinks committed again")
+
+
 class _Acks:
     """One session's messages waiting for their commit, acknowledged in arrival order (MQTT
     5 section 4.6, 3.1.1 section 4.6), each once its uplink is committed.
@@ -69,8 +92,8 @@ class _Acks:
     later acknowledges nothing on another connection.
     """
 
-    def __init__(self, source: MqttSource, acker: ManualAck) -> None:
-        self._source = source
+    def __init__(self, commits: _Commits, acker: ManualAck) -> None:
+        self._commits = commits
         self._acker = acker
         self._gate: InflightGate | None = None
         self._waiting: deque[tuple[int, int, asyncio.Future[None] | None]] = deque()
@@ -102,7 +125,7 @@ class _Acks:
     def flush(self) -> None:
         if self.closed:
             return
-        waiting, source = self._waiting, self._source
+        waiting, commits = self._waiting, self._commits
         mids: list[int] = []
         done = 0
         while waiting:
@@ -121,9 +144,8 @@ class _Acks:
                         break
                     # Nothing to redeliver at QoS 0: reconnecting would not bring it back.
                     log.error("Uplink not committed; lost (QoS 0)", error=str(error))
-                elif source._commits_failing:
-                    source._commits_failing = False
-                    log.info("Uplinks committed again")
+                elif commits.failing:
+                    commits.committed()
             waiting.popleft()
             done += 1
             if qos == 1:
@@ -141,16 +163,8 @@ class _Acks:
 
     def _fail(self, error: BaseException) -> None:
         """A commit failed: not acknowledged; the broker redelivers it on the next session."""
-        source = self._source
         self.closed = True
-        if not source._commits_failing and not source._stopping.is_set():
-            source._commits_failing = True
-            log.warning(
-                "Uplink not committed; reconnecting for redelivery",
-                error=str(error),
-                # A bug: its traceback (the exception's own: none is being handled here).
-                exc_info=False if isinstance(error, IotflowError) else error,
-            )
+        self._commits.failed(error)
         self.error = _Reconnect(str(error))
         self.error.__cause__ = error
         self.failed.set()
@@ -206,7 +220,7 @@ class MqttSource:
         self.consuming = asyncio.Event()  # subscribed at least once: READY for systemd
         self._stopping = asyncio.Event()
         self._client: aiomqtt.Client | None = None
-        self._commits_failing = False  # logged once per episode, not once per reconnect
+        self._commits = _Commits(self._stopping)  # one per source: outlives its sessions
         self._gate: InflightGate | None = None
         self._errors = _ErrorLog()
         self._closed_at_connect = 0  # consecutive sessions closed before their CONNACK
@@ -381,7 +395,7 @@ class MqttSource:
         # `receive_maximum` (the gate): 3.1.1 has no Receive Maximum, some MQTT 5 brokers
         # (Mosquitto 2.0.11) exceed it once acknowledgements flow, and we must not take in
         # more than we can commit.
-        acks = _Acks(self, acker)
+        acks = _Acks(self._commits, acker)
         gate = InflightGate(
             client,
             self.settings.receive_maximum,
