@@ -232,6 +232,50 @@ async def test_group_commit_batches_concurrent_appends(spool: Spool) -> None:
     assert ids == sorted(ids)  # arrival order
 
 
+async def test_a_paced_stream_shares_commits_and_a_slower_one_does_not_wait(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uplinks that come one at a time but close together wait `_GATHER` for the next ones
+    to join their transaction (issue #16); uplinks further apart are written at once."""
+    # A long wait, so that the test's next submit can never miss it; the spool's clock is
+    # the test's, to say how far apart the uplinks came.
+    monkeypatch.setattr(spool_store, "_GATHER", 0.2)
+    now = [1000.0]
+    monkeypatch.setattr(spool, "_now", lambda: now[0])
+
+    async def writer_woke() -> None:
+        # The writer clears its wake-up flag as it wakes; no event says so. A yield each
+        # turn of the loop, no timed sleep.
+        while spool._wakeup.is_set():  # noqa: ASYNC110
+            await asyncio.sleep(0)
+
+    def submit(n: int) -> asyncio.Future[list[Delivery]]:
+        return spool.submit(
+            b'{"n": %d}' % n,
+            dev_eui=DEV_EUI,
+            uplink_time=1_700_000_000.0 + n,
+            received_at=1_700_000_000.5 + n,
+            connection_ids=["a"],
+        )
+
+    await submit(1)  # nothing came before it: written at once
+    assert spool.stats.transactions == 1
+    now[0] += 0.01  # 10 ms after the one before: a paced stream
+    second = submit(2)
+    await writer_woke()  # for the second alone, and it waits for more
+    third = submit(3)
+    await asyncio.gather(second, third)
+    assert (spool.stats.transactions, spool.stats.largest_batch) == (2, 2)
+
+    now[0] += 10.0  # seconds after the one before: the writer does not wait
+    fourth = submit(4)
+    await writer_woke()  # for the fourth alone, and it writes it
+    fifth = submit(5)  # too late for the fourth's transaction; a waiting writer had taken it
+    await asyncio.gather(fourth, fifth)
+    assert spool.stats.transactions == 4
+    assert [d.id for d in await spool.load("a")] == sorted(d.id for d in await spool.load("a"))
+
+
 async def test_group_commit_respects_max_batch(tmp_path: Path) -> None:
     spool = await Spool.open(tmp_path / "spool.db", max_batch=100)
     try:

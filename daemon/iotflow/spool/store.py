@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 import time
 from collections import deque
@@ -102,6 +103,14 @@ SYNCHRONOUS = "FULL"
 
 _IDLE_CHECKPOINT = 1.0  # seconds between checkpoints of an idle writer, at least
 _REMINDER = 60.0  # seconds between log lines of one unavailability episode, at least
+# A paced stream's group commit (issue #16). Uplinks that come close together but each
+# alone (a few thousand a second) were a transaction each: an fsync, a dozen page writes
+# and a round of wake-ups of the writer's thread and of the event loop per uplink. When the
+# uplink before came less than _GATHER seconds earlier, the writer waits that long before
+# a batch of fewer than _GATHER_BELOW, for the next ones to join it. Slower streams do not
+# wait (nothing would join), nor do floods (their batches are large already).
+_GATHER = 0.001
+_GATHER_BELOW = 8
 
 # Version 2 to 3: the journal, dead letters and replays (issue #14), one transaction too.
 _V3 = """
@@ -409,6 +418,8 @@ class Spool:
         self._finals: list[_Final] = []  # completes that also write a dead letter or a count
         self._completing: set[int] = set()  # queued or in a batch not yet committed
         self._wakeup = asyncio.Event()
+        self._last_submit = -math.inf  # loop time of the last append
+        self._dense = False  # it came less than _GATHER after the one before
         self._closed = False  # no more work accepted
         self._closing = False  # close() has been called
         self._stopping = False  # the writer exits once idle
@@ -543,6 +554,9 @@ class Spool:
         ]
         uplink = (uplink_id, dev_eui, uplink_time, received_at, document)
         self._ops.append(_Append(uplink, deliveries, future, journal))
+        now = self._now()
+        self._dense = now - self._last_submit < _GATHER
+        self._last_submit = now
         self._wakeup.set()
         return future
 
@@ -737,6 +751,8 @@ class Spool:
                 self._wakeup.clear()
                 if self._fault is not None and (self._stopping or self._now() >= self._retry_at):
                     await self._retry()
+                if self._dense and 0 < len(self._ops) < _GATHER_BELOW and self._fault is None:
+                    await asyncio.sleep(_GATHER)  # the next uplinks of a paced stream join
                 while self._ops or ((self._completes or self._finals) and self._fault is None):
                     await self._write_batch()
                 if self._fault is None:
