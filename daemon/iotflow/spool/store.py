@@ -9,7 +9,9 @@ an OS crash or power loss: NORMAL may roll back the last transactions, which wou
 uplinks the broker has already forgotten; FULL fsyncs the WAL at every commit. iotflow runs
 on gateway hosts, where power loss is an ordinary event, so FULL. Group commit is what makes
 FULL affordable: one fsync per batch of up to `max_batch` uplinks, not one per uplink, and
-the batch grows by itself while the previous fsync runs. `bench/bench_spool.py
+the batch grows by itself while the previous fsync runs. A paced stream (uplinks one at a
+time, less than a millisecond apart) would still commit one by one: there the writer waits
+a millisecond for the next ones (`_GATHER`). `bench/bench_spool.py
 --synchronous` measures both; on a disk whose fsync takes milliseconds (SD card, eMMC) the
 difference is all in the per-commit fsync that batching amortises.
 
