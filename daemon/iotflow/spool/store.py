@@ -106,7 +106,7 @@ SYNCHRONOUS = "FULL"
 _IDLE_CHECKPOINT = 1.0  # seconds between checkpoints of an idle writer, at least
 _REMINDER = 60.0  # seconds between log lines of one unavailability episode, at least
 # A paced stream's group commit (issue #16). Uplinks that come close together but each
-# alone (a few thousand a second) were a transaction each: an fsync, a dozen page writes
+# alone (a few thousand a second) were a transaction each: an fsync, about eight writes
 # and a round of wake-ups of the writer's thread and of the event loop per uplink. When the
 # uplink before came less than _GATHER seconds earlier, the writer waits that long before
 # a batch of fewer than _GATHER_BELOW, for the next ones to join it. Slower streams do not
