@@ -276,6 +276,30 @@ async def test_a_paced_stream_shares_commits_and_a_slower_one_does_not_wait(
     assert [d.id for d in await spool.load("a")] == sorted(d.id for d in await spool.load("a"))
 
 
+async def test_a_delete_goes_with_the_next_appends_and_does_not_wake_the_writer(
+    tmp_path: Path,
+) -> None:
+    """A delivery's delete waits (COMPLETE_LINGER) for the next transaction rather than
+    making one of its own (issue #16), and is committed by `close` all the same."""
+    spool = await Spool.open(tmp_path / "spool.db")
+    try:
+        (first,) = await add(spool, 1, "a")
+        assert spool.stats.transactions == 1
+        spool.complete(first.id)
+        assert not spool._wakeup.is_set()  # no transaction for it alone, now
+        assert spool._linger is not None  # but the writer comes for it, later
+        (second,) = await add(spool, 2, "a")
+        assert (spool.stats.transactions, spool.stats.completed) == (2, 1)  # it went along
+        assert spool._linger is None
+        assert count_rows(spool.path) == (1, 1)
+
+        spool.complete(second.id)
+        assert not spool._wakeup.is_set()
+    finally:
+        await spool.close()
+    assert count_rows(spool.path) == (0, 0)  # close committed it
+
+
 async def test_group_commit_respects_max_batch(tmp_path: Path) -> None:
     spool = await Spool.open(tmp_path / "spool.db", max_batch=100)
     try:

@@ -113,6 +113,11 @@ _REMINDER = 60.0  # seconds between log lines of one unavailability episode, at 
 # wait (nothing would join), nor do floods (their batches are large already).
 _GATHER = 0.001
 _GATHER_BELOW = 8
+# Seconds a delivery's delete may wait for the next appends' transaction. Uplinks further
+# apart than a delivery's round trip (a few hundred a second and fewer) had two transactions
+# each, the append's and the delete's. A crash within the wait sends the delivery again, as
+# one within a commit does: at least once.
+COMPLETE_LINGER = 0.025
 
 # Version 2 to 3: the journal, dead letters and replays (issue #14), one transaction too.
 _V3 = """
@@ -419,6 +424,7 @@ class Spool:
         self._completes: list[int] = []  # queued for the next batch
         self._finals: list[_Final] = []  # completes that also write a dead letter or a count
         self._completing: set[int] = set()  # queued or in a batch not yet committed
+        self._linger: asyncio.TimerHandle | None = None  # wakes the writer for completes
         self._wakeup = asyncio.Event()
         self._last_submit = -math.inf  # loop time of the last append
         self._dense = False  # it came less than _GATHER after the one before
@@ -431,7 +437,7 @@ class Spool:
         self._wal_limit = wal_limit
         # Doubling without jitter: one writer, and a spacing the tests can predict.
         self._backoff = Backoff(retry_initial, retry_max, jitter="none")
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._now = loop.time
         self._last_checkpoint = self._now()
         self._wal_dirty = False  # committed since the last complete TRUNCATE
@@ -570,7 +576,8 @@ class Spool:
         outcome: str = "",
         letter: DeadLetter | None = None,
     ) -> None:
-        """Mark a delivery done; its row goes in the next batch (no wait).
+        """Mark a delivery done; its row goes in the next batch (no wait), within
+        COMPLETE_LINGER when nothing else is written before.
 
         `final` (the delivery), when it re-sent a dead letter, was fed by a replay or ends
         as a dead letter (`letter`): that is written in the same transaction as the delete,
@@ -584,7 +591,13 @@ class Spool:
             self._finals.append(_Final(final, outcome, letter))
         else:
             self._completes.append(delivery_id)
-        if self._fault is None:  # else they wait for the writer's next retry
+        if self._fault is not None:
+            return  # they wait for the writer's next retry
+        if final is None and len(self._completes) < self._max_batch:
+            # The next appends take it along, or the writer comes for it (COMPLETE_LINGER).
+            if self._linger is None:
+                self._linger = self._loop.call_later(COMPLETE_LINGER, self._wakeup.set)
+        else:
             self._wakeup.set()
 
     async def flush(self) -> None:
@@ -777,6 +790,9 @@ class Spool:
         batch = _Batch(completes=self._completes, finals=self._finals)
         self._completes = []
         self._finals = []
+        if self._linger is not None:
+            self._linger.cancel()  # its completes go now
+            self._linger = None
         while self._ops and len(batch.appends) < self._max_batch:
             op = self._ops.popleft()
             batch.ops.append(op)
