@@ -47,14 +47,18 @@ async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
     await spool.close()
 
 
-async def add(spool: Spool, n: int, *connection_ids: str) -> list[Delivery]:
-    return await spool.append(
+def submit(spool: Spool, n: int, *connection_ids: str) -> asyncio.Future[list[Delivery]]:
+    return spool.submit(
         b'{"n": %d}' % n,
         dev_eui=DEV_EUI,
         uplink_time=1_700_000_000.0 + n,
         received_at=1_700_000_000.5 + n,
         connection_ids=connection_ids,
     )
+
+
+async def add(spool: Spool, n: int, *connection_ids: str) -> list[Delivery]:
+    return await submit(spool, n, *connection_ids)  # what `Spool.append` awaits
 
 
 def count_rows(path: Path) -> tuple[int, int]:
@@ -249,31 +253,24 @@ async def test_a_paced_stream_shares_commits_and_a_slower_one_does_not_wait(
         while spool._wakeup.is_set():  # noqa: ASYNC110
             await asyncio.sleep(0)
 
-    def submit(n: int) -> asyncio.Future[list[Delivery]]:
-        return spool.submit(
-            b'{"n": %d}' % n,
-            dev_eui=DEV_EUI,
-            uplink_time=1_700_000_000.0 + n,
-            received_at=1_700_000_000.5 + n,
-            connection_ids=["a"],
-        )
-
-    await submit(1)  # nothing came before it: written at once
+    await submit(spool, 1, "a")  # nothing came before it: written at once
     assert spool.stats.transactions == 1
     now[0] += 0.01  # 10 ms after the one before: a paced stream
-    second = submit(2)
+    second = submit(spool, 2, "a")
     await writer_woke()  # for the second alone, and it waits for more
-    third = submit(3)
+    third = submit(spool, 3, "a")
     await asyncio.gather(second, third)
     assert (spool.stats.transactions, spool.stats.largest_batch) == (2, 2)
 
     now[0] += 10.0  # seconds after the one before: the writer does not wait
-    fourth = submit(4)
+    fourth = submit(spool, 4, "a")
     await writer_woke()  # for the fourth alone, and it writes it
-    fifth = submit(5)  # too late for the fourth's transaction; a waiting writer had taken it
+    # Too late for the fourth's transaction, which a waiting writer would have made it join.
+    fifth = submit(spool, 5, "a")
     await asyncio.gather(fourth, fifth)
     assert spool.stats.transactions == 4
-    assert [d.id for d in await spool.load("a")] == sorted(d.id for d in await spool.load("a"))
+    ids = [d.id for d in await spool.load("a")]
+    assert ids == sorted(ids)
 
 
 async def test_a_delete_goes_with_the_next_appends_and_does_not_wake_the_writer(
