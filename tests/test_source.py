@@ -355,13 +355,20 @@ def _publish(
     return _packet(0x30 | qos << 1, body)
 
 
+def _collecting_gate(
+    protocol: aiomqtt.ProtocolVersion,
+) -> tuple[InflightGate, list[tuple[bytes, bytes, int, int]]]:
+    """A gate on a client that never connects, and the messages it hands on."""
+    taken: list[tuple[bytes, bytes, int, int]] = []
+    client = aiomqtt.Client("127.0.0.1", protocol=protocol)
+    return InflightGate(client, 100, on_message=lambda *message: taken.append(message)), taken
+
+
 async def test_whole_publish_packets_are_cut_from_the_buffer_and_the_rest_left_to_paho() -> None:
     # The gate takes the QoS 0 and 1 PUBLISH packets that are whole in what it has read,
     # without paho's per-packet machinery (issue #16); it stops, leaving the bytes where
     # they are for paho's own read, at anything else.
-    client = aiomqtt.Client("127.0.0.1", protocol=aiomqtt.ProtocolVersion.V5)
-    taken: list[tuple[bytes, bytes, int, int]] = []
-    gate = InflightGate(client, 100, on_message=lambda *message: taken.append(message))
+    gate, taken = _collecting_gate(aiomqtt.ProtocolVersion.V5)
     big = b"x" * 300  # a Remaining Length of two bytes
     expiry = b"\x02\x00\x00\x00\x3c"  # Message Expiry Interval 60: paho decodes this one
     first = (
@@ -398,9 +405,7 @@ async def test_whole_publish_packets_are_cut_from_the_buffer_and_the_rest_left_t
 async def test_a_read_that_brings_one_message_hands_it_on_without_paho() -> None:
     # At a paced rate each readable event brings a message or two: the gate reads the socket
     # itself, so they too are cut from its buffer rather than read by paho packet by packet.
-    client = aiomqtt.Client("127.0.0.1", protocol=aiomqtt.ProtocolVersion.V5)
-    taken: list[tuple[bytes, bytes, int, int]] = []
-    gate = InflightGate(client, 100, on_message=lambda *message: taken.append(message))
+    gate, taken = _collecting_gate(aiomqtt.ProtocolVersion.V5)
     reads = [_publish(b"up/a", b"one", qos=1, mid=7)]
 
     def recv(bufsize: int) -> bytes:
@@ -415,9 +420,7 @@ async def test_a_read_that_brings_one_message_hands_it_on_without_paho() -> None
 
 
 async def test_mqtt_3_publish_packets_are_cut_from_the_buffer_too() -> None:
-    client = aiomqtt.Client("127.0.0.1", protocol=aiomqtt.ProtocolVersion.V311)
-    taken: list[tuple[bytes, bytes, int, int]] = []
-    gate = InflightGate(client, 100, on_message=lambda *message: taken.append(message))
+    gate, taken = _collecting_gate(aiomqtt.ProtocolVersion.V311)
     gate._buffer = _publish(b"up/a", b"\x00one", qos=1, mid=7, properties=None) + _publish(
         b"up/b", b"", qos=0, properties=None
     )
